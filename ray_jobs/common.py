@@ -1,0 +1,181 @@
+"""Ray glue shared by the job scripts: start-up, logging, paths."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def init_ray(num_cpus: int | None = None):
+    """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local one.
+
+    A local start never attaches to some other head that happens to run on this machine.
+    The repository root is put on the workers' ``PYTHONPATH`` so ``ray_jobs`` and ``ichmodel`` import
+    there even without an installed package.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+    return ray
+
+
+def _pythonpath() -> str:
+    parts = [str(REPO_ROOT)]
+    existing = os.environ.get("PYTHONPATH")
+    if existing:
+        parts.append(existing)
+    return os.pathsep.join(parts)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def train_fn_per_worker(loop_config: dict) -> None:
+    """Ray Train worker: build data and model from the config, run the stages, report every epoch.
+
+    ``loop_config`` keys: ``config`` (a ``Config.to_dict()`` tree), ``overrides`` (dotted names, e.g. from
+    a Tune trial), and for tests ``fail_at_epoch`` + ``fail_marker``: raise once after that global epoch,
+    to exercise Train's retry from the last checkpoint.
+    Rank 0 writes the checkpoint; every rank reports the same metrics (validation is gathered).
+    """
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    from ichmodel.config import Config
+    from ichmodel.dataset import SeriesDataset, split_series
+    from ichmodel.engine import fit, load_checkpoint, save_checkpoint
+
+    setup_logging()
+    cfg = Config.from_dict(loop_config["config"]).with_overrides(loop_config.get("overrides") or {})
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    train_ids, val_ids = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
+    train_set = SeriesDataset(cfg.data.shards, train_ids, max_slices=cfg.data.max_slices, seed=cfg.train.seed)
+    val_set = SeriesDataset(cfg.data.shards, val_ids)
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+
+    fail_at = loop_config.get("fail_at_epoch")
+    fail_marker = loop_config.get("fail_marker")
+
+    def on_epoch_end(metrics: dict, make_checkpoint) -> None:
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float | bool)}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
+                cfg.save(Path(folder) / "config.json")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if fail_at is not None and metrics["global_epoch"] == fail_at and not Path(fail_marker).exists():
+            Path(fail_marker).touch()
+            raise RuntimeError(f"injected failure after global epoch {fail_at} (test hook)")
+
+    fit(cfg, train_set, val_set, device, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def build_trainer(
+    loop_config: dict,
+    *,
+    name: str,
+    storage_path: str,
+    num_workers: int,
+    use_gpu: bool,
+    max_failures: int = 1,
+    callbacks: list | None = None,
+    resources_per_worker: dict | None = None,
+):
+    """A ``TorchTrainer`` that runs :func:`train_fn_per_worker` with DDP over ``num_workers`` workers.
+
+    The fixed ``name`` makes a re-run (or a retried Tune trial) resume from the last checkpoint in
+    ``storage_path/name``.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------ demo data
+
+DEMO_ROOT = REPO_ROOT / "runs" / "demo_data"
+
+
+def ensure_demo_data(
+    root: Path = DEMO_ROOT, patients: int = 24, test_patients: int = 8, size: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
+    """Generate the embedded demo (synthetic DLCV-layout head CT) and preprocess it, once.
+
+    Returns ``(train_shards, test_shards)``. Re-running reuses what is there.
+    """
+    from ichmodel import synth
+    from ichmodel.preprocess import PreprocessOptions, preprocess
+    from ichmodel.readers import read_dlcv
+
+    root = Path(root)
+    raw, train_shards, test_shards = root / "Blood_data", root / "shards" / "train", root / "shards" / "test"
+    if (train_shards / "manifest.json").is_file() and (test_shards / "manifest.json").is_file():
+        return train_shards, test_shards
+    logger = logging.getLogger("ray_jobs.demo")
+    logger.info("generating demo data: %d + %d synthetic series at %d px in %s", patients, test_patients, size, raw)
+    if not (raw / "train.csv").is_file():
+        synth.write_dlcv_dataset(raw, patients, (12, 20), size, seed, test_patients)
+    options = PreprocessOptions(size=size)
+    preprocess(read_dlcv(raw / "train", raw / "train.csv"), train_shards, options)
+    preprocess(read_dlcv(raw / "test"), test_shards, options)
+    return train_shards, test_shards
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["loss.alpha=0.5", "train.max_epochs=[2,2,2]"]`` → ``{"loss.alpha": 0.5, ...}`` (values parsed as YAML)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"An override is section.field=value (e.g. loss.alpha=0.5). Got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides

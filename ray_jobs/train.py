@@ -1,0 +1,110 @@
+"""Train one configuration of the multitask model with Ray Train (DDP over ``--num-workers`` workers).
+
+Examples (from the repository root):
+
+    python ray_jobs/train.py                                   # embedded demo data, 2 CPU workers
+    python ray_jobs/train.py --data shards/dlcv --num-workers 8 --use-gpu --name dlcv-full
+    python ray_jobs/train.py --data shards/dlcv --set loss.nu=0.5 --set train.max_epochs=[5,5,10]
+    ray job submit --working-dir . -- python ray_jobs/train.py --data s3://bucket/shards --storage s3://bucket/runs
+
+Runs the paper's three stages (pretrain; pretrain + masking/diversity transfer; fine-tune with all five
+tasks). Rank 0 checkpoints every epoch to STORAGE/NAME; re-running with the same --name resumes at the same
+stage and epoch, and a failed worker is restarted from the last checkpoint (--max-failures).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+
+from ichmodel.config import Config  # noqa: E402
+from ray_jobs.common import (  # noqa: E402
+    CHECKPOINT_FILE,
+    REPO_ROOT,
+    build_trainer,
+    ensure_demo_data,
+    init_ray,
+    parse_overrides,
+    setup_logging,
+)
+
+logger = logging.getLogger("ray_jobs.train")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Staged multitask training of one configuration with Ray Train.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", default=None, help="preprocessed training shards (default: generated demo data)")
+    parser.add_argument("--config", default=None, help="YAML/JSON file with config overrides (see ichmodel/config.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one field")
+    parser.add_argument("--epochs", default=None, help="epoch caps of the three stages, e.g. 2,2,2")
+    parser.add_argument("--name", default="train", help="run name; the same name resumes (default: train)")
+    parser.add_argument("--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI for results")
+    parser.add_argument("--num-workers", type=int, default=2, help="DDP workers (default 2)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    parser.add_argument("--max-failures", type=int, default=1, help="worker failures retried from the last checkpoint")
+    parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    cfg = Config.load(args.config) if args.config else Config()
+    overrides = parse_overrides(args.set)
+    if args.epochs:
+        overrides["train.max_epochs"] = [int(e) for e in args.epochs.split(",")]
+    if args.data is None:
+        train_shards, _ = ensure_demo_data()
+        overrides.setdefault("data.shards", str(train_shards))
+        overrides.setdefault("train.max_epochs", [2, 2, 2])
+    else:
+        overrides["data.shards"] = str(Path(args.data).resolve()) if "://" not in args.data else args.data
+    return cfg.with_overrides(overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    try:
+        cfg = build_config(args)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+    init_ray()
+    loop_config = {"config": cfg.to_dict(), "overrides": {}}
+    if args.fail_at_epoch is not None:
+        loop_config.update(fail_at_epoch=args.fail_at_epoch, fail_marker=str(Path(storage) / f".{args.name}.failed-once"))
+    trainer = build_trainer(
+        loop_config, name=args.name, storage_path=storage, num_workers=args.num_workers,
+        use_gpu=args.use_gpu, max_failures=args.max_failures,
+    )
+    result = trainer.fit()
+    if result.error:
+        logger.error("training failed: %s", result.error)
+        return 1
+    metrics = result.metrics or {}
+    checkpoint = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
+    summary = {
+        "name": args.name,
+        "finished": bool(metrics.get("finished")),
+        "global_epoch": metrics.get("global_epoch"),
+        "stage": metrics.get("stage"),
+        "final_f2": metrics.get("final_f2"),
+        "val_f2": metrics.get("val_f2"),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
