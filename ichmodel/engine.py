@@ -461,6 +461,7 @@ def fit(
             metrics.update(
                 stage=stage.index, stage_epoch=state.epoch, global_epoch=state.global_epoch, lr=lr,
                 epoch_s=time.perf_counter() - started, nonfinite_steps=state.nonfinite_steps,
+                model_f2=state.best_f2,  # validation F2 of the weights this checkpoint exports
             )
             if stage_done:
                 _next_stage(state, plan)

@@ -87,8 +87,11 @@ def train_fn_per_worker(loop_config: dict) -> None:
     fail_at = loop_config.get("fail_at_epoch")
     fail_marker = loop_config.get("fail_marker")
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def on_epoch_end(metrics: dict, make_checkpoint) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float | bool)}
+        metrics["node_id"] = node_id  # where rank 0 ran: shows trial placement on a cluster
         if rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)

@@ -1,0 +1,225 @@
+"""Series from preprocessed shards, padded batches, and a split by series (``docs/architecture.md``).
+
+One item is one whole series (or, with ``max_slices``, a random contiguous window of it). A series is one
+Parquet row group, read with ``ParquetFile.read_row_group``; one open ``ParquetFile`` is kept per shard
+(and re-opened after pickling, so DataLoader workers each hold their own). Images stay ``uint8``: the
+float conversion and normalisation happen on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from ichmodel.constants import NUM_CLASSES
+from ichmodel.preprocess import load_manifest
+
+logger = logging.getLogger(__name__)
+
+
+class SeriesDataset(Dataset):
+    """Whole series from a shard folder.
+
+    ``dataset[i]`` → dict with ``images`` uint8 ``[T, C, H, W]``, ``labels`` float32 ``[T, 5]`` (-1 where
+    unlabelled), ``series_id`` str, ``slice_ids`` list of T str.
+
+    Args:
+        shard_dir: folder holding ``manifest.json`` and the shards.
+        series_ids: the series to serve, in this order (default: all, in manifest order).
+        max_slices: if > 0, longer series are cut to a random contiguous window of this many slices, drawn
+            from ``(seed, epoch, index)`` so every epoch (see :meth:`set_epoch`) and worker is reproducible.
+        seed: seed of those windows.
+
+    Raises:
+        FileNotFoundError: when there is no manifest.
+        KeyError: naming the series ids that are not in the manifest.
+        ValueError: when ``max_slices`` < 0 or the manifest lists a series twice.
+    """
+
+    def __init__(
+        self,
+        shard_dir: str | Path,
+        series_ids: Sequence[str] | None = None,
+        max_slices: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if max_slices < 0:
+            raise ValueError(f"max_slices must be >= 0. Got {max_slices}")
+        self.shard_dir = Path(shard_dir)
+        self.manifest = load_manifest(shard_dir)
+        self.max_slices = max_slices
+        self.seed = seed
+        self.epoch = 0
+        self._index = series_index(self.manifest)
+        if series_ids is None:
+            series_ids = list(self._index)
+        missing = [s for s in series_ids if s not in self._index]
+        if missing:
+            raise KeyError(
+                f"Series not in {self.shard_dir / 'manifest.json'}: {missing[:5]} ({len(missing)} in all)"
+            )
+        self.series_ids: list[str] = list(series_ids)
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def __len__(self) -> int:
+        return len(self.series_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw new ``max_slices`` windows (call once per epoch)."""
+        self.epoch = epoch
+
+    def num_slices(self, i: int) -> int:
+        """Length of series ``i`` in the shards (before any ``max_slices`` cut)."""
+        return self._index[self.series_ids[i]][2]
+
+    def _file(self, name: str) -> pq.ParquetFile:
+        if name not in self._files:
+            self._files[name] = pq.ParquetFile(self.shard_dir / name)
+        return self._files[name]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        series_id = self.series_ids[i]
+        file, row_group, length = self._index[series_id]
+        start, stop = 0, length
+        if 0 < self.max_slices < length:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            start = int(rng.integers(0, length - self.max_slices + 1))
+            stop = start + self.max_slices
+        table = self._file(file).read_row_group(
+            row_group, columns=["slice_id", "labels", "image", "height", "width", "channels"]
+        )
+        if table.num_rows != length:
+            raise ValueError(f"{file} row group {row_group}: {table.num_rows} rows, manifest says {length}")
+        table = table.slice(start, stop - start)
+        num = table.num_rows
+        height, width, channels = (int(table.column(c)[0].as_py()) for c in ("height", "width", "channels"))
+        images = _binary_to_array(table.column("image").combine_chunks(), (num, height, width, channels))
+        labels = table.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return {
+            "images": torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),  # [T, H, W, C] → [T, C, H, W]
+            "labels": torch.from_numpy(labels.reshape(num, NUM_CLASSES).astype(np.float32)),
+            "series_id": series_id,
+            "slice_ids": table.column("slice_id").to_pylist(),
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_files"] = {}  # open files do not pickle; each worker opens its own
+        return state
+
+
+def series_index(manifest: dict) -> dict[str, tuple[str, int, int]]:
+    """``{series_id: (shard file, row group, num_slices)}`` from a manifest.
+
+    Raises:
+        ValueError: when a series id appears twice.
+    """
+    index: dict[str, tuple[str, int, int]] = {}
+    for shard in manifest["shards"]:
+        for entry in shard["series"]:
+            sid = entry["series_id"]
+            if sid in index:
+                raise ValueError(
+                    f"Series {sid!r} appears twice in the manifest ({index[sid][0]}, {shard['file']})"
+                )
+            index[sid] = (shard["file"], int(entry["row_group"]), int(entry["num_slices"]))
+    return index
+
+
+def _binary_to_array(column, shape: tuple[int, ...]) -> np.ndarray:
+    """Equal-length binary values → one ``uint8`` array of ``shape`` without a per-row copy."""
+    _, offsets_buf, data_buf = column.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32, count=len(column) + 1, offset=column.offset * 4)
+    expected = int(np.prod(shape[1:]))
+    if not np.all(np.diff(offsets) == expected):
+        raise ValueError(f"Image bytes do not match shape {shape[1:]} ({expected} bytes per slice)")
+    data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(shape)
+
+
+def collate_series(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of :class:`SeriesDataset` items to the longest series.
+
+    Returns ``images`` uint8 ``[B, T, C, H, W]`` (zeros in padding), ``labels`` float32 ``[B, T, 5]``
+    (-1 in padding), ``lengths`` int64 ``[B]``, ``valid`` bool ``[B, T]``, ``series_ids`` (B str),
+    ``slice_ids`` (B lists).
+
+    Raises:
+        ValueError: for an empty list, or items whose image shapes ``[C, H, W]`` differ.
+    """
+    if not items:
+        raise ValueError("collate_series needs at least one item. Got 0")
+    shapes = {tuple(item["images"].shape[1:]) for item in items}
+    if len(shapes) != 1:
+        raise ValueError(f"All series need the same image shape [C, H, W]. Got {sorted(shapes)}")
+    (channels, height, width) = shapes.pop()
+    lengths = torch.tensor([item["images"].shape[0] for item in items], dtype=torch.int64)
+    batch, longest = len(items), int(lengths.max())
+    images = torch.zeros((batch, longest, channels, height, width), dtype=torch.uint8)
+    labels = torch.full((batch, longest, NUM_CLASSES), -1.0, dtype=torch.float32)
+    for b, item in enumerate(items):
+        t = item["images"].shape[0]
+        images[b, :t] = item["images"]
+        labels[b, :t] = item["labels"]
+    valid = torch.arange(longest)[None, :] < lengths[:, None]  # [B, T]
+    return {
+        "images": images,
+        "labels": labels,
+        "lengths": lengths,
+        "valid": valid,
+        "series_ids": [item["series_id"] for item in items],
+        "slice_ids": [item["slice_ids"] for item in items],
+    }
+
+
+def series_positive(shard_dir: str | Path) -> dict[str, bool]:
+    """``{series_id: True if any slice of it has any label}`` (False for unlabelled data)."""
+    manifest = load_manifest(shard_dir)
+    positive: dict[str, bool] = {}
+    for shard in manifest["shards"]:
+        table = pq.read_table(Path(shard_dir) / shard["file"], columns=["series_id", "labels"])
+        ids = table.column("series_id").to_numpy(zero_copy_only=False)
+        labels = table.column("labels").combine_chunks().flatten().to_numpy().reshape(-1, NUM_CLASSES)
+        any_label = labels.max(axis=1) > 0
+        for sid in np.unique(ids):
+            positive[str(sid)] = bool(any_label[ids == sid].any())
+    return positive
+
+
+def split_series(shard_dir: str | Path, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split the series of a shard folder into ``(train_ids, val_ids)``; no series is on both sides.
+
+    Stratified by whether a series has any positive slice, so both sides see positives; the same seed
+    gives the same split. Each side gets at least one series.
+
+    Raises:
+        ValueError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 series.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1). Got {val_fraction}")
+    manifest = load_manifest(shard_dir)
+    ids = list(series_index(manifest))
+    if len(ids) < 2:
+        raise ValueError(f"Need at least 2 series to split. Got {len(ids)} in {shard_dir}")
+    positive = series_positive(shard_dir) if manifest.get("has_labels") else dict.fromkeys(ids, False)
+    rng = np.random.default_rng(seed)
+    val: list[str] = []
+    groups = [sorted(s for s in ids if positive[s]), sorted(s for s in ids if not positive[s])]
+    for group in groups:
+        shuffled = [group[i] for i in rng.permutation(len(group))]
+        val.extend(shuffled[: int(round(val_fraction * len(group)))])
+    if not val:
+        val = [ids[int(rng.integers(len(ids)))]]
+    if len(val) == len(ids):
+        val = val[:-1]
+    val_set = set(val)
+    train = [s for s in ids if s not in val_set]
+    logger.info("Split %s: %d train / %d val series", shard_dir, len(train), len(val))
+    return train, sorted(val)

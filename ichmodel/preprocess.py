@@ -1,0 +1,434 @@
+"""Slices → windowed, resized ``uint8`` images → Parquet shards + ``manifest.json`` + ``skipped.csv``.
+
+The shard format is the contract in ``docs/architecture.md``: one Parquet row group per series, rows in
+slice order, columns ``series_id, position, slice_id, labels, image, height, width, channels``.
+
+Per DICOM slice: HU (with the RSNA 12-bit fix, :func:`ichmodel.readers.load_dicom_hu`) → padded to a
+square with the image minimum → resized to ``size`` (block mean for integer factors, else antialiased
+bilinear) → one ``uint8`` channel per window (level, width). Resizing before windowing keeps HU precision
+and makes the windows 4× cheaper at 512 → 256. A DLCV JPEG (one channel, already windowed) is resized
+the same way and repeated into every channel.
+
+Work is split into :class:`ShardTask` s (a list of whole series each) that are independent, so a Ray job can
+run :func:`write_shard` in parallel. A shard is written to a temporary name and renamed, so an existing
+shard file is complete; on a re-run it is reused when its footer says it was written for the same series
+with the same options (and rewritten otherwise). :func:`write_outputs` then writes the manifest and
+``skipped.csv`` from the shard results.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ichmodel.constants import CLASSES, DEFAULT_WINDOWS, NUM_CLASSES
+from ichmodel.readers import (
+    ReadResult,
+    SeriesRecord,
+    SkipRecord,
+    load_dicom_pixels,
+    load_dlcv_image,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+SKIPPED_NAME = "skipped.csv"
+SHARD_PATTERN = "shard-{:05d}.parquet"
+#: Footer key holding a shard's fingerprint and its skip records (JSON).
+_META_KEY = b"ichmodel.shard"
+#: Window assumed for the DLCV JPEGs (they look brain-windowed); recorded in the manifest for that format.
+DLCV_WINDOW: tuple[float, float] = (40.0, 80.0)
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("series_id", pa.string()),
+        ("position", pa.int32()),
+        ("slice_id", pa.string()),
+        ("labels", pa.list_(pa.int8(), NUM_CLASSES)),
+        ("image", pa.binary()),
+        ("height", pa.int16()),
+        ("width", pa.int16()),
+        ("channels", pa.int16()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How slices become shard images.
+
+    ``size``: side of the square output image. ``windows``: (level, width) in HU, one output channel each.
+    ``min_slices``: series with fewer usable slices are skipped (a sequence model needs neighbours).
+    """
+
+    size: int = 256
+    windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
+    min_slices: int = 2
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.size <= 4096:
+            raise ValueError(f"size must be in [8, 4096] pixels. Got {self.size}")
+        windows = tuple((float(level), float(width)) for level, width in self.windows)
+        if not windows or any(width <= 0 for _, width in windows):
+            raise ValueError(
+                f"windows must be non-empty (level, width) pairs with width > 0. Got {self.windows}"
+            )
+        object.__setattr__(self, "windows", windows)
+        if self.min_slices < 1:
+            raise ValueError(f"min_slices must be >= 1. Got {self.min_slices}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One output file and the whole series that go into it."""
+
+    index: int
+    file: str
+    series: tuple[SeriesRecord, ...]
+
+    def fingerprint(self, options: PreprocessOptions) -> str:
+        """Hash of the options and the slices (ids, paths, labels) this shard is made of."""
+        h = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
+        for s in self.series:
+            h.update(f"\0{s.series_id}\0{s.kind}".encode())
+            for sl in s.slices:
+                h.update(f"\1{sl.slice_id}\1{sl.path}\1{sl.labels}".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class ShardResult:
+    """What :func:`write_shard` did. ``series``: manifest entries ``{series_id, row_group, num_slices}``."""
+
+    file: str
+    num_rows: int = 0
+    series: list[dict] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+    reused: bool = False
+    seconds: float = 0.0
+
+
+def plan_shards(series: Sequence[SeriesRecord], series_per_shard: int = 16) -> list[ShardTask]:
+    """Split series, in order, into tasks of at most ``series_per_shard`` series.
+
+    Raises:
+        ValueError: if ``series_per_shard`` < 1.
+    """
+    if series_per_shard < 1:
+        raise ValueError(f"series_per_shard must be >= 1. Got {series_per_shard}")
+    return [
+        ShardTask(i, SHARD_PATTERN.format(i), tuple(series[start : start + series_per_shard]))
+        for i, start in enumerate(range(0, len(series), series_per_shard))
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def pad_square(image: np.ndarray, fill: float) -> np.ndarray:
+    """Centre a ``[H, W]`` image on a square ``[S, S]`` canvas (S = max(H, W)) filled with ``fill``."""
+    height, width = image.shape
+    if height == width:
+        return image
+    side = max(height, width)
+    out = np.full((side, side), fill, dtype=image.dtype)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top : top + height, left : left + width] = image
+    return out
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a square image ``[S, S]`` to float32 ``[size, size]`` (returned as is when S == size).
+
+    Integer down-scaling factors use a block mean (exact box filter); other sizes use antialiased bilinear
+    interpolation (``torch.nn.functional.interpolate``).
+    """
+    side = image.shape[0]
+    if side == size:
+        return image
+    if side % size == 0:  # box filter: sum f rows, then f columns (a reshape-mean is 10-20x slower)
+        f = side // size
+        rows = image[0::f].astype(np.float32)
+        for i in range(1, f):
+            rows += image[i::f]
+        out = rows[:, 0::f].copy()
+        for j in range(1, f):
+            out += rows[:, j::f]
+        out *= np.float32(1.0 / (f * f))
+        return out
+    import torch
+    import torch.nn.functional as F
+
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[
+        0, 0
+    ].numpy()
+
+
+def apply_windows(
+    image: np.ndarray, windows: Sequence[tuple[float, float]], slope: float = 1.0, intercept: float = 0.0
+) -> np.ndarray:
+    """``[H, W]`` → ``uint8 [H, W, C]``, one channel per (level, width) in HU: ``level - width/2`` → 0,
+    ``level + width/2`` → 255, rounded to the nearest grey level, clipped.
+
+    ``image`` holds HU, or stored pixels with HU = image × slope + intercept (the rescale is folded into
+    each window's affine map, so no HU image is ever built).
+    """
+    out = np.empty((*image.shape, len(windows)), dtype=np.uint8)
+    scratch = np.empty(image.shape, dtype=np.float32)
+    for c, (level, width) in enumerate(windows):
+        gain = 255.0 / width
+        offset = (intercept - (level - width / 2)) * gain + 0.5  # +0.5: the uint8 cast below truncates
+        np.multiply(image, np.float32(slope * gain), out=scratch, casting="unsafe")
+        scratch += np.float32(offset)
+        np.clip(scratch, 0.0, 255.0, out=out[..., c], casting="unsafe")
+    return out
+
+
+def dicom_slice_image(path: str | Path, options: PreprocessOptions) -> np.ndarray:
+    """One DICOM file → ``uint8 [size, size, C]``.
+
+    Resizing works on the stored pixels (the rescale to HU is linear, so it commutes with resizing and is
+    folded into the windows); the 12-bit fix has already been applied by the reader.
+
+    Raises:
+        ValueError: naming the file when it cannot be read (see :func:`ichmodel.readers.load_dicom_pixels`).
+    """
+    pixels, slope, intercept = load_dicom_pixels(path)
+    if pixels.shape[0] != pixels.shape[1]:
+        pixels = pad_square(pixels, pixels.min())
+    return apply_windows(resize_square(pixels, options.size), options.windows, slope, intercept)
+
+
+def jpeg_slice_image(path: str | Path, options: PreprocessOptions) -> np.ndarray:
+    """One DLCV JPEG → ``uint8 [size, size, C]`` (its one channel repeated).
+
+    Raises:
+        ValueError: naming the file when it cannot be decoded.
+    """
+    gray = load_dlcv_image(path).astype(np.float32)
+    gray = resize_square(pad_square(gray, 0.0), options.size)
+    gray = np.clip(gray + np.float32(0.5), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], options.channels, axis=2)
+
+
+_DECODERS: dict[str, Callable[[str | Path, PreprocessOptions], np.ndarray]] = {
+    "dicom": dicom_slice_image,
+    "jpeg": jpeg_slice_image,
+}
+
+
+def process_series(
+    series: SeriesRecord, options: PreprocessOptions
+) -> tuple[pa.Table | None, list[SkipRecord]]:
+    """Decode every slice of ``series`` into one Arrow table in the shard schema (rows in slice order).
+
+    Unreadable slices are skipped (the others keep their order and are renumbered 0..T-1). A series left
+    with fewer than ``options.min_slices`` slices is skipped whole: returns ``(None, skips)``.
+    """
+    decode = _DECODERS.get(series.kind)
+    if decode is None:
+        raise ValueError(f"Unknown slice kind {series.kind!r} for series {series.series_id}")
+    skipped: list[SkipRecord] = []
+    images, kept = [], []
+    for record in series.slices:
+        try:
+            images.append(decode(record.path, options))
+            kept.append(record)
+        except ValueError as exc:
+            reason = str(exc).removeprefix(f"{record.path}: ")
+            logger.warning("Skipping %s: %s", record.path, reason)
+            skipped.append(SkipRecord(record.path, reason))
+    if len(kept) < options.min_slices:
+        for record in kept:
+            reason = f"series {series.series_id} has {len(kept)} usable slice(s); at least {options.min_slices} needed"
+            logger.warning("Skipping %s: %s", record.path, reason)
+            skipped.append(SkipRecord(record.path, reason))
+        return None, skipped
+    return _series_table(series.series_id, kept, np.stack(images)), skipped
+
+
+def _series_table(series_id: str, records: list, images: np.ndarray) -> pa.Table:
+    num, height, width, channels = images.shape  # slices, rows, columns, windows
+    per_image = height * width * channels
+    offsets = np.arange(0, (num + 1) * per_image, per_image, dtype=np.int32)
+    image_col = pa.Array.from_buffers(
+        pa.binary(), num, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(images))]
+    )
+    labels = np.array(
+        [r.labels if r.labels is not None else (-1,) * NUM_CLASSES for r in records], dtype=np.int8
+    ).reshape(-1)
+    return pa.Table.from_arrays(
+        [
+            pa.array([series_id] * num, pa.string()),
+            pa.array(np.arange(num, dtype=np.int32)),
+            pa.array([r.slice_id for r in records], pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(labels, pa.int8()), NUM_CLASSES),
+            image_col,
+            pa.array(np.full(num, height, np.int16)),
+            pa.array(np.full(num, width, np.int16)),
+            pa.array(np.full(num, channels, np.int16)),
+        ],
+        schema=SHARD_SCHEMA,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Shards
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_finished(path: Path, fingerprint: str) -> ShardResult | None:
+    """The result recorded in an existing shard's footer, if it was written for ``fingerprint``."""
+    try:
+        meta = pq.ParquetFile(path).metadata
+        info = json.loads(meta.metadata[_META_KEY])
+    except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
+        return None
+    if info.get("fingerprint") != fingerprint:
+        return None
+    return ShardResult(
+        path.name,
+        int(meta.num_rows),
+        info["series"],
+        [SkipRecord(p, r) for p, r in info["skipped"]],
+        reused=True,
+    )
+
+
+def write_shard(task: ShardTask, out_dir: str | Path, options: PreprocessOptions) -> ShardResult:
+    """Decode the series of ``task`` and write them to ``out_dir/task.file``, one row group per series.
+
+    Skips the work when that file exists and was written for the same series and options. The file is
+    written under a temporary name and renamed, so it is either complete or absent. A shard whose series
+    were all skipped is still written (with no rows) so a re-run knows it is done.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / task.file
+    fingerprint = task.fingerprint(options)
+    if path.exists():
+        done = _read_finished(path, fingerprint)
+        if done is not None:
+            logger.info("%s is complete; skipping", path)
+            return done
+        logger.info("%s was written for other inputs or options; rewriting", path)
+    result = ShardResult(task.file)
+    tables = []
+    for series in task.series:
+        table, skipped = process_series(series, options)
+        result.skipped.extend(skipped)
+        if table is not None:
+            result.series.append(
+                {"series_id": series.series_id, "row_group": len(tables), "num_slices": table.num_rows}
+            )
+            tables.append(table)
+    result.num_rows = sum(t.num_rows for t in tables)
+    info = {
+        "fingerprint": fingerprint,
+        "series": result.series,
+        "skipped": [[s.path, s.reason] for s in result.skipped],
+    }
+    schema = SHARD_SCHEMA.with_metadata({_META_KEY: json.dumps(info).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pq.ParquetWriter(
+        tmp,
+        schema,
+        compression="zstd",
+        use_dictionary=["series_id"],
+        write_statistics=["series_id", "position"],
+    ) as writer:
+        for table in tables:
+            writer.write_table(table, row_group_size=table.num_rows)
+    os.replace(tmp, path)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def write_outputs(
+    out_dir: str | Path,
+    read_result: ReadResult,
+    options: PreprocessOptions,
+    results: Iterable[ShardResult],
+) -> dict:
+    """Write ``manifest.json`` and ``skipped.csv`` (``path,reason``: reader skips, then slice skips) and
+    return the manifest. Shards with no rows are left out of the manifest.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = sorted(results, key=lambda r: r.file)
+    skipped = list(read_result.skipped) + [s for r in results for s in r.skipped]
+    windows = [list(w) for w in options.windows]
+    if read_result.format == "dlcv":
+        windows = [list(DLCV_WINDOW)] * options.channels
+    shards = [{"file": r.file, "num_rows": r.num_rows, "series": r.series} for r in results if r.num_rows > 0]
+    manifest = {
+        "format": read_result.format,
+        "size": options.size,
+        "windows": windows,
+        "classes": list(CLASSES),
+        "has_labels": read_result.has_labels,
+        "num_series": sum(len(s["series"]) for s in shards),
+        "num_slices": sum(s["num_rows"] for s in shards),
+        "num_skipped": len(skipped),
+        "shards": shards,
+    }
+    with open(out_dir / SKIPPED_NAME, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason"])
+        writer.writerows([s.path, s.reason] for s in skipped)
+    tmp = out_dir / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / MANIFEST_NAME)
+    logger.info(
+        "Wrote %s: %d series, %d slices in %d shards, %d skipped",
+        out_dir / MANIFEST_NAME,
+        manifest["num_series"],
+        manifest["num_slices"],
+        len(shards),
+        len(skipped),
+    )
+    return manifest
+
+
+def load_manifest(shard_dir: str | Path) -> dict:
+    """Read ``shard_dir/manifest.json``.
+
+    Raises:
+        FileNotFoundError: naming the folder when there is no manifest.
+    """
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No {MANIFEST_NAME} in {shard_dir}; run ray_jobs/preprocess.py first")
+    return json.loads(path.read_text())
+
+
+def preprocess(
+    read_result: ReadResult,
+    out_dir: str | Path,
+    options: PreprocessOptions | None = None,
+    series_per_shard: int = 16,
+) -> dict:
+    """Write all shards of ``read_result`` in this process, then the manifest; returns the manifest."""
+    options = options or PreprocessOptions()
+    tasks = plan_shards(read_result.series, series_per_shard)
+    return write_outputs(out_dir, read_result, options, [write_shard(t, out_dir, options) for t in tasks])

@@ -1,0 +1,250 @@
+"""Search loss weights and training strategies with Ray Tune + Optuna; each trial is a staged Ray Train run.
+
+Examples (from the repository root):
+
+    python ray_jobs/tune.py                          # embedded demo: synthetic data, local Ray, CPU, minutes
+    python ray_jobs/tune.py --smoke-test             # the smallest end-to-end search (CI)
+    ray job submit --working-dir . -- python ray_jobs/tune.py --data /shared/shards/dlcv \\
+        --num-samples 64 --max-concurrent 8 --workers-per-trial 2 --gpus-per-trial 1 --storage s3://bucket/runs
+    python ray_jobs/tune.py --name my-search --resume   # continue an interrupted search
+
+Search: OptunaSearch (TPE, seeded) proposes a config from --space; ASHA stops weak trials early on
+validation micro-F2, with the global epoch as its time attribute. Each trial trains with
+--workers-per-trial DDP workers; a failed trial is retried from its last checkpoint.
+
+Results land in STORAGE/NAME: trials.csv (sorted by F2; read by ray_jobs/ensemble.py), one folder per trial
+(TensorBoard: tensorboard --logdir STORAGE/NAME), the Train runs with their checkpoints, and optuna.db
+(optuna-dashboard sqlite:///STORAGE/NAME/optuna.db) for a local storage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from ichmodel.config import Config  # noqa: E402
+from ray_jobs.common import (  # noqa: E402
+    CHECKPOINT_FILE,
+    REPO_ROOT,
+    build_trainer,
+    ensure_demo_data,
+    init_ray,
+    parse_overrides,
+    setup_logging,
+)
+from search_spaces import load_space  # noqa: E402
+
+logger = logging.getLogger("ray_jobs.tune")
+METRIC = "val_f2"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Hyperparameter search of the multitask ICH model with Ray Tune + Optuna + ASHA.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", default=None, help="preprocessed training shards (default: generated demo data)")
+    parser.add_argument("--space", default="default", help="search space: a module of search_spaces/ or a .py file")
+    parser.add_argument("--config", default=None, help="YAML/JSON base config (overrides of ichmodel/config.py)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="fixed override")
+    parser.add_argument("--epochs", default=None, help="epoch caps of the three stages (default 2,2,3; demo 1,1,2)")
+    parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default 4)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per worker; > 0 trains on GPU")
+    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per training worker (default 1)")
+    parser.add_argument("--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI (default runs/)")
+    parser.add_argument("--name", default="search", help="experiment name (default: search)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    parser.add_argument("--grace-epochs", type=int, default=None, help="ASHA: epochs before a trial can be stopped")
+    parser.add_argument("--optuna-storage", default=None, help="Optuna RDB URL (default: sqlite in the experiment)")
+    parser.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial")
+    parser.add_argument("--smoke-test", action="store_true", help="2 tiny trials on tiny demo data")
+    parser.add_argument("--driver-resource", default=None, help="custom resource a trial driver needs (cluster head)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def base_config(args: argparse.Namespace) -> Config:
+    """The fixed part of every trial's config (the search overrides it)."""
+    cfg = Config.load(args.config) if args.config else Config()
+    overrides = parse_overrides(args.set)
+    if args.data is None:
+        if args.smoke_test:
+            train_shards, _ = ensure_demo_data(REPO_ROOT / "runs" / "smoke_data", patients=8, test_patients=3, size=32)
+        else:
+            train_shards, _ = ensure_demo_data()
+        overrides["data.shards"] = str(train_shards)
+        overrides.setdefault("data.val_fraction", 0.25)
+    else:
+        overrides["data.shards"] = args.data if "://" in args.data else str(Path(args.data).resolve())
+    epochs = args.epochs or ("1,1,1" if args.smoke_test else "1,1,2" if args.data is None else None)
+    if epochs:
+        overrides["train.max_epochs"] = [int(e) for e in epochs.split(",")]
+    return cfg.with_overrides(overrides)
+
+
+def check_space(space_fn, cfg: Config) -> None:
+    """Draw one sample from the space with plain Optuna and apply it to the config, to fail before launching."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial = optuna.create_study().ask()
+    try:
+        values = space_fn(trial)
+    except Exception as exc:
+        raise ValueError(f"Search space failed on a sample trial: {exc!r}") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"Search space must return a dict of dotted config names. Got {type(values).__name__}")
+    params = {**trial.params, **values}
+    if not params:
+        raise ValueError("Search space suggested no parameter")
+    cfg.with_overrides(params)  # raises ValueError naming an unknown field or a bad value
+
+
+def train_trial_fn(config: dict, base: dict, scaling: dict, storage: str, max_failures: int) -> None:
+    """One Tune trial: a staged TorchTrainer whose per-epoch reports reach Tune through the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    overrides = {k: v for k, v in config.items() if "." in k}
+    trainer = build_trainer(
+        {"config": base, "overrides": overrides},
+        name=f"train-{trial_id}",  # fixed: a retried or restored trial resumes from its Train checkpoint
+        storage_path=storage,
+        max_failures=max_failures,
+        callbacks=[TuneReportCallback()],
+        **scaling,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    scaling = {
+        "num_workers": args.workers_per_trial,
+        "use_gpu": args.gpus_per_trial > 0,
+        "resources_per_worker": {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {})},
+    }
+    trainable = tune.with_parameters(
+        train_trial_fn, base=cfg.to_dict(), scaling=scaling, storage=f"{storage}/{args.name}/train_runs",
+        max_failures=args.max_failures,
+    )
+    # A trial's driver only waits on its TorchTrainer: give it no CPU so the workers get them all.
+    driver = {"memory": 100 * 1024**2}
+    if args.driver_resource:
+        driver[args.driver_resource] = 0.01
+    trainable = tune.with_resources(trainable, driver)
+    total_epochs = sum(cfg.train.max_epochs)
+    if args.resume:
+        path = f"{storage}/{args.name}"
+        if not tune.Tuner.can_restore(path):
+            raise ValueError(f"Nothing to resume at {path}; run without --resume first")
+        logger.info("resuming experiment %s: finished trials are kept, unfinished ones continue", path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    optuna_storage = args.optuna_storage
+    if optuna_storage is None and "://" not in storage:
+        Path(storage, args.name).mkdir(parents=True, exist_ok=True)
+        optuna_storage = f"sqlite:///{Path(storage, args.name, 'optuna.db')}"
+    searcher = OptunaSearch(
+        space=space_fn, metric=METRIC, mode="max", seed=args.seed, study_name=args.name,
+        storage=_optuna_storage(optuna_storage),
+    )
+    grace = args.grace_epochs or min(total_epochs, cfg.train.max_epochs[0] + 1)
+    scheduler = ASHAScheduler(time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(grace, 1))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, metric=METRIC, mode="max",
+            num_samples=args.num_samples or (2 if args.smoke_test else 4),
+            max_concurrent_trials=args.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=args.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        ),
+    )
+
+
+def _optuna_storage(url: str | None):
+    if url is None:
+        return None
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
+def trials_table(results) -> pd.DataFrame:
+    """One row per trial: id, F2 of its exported weights, epochs, checkpoint, status and its parameters."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        checkpoint = metrics.get("checkpoint_path")
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or Path(result.path).name,
+                "best_f2": metrics.get("model_f2", float("nan")),
+                "last_val_f2": metrics.get(METRIC, float("nan")),
+                "best_val_loss": metrics.get("val_loss", float("nan")),
+                "epochs": metrics.get("global_epoch", 0),
+                "finished": bool(metrics.get("finished", False)),
+                "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if checkpoint else "",
+                "status": "ERROR" if result.error else "OK",
+                "node_id": metrics.get("node_id", ""),
+                **{k: v for k, v in config.items() if "." in k},
+            }
+        )
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values("best_f2", ascending=False, na_position="last").reset_index(drop=True)
+    return table
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    try:
+        cfg = base_config(args)
+        space_fn = load_space(args.space)
+        check_space(space_fn, cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # metrics arrive through Train's callback
+    init_ray()
+    try:
+        tuner = build_tuner(args, cfg, storage, space_fn)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    results = tuner.fit()
+    table = trials_table(results)
+    out = Path(storage, args.name, "trials.csv") if "://" not in storage else Path("trials.csv")
+    table.to_csv(out, index=False)
+    with pd.option_context("display.max_columns", 20, "display.width", 200):
+        print(table.drop(columns=["checkpoint"]).to_string(index=False))
+    print(f"\ntrials table: {out}")
+    if table.empty or (table["status"] == "ERROR").all():
+        logger.error("no trial finished without error")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,96 @@
+"""Small generated inputs, good and bad, for the reader / preprocessing / dataset tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ichmodel import synth
+
+SIZE = 32  # pixels: tests stay tiny
+
+
+def rsna(
+    root: Path, patients: int = 3, slices: tuple[int, int] = (4, 6), seed: int = 0
+) -> synth.SynthSummary:
+    """RSNA layout under ``root`` (``stage_2_train/`` + ``stage_2_train.csv``)."""
+    return synth.write_rsna_dataset(root, patients, slices, SIZE, seed)
+
+
+def dlcv(
+    root: Path, patients: int = 3, slices: tuple[int, int] = (4, 6), seed: int = 0, test_patients: int = 0
+):
+    """DLCV layout under ``root`` (``train/`` + ``train.csv`` [+ ``test/``])."""
+    return synth.write_dlcv_dataset(root, patients, slices, SIZE, seed, test_patients)
+
+
+def ct_file(
+    path: Path, hu: np.ndarray | None = None, z: float = 0.0, series_uid: str = "1.2.3.4", **overrides
+):
+    """One valid CT DICOM slice (16-bit signed, intercept -1024) with optional header overrides.
+
+    ``overrides`` set attributes after the dataset is built (``Modality="MR"``); a value of ``None`` deletes it.
+    """
+    hu = np.zeros((SIZE, SIZE), np.float32) if hu is None else hu
+    pixels, representation, intercept = synth.encode_ct_pixels(hu, 16)
+    ds = synth.make_ct_dataset(
+        pixels,
+        study_uid="1.2.3",
+        series_uid=series_uid,
+        sop_uid=f"1.2.3.4.{abs(hash(path)) % 10**9}",
+        z_mm=z,
+        instance_number=1,
+        patient_id="TEST",
+        bits_stored=16,
+        pixel_representation=representation,
+        intercept=intercept,
+    )
+    for key, value in overrides.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def wrapped_12bit_file(path: Path, hu: np.ndarray) -> Path:
+    """A DICOM with the RSNA 12-bit bug: BitsStored 12, unsigned, intercept 0 (> -100), wrapped pixels."""
+    ds = synth.make_ct_dataset(
+        synth.encode_wrapped_12bit(hu),
+        study_uid="1.2.3",
+        series_uid="1.2.3.9",
+        sop_uid="1.2.3.9.1",
+        z_mm=0.0,
+        instance_number=1,
+        patient_id="TEST",
+        bits_stored=12,
+        pixel_representation=0,
+        intercept=0,
+    )
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def truncate(path: Path, keep_fraction: float = 0.6) -> Path:
+    """Cut a file short (like RSNA's ``ID_6431af929``)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+    return path
+
+
+def text_file(path: Path, text: str = "this is not an image\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_hu(seed: int = 0) -> np.ndarray:
+    """A ``[SIZE, SIZE]`` HU image spanning air, brain, blood and bone."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1000, 2000, size=(SIZE, SIZE)).astype(np.float32).round()
+
+
+test_hu.__test__ = False  # not a pytest test

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ichmodel import preprocess as pp
+from ichmodel import readers
+from ichmodel.dataset import SeriesDataset, collate_series, split_series
+from tests import datagen
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Labelled DLCV shards: 8 series of 4-9 slices in 3 shard files."""
+    root = tmp_path_factory.mktemp("dataset")
+    datagen.dlcv(root / "in", patients=8, slices=(4, 9), seed=3, test_patients=2)
+    result = readers.read_input("dlcv", root / "in")
+    pp.preprocess(result, root / "train", pp.PreprocessOptions(size=SIZE), series_per_shard=3)
+    pp.preprocess(readers.read_dlcv(root / "in" / "test"), root / "test", pp.PreprocessOptions(size=SIZE))
+    return root, result
+
+
+def test_item_shapes_dtypes_and_values(shards):
+    root, result = shards
+    ds = SeriesDataset(root / "train")
+    assert len(ds) == 8
+    item = ds[0]
+    series = result.series[0]
+    t = len(series.slices)
+    assert item["images"].shape == (t, 3, SIZE, SIZE) and item["images"].dtype == torch.uint8
+    assert item["labels"].shape == (t, 5) and item["labels"].dtype == torch.float32
+    assert item["series_id"] == series.series_id
+    assert item["slice_ids"] == [s.slice_id for s in series.slices]
+    assert item["labels"].tolist() == [list(map(float, s.labels)) for s in series.slices]
+    table = pq.read_table(root / "train" / "shard-00000.parquet")
+    raw = np.frombuffer(table.column("image")[2].as_py(), np.uint8).reshape(SIZE, SIZE, 3)
+    assert torch.equal(item["images"][2], torch.from_numpy(raw.copy()).permute(2, 0, 1))
+
+
+def test_unlabelled_series_have_minus_one(shards):
+    root, _ = shards
+    ds = SeriesDataset(root / "test")
+    assert len(ds) == 2
+    assert (ds[1]["labels"] == -1).all()
+
+
+def test_series_ids_select_and_order(shards):
+    root, result = shards
+    wanted = [result.series[5].series_id, result.series[1].series_id]
+    ds = SeriesDataset(root / "train", series_ids=wanted)
+    assert [ds[i]["series_id"] for i in range(2)] == wanted
+    assert ds.num_slices(0) == len(result.series[5].slices)
+    with pytest.raises(KeyError, match="nope"):
+        SeriesDataset(root / "train", series_ids=["nope"])
+
+
+def test_max_slices_gives_a_seeded_contiguous_window(shards):
+    root, result = shards
+    longest = max(range(8), key=lambda i: len(result.series[i].slices))
+    full = SeriesDataset(root / "train")[longest]
+    ds = SeriesDataset(root / "train", max_slices=3, seed=7)
+    starts = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        item = ds[longest]
+        assert item["images"].shape[0] == 3 and len(item["slice_ids"]) == 3
+        start = full["slice_ids"].index(item["slice_ids"][0])
+        assert item["slice_ids"] == full["slice_ids"][start : start + 3]
+        assert torch.equal(item["images"], full["images"][start : start + 3])
+        assert torch.equal(item["labels"], full["labels"][start : start + 3])
+        starts.add(start)
+        again = SeriesDataset(root / "train", max_slices=3, seed=7)
+        again.set_epoch(epoch)
+        assert again[longest]["slice_ids"] == item["slice_ids"]
+    assert len(starts) > 1
+    shortest = min(range(8), key=lambda i: len(result.series[i].slices))
+    assert len(SeriesDataset(root / "train", max_slices=100)[shortest]["slice_ids"]) == len(
+        result.series[shortest].slices
+    )
+    with pytest.raises(ValueError, match="Got -1"):
+        SeriesDataset(root / "train", max_slices=-1)
+
+
+def test_collate_pads_to_the_longest(shards):
+    root, _ = shards
+    ds = SeriesDataset(root / "train")
+    items = [ds[0], ds[1], ds[2]]
+    batch = collate_series(items)
+    lengths = [it["images"].shape[0] for it in items]
+    t = max(lengths)
+    assert batch["images"].shape == (3, t, 3, SIZE, SIZE) and batch["images"].dtype == torch.uint8
+    assert batch["labels"].shape == (3, t, 5) and batch["labels"].dtype == torch.float32
+    assert batch["lengths"].tolist() == lengths and batch["lengths"].dtype == torch.int64
+    assert batch["valid"].dtype == torch.bool and batch["valid"].sum(1).tolist() == lengths
+    for b, item in enumerate(items):
+        n = lengths[b]
+        assert torch.equal(batch["images"][b, :n], item["images"])
+        assert (batch["images"][b, n:] == 0).all() and (batch["labels"][b, n:] == -1).all()
+    assert batch["series_ids"] == [it["series_id"] for it in items]
+    assert batch["slice_ids"][1] == items[1]["slice_ids"]
+    with pytest.raises(ValueError, match="Got 0"):
+        collate_series([])
+
+
+def test_collate_rejects_mixed_image_shapes(shards):
+    root, _ = shards
+    item = SeriesDataset(root / "train")[0]
+    small = dict(item, images=item["images"][:, :, :8, :8])
+    with pytest.raises(ValueError, match="same image shape"):
+        collate_series([item, small])
+
+
+def test_dataloader_and_pickling(shards):
+    root, _ = shards
+    ds = SeriesDataset(root / "train")
+    ds[0]  # opens a file
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone[3]["series_id"] == ds[3]["series_id"]
+    batches = list(DataLoader(ds, batch_size=4, collate_fn=collate_series))
+    assert [b["images"].shape[0] for b in batches] == [4, 4]
+
+
+def test_split_series_is_disjoint_seeded_and_stratified(shards):
+    root, result = shards
+    train, val = split_series(root / "train", val_fraction=0.25, seed=0)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(s.series_id for s in result.series)
+    assert 1 <= len(val) <= 3
+    assert split_series(root / "train", 0.25, 0) == (train, val)
+    splits = {tuple(split_series(root / "train", 0.25, seed)[1]) for seed in range(6)}
+    assert len(splits) > 1
+    positive = {s.series_id for s in result.series if any(max(sl.labels) for sl in s.slices)}
+    if len(positive) >= 4:
+        assert set(val) & positive
+    train2, val2 = split_series(root / "test", 0.1, 0)
+    assert len(val2) == 1 and len(train2) == 1
+    with pytest.raises(ValueError, match="Got 1.5"):
+        split_series(root / "train", 1.5, 0)

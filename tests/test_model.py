@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from ichmodel.config import ModelConfig
+from ichmodel.losses import MultitaskLoss
+from ichmodel.metrics import binarize, f2_score
+from ichmodel.model import ICHModel, build_model
+from ichmodel.strategies import TransferBatch
+
+KEYS = {
+    "g",
+    "h",
+    "mc_logits",
+    "ac_logits",
+    "lp_logits",
+    "dc_logits",
+    "cpc_context",
+    "cpc_targets",
+    "cpc_predictions",
+}
+
+
+def _cfg(**kw) -> ModelConfig:
+    return ModelConfig(**({"feature_dim": 32, "rnn_hidden": 16, "dropout": 0.0, "cpc_steps": 3} | kw))
+
+
+def _model(seed: int = 0, **kw) -> ICHModel:
+    torch.manual_seed(seed)
+    return build_model(_cfg(**kw))
+
+
+def _images(B: int = 3, T: int = 5, C: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(B, T, C, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_contract_and_zero_padding() -> None:
+    model = _model()
+    lengths = torch.tensor([5, 2, 4])
+    out = model(_images(), lengths)
+    assert set(out) == KEYS
+    B, T = 3, 5
+    assert out["g"].shape == out["h"].shape == out["cpc_targets"].shape == (B, T, 32)
+    assert out["mc_logits"].shape == out["ac_logits"].shape == out["dc_logits"].shape == (B, T, 5)
+    assert out["lp_logits"].shape == (B, T, 6)
+    assert out["cpc_context"].shape == (B, T, 16)
+    assert out["cpc_predictions"].shape == (B, T, 3, 32)
+    assert torch.equal(out["cpc_context"], out["h"][..., :16])
+    for b, m in enumerate(lengths.tolist()):
+        assert (out["g"][b, m:] == 0).all() and (out["h"][b, m:] == 0).all()
+        assert (out["g"][b, :m].abs().sum(-1) > 0).all()
+
+
+def test_full_size_defaults_build() -> None:
+    model = build_model(ModelConfig())
+    assert model.rnn.hidden_size == 256 and model.rnn.bidirectional
+    assert model.cls.in_features == 512 and model.cls.out_features == 5
+    assert model.cls2.out_features == 6 and len(model.cpc_predictors) == 8
+    assert model.cpc_predictors[0].in_features == 256 and model.cpc_predictors[0].out_features == 512
+    assert isinstance(model.backbone.proj, torch.nn.Identity)
+
+
+def test_config_and_input_validation() -> None:
+    with pytest.raises(ValueError, match="rnn_hidden"):
+        build_model(ModelConfig(feature_dim=64, rnn_hidden=16))
+    model = _model()
+    with pytest.raises(ValueError, match=r"\[B, T, C, H, W\]"):
+        model(torch.zeros(2, 3, 32, 32), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="lengths"):
+        model(_images(B=2), torch.tensor([6, 1]))
+
+
+def test_backbone_runs_once_over_valid_slices_and_pairs() -> None:
+    model = _model()
+    seen: list[int] = []
+    model.backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    transfer = TransferBatch(
+        pair_images=torch.randn(2, 2, 3, 32, 32),
+        slot=torch.tensor([[0, -1, -1, 1, -1], [-1, 1, -1, -1, -1], [-1, -1, -1, -1, -1]]),
+        pair_classes=torch.tensor([1, 4]),
+    )
+    model(_images(), torch.tensor([5, 2, 4]), transfer=transfer)
+    assert seen == [5 + 2 + 4 + 2 * 2]
+
+
+def test_diversity_transfer_adds_pair_difference_at_slots_only() -> None:
+    model = _model()
+    model.eval()  # BatchNorm running statistics: features do not depend on the batch's composition
+    images = _images()
+    lengths = torch.tensor([5, 2, 4])
+    pairs = torch.randn(2, 2, 3, 32, 32)
+    slot = torch.full((3, 5), -1)
+    slot[0, 1], slot[2, 3], slot[1, 0] = 0, 1, 1
+    slot[1, 4] = 0  # on padding: ignored
+    with torch.no_grad():
+        plain = model(images, lengths)
+        moved = model(images, lengths, transfer=TransferBatch(pairs, slot, torch.tensor([2, 3])))
+        f = model.backbone(pairs.flatten(0, 1)).view(2, 2, -1)
+    info = f[:, 1] - f[:, 0]
+    expected = plain["g"].clone()
+    expected[0, 1] += info[0]
+    expected[2, 3] += info[1]
+    expected[1, 0] += info[1]
+    assert torch.allclose(moved["g"], expected, atol=1e-5)
+    assert (moved["g"][1, 2:] == 0).all()
+    changed = (moved["g"] - plain["g"]).abs().sum(-1) > 1e-6
+    assert changed.nonzero().tolist() == [[0, 1], [1, 0], [2, 3]]
+    # AC and DC read the transferred g; an empty TransferBatch is the same as none.
+    assert torch.allclose(moved["ac_logits"], model.cls(moved["g"]), atol=1e-6)
+    empty = TransferBatch(
+        torch.zeros(0, 2, 3, 32, 32), torch.full((3, 5), -1), torch.zeros(0, dtype=torch.long)
+    )
+    with torch.no_grad():
+        assert torch.equal(model(images, lengths, transfer=empty)["g"], plain["g"])
+
+
+def test_masking_zeroes_gru_input_but_not_g() -> None:
+    model = _model(dropout=0.5)
+    model.eval()
+    captured: list[torch.Tensor] = []
+
+    def grab(module, args):
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(args[0], batch_first=True, total_length=5)
+        captured.append(padded)
+
+    model.rnn.register_forward_pre_hook(grab)
+    images = _images()
+    lengths = torch.tensor([5, 2, 4])
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 2] = mask[2, 0] = mask[2, 3] = True
+    with torch.no_grad():
+        plain = model(images, lengths)
+        masked = model(images, lengths, mask=mask)
+    rnn_in = captured[1]
+    assert (rnn_in[mask] == 0).all()
+    keep = ~mask & (torch.arange(5)[None] < lengths[:, None])
+    assert torch.allclose(rnn_in[keep], plain["g"][keep])
+    # g, AC and DC do not see the mask; the GRU does.
+    for k in ("g", "ac_logits", "dc_logits"):
+        assert torch.equal(masked[k], plain[k]), k
+    assert not torch.allclose(masked["h"], plain["h"])
+    assert torch.equal(masked["h"][1], plain["h"][1])  # series 1 had no masked slice
+
+
+def test_cpc_context_is_causal() -> None:
+    model = _model()
+    model.eval()
+    images = _images(B=2, T=6)
+    lengths = torch.tensor([6, 6])
+    changed = images.clone()
+    changed[:, 3:] = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(images, lengths), model(changed, lengths)
+    assert torch.allclose(a["cpc_context"][:, :3], b["cpc_context"][:, :3], atol=1e-6)
+    assert not torch.allclose(a["cpc_context"][:, 3:], b["cpc_context"][:, 3:])
+    assert not torch.allclose(a["h"][:, :3], b["h"][:, :3])  # the backward direction does see the future
+    head = model.cpc_predictors[1]
+    assert torch.allclose(a["cpc_predictions"][:, :, 1], head(a["cpc_context"]), atol=1e-5)
+
+
+def test_channels_last_gives_the_same_outputs() -> None:
+    model = _model()
+    model.eval()
+    images = _images()
+    lengths = torch.tensor([5, 2, 4])
+    with torch.no_grad():
+        ref = model(images, lengths)
+        cl_input = images.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # channels innermost
+        assert cl_input.stride(2) == 1
+        a = model(cl_input, lengths)
+        model.to(memory_format=torch.channels_last)
+        b = model(images, lengths)
+    assert model._wants_channels_last(images)
+    for out in (a, b):
+        assert torch.allclose(out["mc_logits"], ref["mc_logits"], atol=1e-4)
+
+
+def test_pretrained_weights_and_other_channel_counts(tmp_path) -> None:
+    torch.manual_seed(3)
+    resnet = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet.state_dict(), path)
+    model = build_model(_cfg(pretrained_weights=str(path), feature_dim=512, rnn_hidden=256))
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
+    assert torch.equal(model.backbone.conv1.weight, resnet.conv1.weight)
+    one = build_model(_cfg(pretrained_weights=str(path), in_channels=1, feature_dim=512, rnn_hidden=256))
+    assert torch.allclose(one.backbone.conv1.weight, resnet.conv1.weight.sum(1, keepdim=True))
+    five = build_model(_cfg(in_channels=5))
+    out = five(torch.randn(2, 3, 5, 32, 32), torch.tensor([3, 1]))
+    assert out["mc_logits"].shape == (2, 3, 5)
+    bad = tmp_path / "bad.pth"
+    torch.save({"weight": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="ResNet18"):
+        build_model(_cfg(pretrained_weights=str(bad)))
+
+
+def test_predict_proba_restores_mode_and_zeroes_padding() -> None:
+    model = _model()
+    model.train()
+    probs = model.predict_proba(_images(), torch.tensor([5, 2, 4]))
+    assert model.training
+    assert probs.shape == (3, 5, 5) and not probs.requires_grad
+    assert (probs[1, 2:] == 0).all() and ((probs[0] > 0) & (probs[0] < 1)).all()
+
+
+# ---------------------------------------------------------------- overfitting
+
+
+BLOBS = ((4, 4), (4, 20), (20, 4), (20, 20), (12, 12))  # top-left corner of each class's 8×8 blob
+
+
+def _synthetic_series(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n series of 4-8 slices; class c shows as a bright square at BLOBS[c]; labels persist across slices."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 9, size=n)
+    T = int(lengths.max())
+    images = rng.normal(0.0, 0.3, size=(n, T, 3, size, size)).astype(np.float32)
+    labels = np.zeros((n, T, 5), dtype=np.float32)
+    for b in range(n):
+        state = rng.random(5) < 0.3
+        for t in range(lengths[b]):
+            flip = rng.random(5) < 0.25
+            state = np.where(flip, ~state, state)
+            labels[b, t] = state
+            for c in np.flatnonzero(state):
+                y, x = BLOBS[c]
+                images[b, t, :, y : y + 8, x : x + 8] += 2.0
+    return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(lengths)
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_eight_series() -> None:
+    torch.manual_seed(0)
+    images, labels, lengths = _synthetic_series(8, 32, seed=0)
+    valid = torch.arange(images.size(1))[None] < lengths[:, None]
+    model = build_model(_cfg(feature_dim=64, rnn_hidden=32, cpc_steps=2))
+    loss_fn = MultitaskLoss({"mc": 1.0, "ac": 1.0, "lp": 0.2, "dc": 0.2, "cpc": 0.1})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    start = time.monotonic()
+    model.train()
+    for _ in range(80):
+        parts = loss_fn(model(images, lengths), labels, valid)
+        optimizer.zero_grad()
+        parts["loss"].backward()
+        optimizer.step()
+    probs = model.predict_proba(images, lengths)
+    y = labels[valid].numpy()
+    f2 = f2_score(y, binarize(probs[valid].numpy(), 0.5))
+    assert f2 > 0.95, (
+        f"micro-F2 {f2:.3f} after {time.monotonic() - start:.0f}s, loss {parts['loss'].item():.3f}"
+    )

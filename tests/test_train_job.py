@@ -1,0 +1,77 @@
+"""``ray_jobs/train.py`` on the session's Ray head: 2-worker DDP through all stages, retry, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ichmodel.engine import load_checkpoint, load_model
+
+pytestmark = pytest.mark.ray
+SCRIPT = "ray_jobs/train.py"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train(ray_head, shards: Path, storage: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    return ray_head.run(
+        [sys.executable, SCRIPT, "--data", str(shards), "--storage", str(storage), "--name", name,
+         "--epochs", "1,1,1", "--set", "data.val_fraction=0.25", *extra]
+    )
+
+
+def _summary(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])
+
+
+def test_two_worker_ddp_run_completes_all_stages(ray_head, demo_shards, tmp_path):
+    summary = _summary(_train(ray_head, demo_shards[0], tmp_path, "ddp", "--num-workers", "2"))
+    assert summary["finished"] is True
+    assert (summary["stage"], summary["global_epoch"]) == (2, 3)
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)  # plain, safe to load
+    assert [h["stage"] for h in ckpt["state"]["history"]] == [0.0, 1.0, 2.0]
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "stage", "epoch", "best_model", "config", "thresholds"}
+    model, cfg, _ = load_model(summary["checkpoint"])
+    assert cfg.train.max_epochs == (1, 1, 1)
+    probs = model.predict_proba(torch.rand(1, 3, 3, 32, 32), torch.tensor([3]))
+    assert probs.shape == (1, 3, 5) and bool(((probs >= 0) & (probs <= 1)).all())
+
+
+def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(ray_head, demo_shards, tmp_path):
+    summary = _summary(_train(ray_head, demo_shards[0], tmp_path, "flaky", "--num-workers", "1", "--fail-at-epoch", "2"))
+    assert (tmp_path / ".flaky.failed-once").exists(), "the injected failure did not happen"
+    assert summary["finished"] is True and (summary["stage"], summary["global_epoch"]) == (2, 3)
+    history = load_checkpoint(summary["checkpoint"])["state"]["history"]
+    # Resumed after epoch 2, not restarted: each global epoch appears once.
+    assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0]
+
+
+def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, demo_shards, tmp_path):
+    args = [sys.executable, SCRIPT, "--data", str(demo_shards[0]), "--storage", str(tmp_path), "--name", "again",
+            "--epochs", "2,1,1", "--num-workers", "1", "--set", "data.val_fraction=0.25"]
+    proc = subprocess.Popen(args, cwd=REPO_ROOT,
+                            env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt"))
+    assert done, "no checkpoint was written before the kill"
+    killed = load_checkpoint(done[0])
+    assert killed["global_epoch"] < 4
+
+    rerun = _train(ray_head, demo_shards[0], tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
+    summary = _summary(rerun)
+    assert summary["finished"] is True and summary["global_epoch"] == 4
+    history = load_checkpoint(summary["checkpoint"])["state"]["history"]
+    assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
+    # The epochs done before the kill are the killed run's own records (timings included), not a rerun.
+    assert history[: killed["global_epoch"]] == killed["state"]["history"]
