@@ -21,6 +21,10 @@ RSNA_SUBTYPES: dict[str, str] = {
 #: CT windows (level, width) in Hounsfield units used by top RSNA solutions: brain, subdural, bone.
 DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
 
+#: The window the DLCV course JPEGs look windowed with (brain: level 40, width 80); the synthetic DLCV
+#: data is written with it, and the manifest of DLCV shards records it.
+DLCV_WINDOW: tuple[float, float] = (40.0, 80.0)
+
 #: Course leaderboard header and the per-slice CSV header of the DLCV layout.
 DLCV_LABEL_HEADER: tuple[str, ...] = ("dirname", "ID", *CLASSES)
 LEADERBOARD_HEADER: tuple[str, ...] = ("ID", "prediction")

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,8 @@ def build_pool_images(dataset: SeriesDataset, pool_size: int, seed: int) -> Tran
     for i in sorted(chosen.tolist()):
         by_series.setdefault(pool[i].series_index, []).append(i)
     images, classes = [], []
-    for series_index, pair_ids in by_series.items():
-        series_images = dataset[series_index]["images"]  # [T, C, H, W] uint8
+    for series, pair_ids in by_series.items():
+        series_images = dataset[series]["images"]  # [T, C, H, W] uint8
         for i in pair_ids:
             pos = pool[i].position
             images.append(series_images[pos : pos + 2])
@@ -476,9 +477,7 @@ def fit(
                 train_metrics["train_slices_per_s"],
             )
             if on_epoch_end is not None:
-                on_epoch_end(
-                    metrics, lambda: checkpoint_dict(model, optimizer, scheduler, state, best_model, cfg)
-                )
+                on_epoch_end(metrics, partial(checkpoint_dict, model, optimizer, scheduler, state, best_model, cfg))
             if stage_done:
                 break
     if best_model is not None:

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ichmodel.constants import CLASSES, DEFAULT_WINDOWS, NUM_CLASSES
+from ichmodel.constants import CLASSES, DEFAULT_WINDOWS, DLCV_WINDOW, NUM_CLASSES
 from ichmodel.readers import (
     ReadResult,
     SeriesRecord,
@@ -48,8 +48,6 @@ SKIPPED_NAME = "skipped.csv"
 SHARD_PATTERN = "shard-{:05d}.parquet"
 #: Footer key holding a shard's fingerprint and its skip records (JSON).
 _META_KEY = b"ichmodel.shard"
-#: Window assumed for the DLCV JPEGs (they look brain-windowed); recorded in the manifest for that format.
-DLCV_WINDOW: tuple[float, float] = (40.0, 80.0)
 
 SHARD_SCHEMA = pa.schema(
     [

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ichmodel.constants import CLASSES, NUM_CLASSES, RSNA_SUBTYPES
+from ichmodel.constants import CLASSES, DLCV_WINDOW, NUM_CLASSES, RSNA_SUBTYPES
 
 if TYPE_CHECKING:
     from pydicom.dataset import FileDataset
@@ -51,8 +51,6 @@ RSNA_CSV_SUBTYPES: tuple[str, ...] = (
 #: Probability that a series holds a lesion of each class (tuned so slice rates resemble FACTS.md).
 LESION_SERIES_PROB: dict[str, float] = {"ich": 0.23, "ivh": 0.3, "sah": 0.2, "sdh": 0.37, "edh": 0.1}
 
-#: Window used to turn HU into the 8-bit DLCV JPEGs (brain window, level 40 / width 80).
-DLCV_WINDOW: tuple[float, float] = (40.0, 80.0)
 
 SLICE_THICKNESS_MM = 5.0
 FIELD_OF_VIEW_MM = 250.0

@@ -71,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial")
     parser.add_argument("--smoke-test", action="store_true", help="2 tiny trials on tiny demo data")
     parser.add_argument("--driver-resource", default=None, help="custom resource a trial driver needs (cluster head)")
+    parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -112,15 +113,25 @@ def check_space(space_fn, cfg: Config) -> None:
     cfg.with_overrides(params)  # raises ValueError naming an unknown field or a bad value
 
 
-def train_trial_fn(config: dict, base: dict, scaling: dict, storage: str, max_failures: int) -> None:
-    """One Tune trial: a staged TorchTrainer whose per-epoch reports reach Tune through the callback."""
+def train_trial_fn(
+    config: dict, base: dict, scaling: dict, storage: str, max_failures: int, fail_at_epoch: int | None = None
+) -> None:
+    """One Tune trial: a staged TorchTrainer whose per-epoch reports reach Tune through the callback.
+
+    ``fail_at_epoch`` (tests): every trial raises once after that epoch, with Train's own retries off, so
+    the error reaches Tune, whose retry resumes the trial from its Train checkpoint.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     overrides = {k: v for k, v in config.items() if "." in k}
+    loop_config = {"config": base, "overrides": overrides}
+    if fail_at_epoch is not None:
+        loop_config.update(fail_at_epoch=fail_at_epoch, fail_marker=f"{storage}/.failed-once-{trial_id}")
+        max_failures = 0
     trainer = build_trainer(
-        {"config": base, "overrides": overrides},
+        loop_config,
         name=f"train-{trial_id}",  # fixed: a retried or restored trial resumes from its Train checkpoint
         storage_path=storage,
         max_failures=max_failures,
@@ -144,7 +155,7 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
     }
     trainable = tune.with_parameters(
         train_trial_fn, base=cfg.to_dict(), scaling=scaling, storage=f"{storage}/{args.name}/train_runs",
-        max_failures=args.max_failures,
+        max_failures=args.max_failures, fail_at_epoch=args.fail_at_epoch,
     )
     # A trial's driver only waits on its TorchTrainer: give it no CPU so the workers get them all.
     driver = {"memory": 100 * 1024**2}

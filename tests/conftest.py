@@ -7,6 +7,7 @@ ports and its own temp dir, with token authentication set explicitly through ``R
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -85,10 +86,8 @@ def stop_processes_of(temp_dir: Path) -> None:
 
     for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
         for pid in matching():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.time() + wait
         while matching() and time.time() < deadline:
             time.sleep(0.2)

@@ -1,0 +1,88 @@
+"""The whole path on the embedded demo: synthetic head CT → preprocess → tune → ensemble → submission.
+
+    python ray_jobs/demo.py                 # what `make demo` runs: CPU, local Ray, a few minutes
+    python ray_jobs/demo.py --patients 60 --num-samples 8 --epochs 2,2,4 --size 96
+
+Every step is one of the real jobs (ray_jobs/preprocess.py, tune.py, ensemble.py) called with the
+arguments printed in the log, so a user can rerun any step alone. Re-running reuses the generated data and
+shards; the search starts fresh unless --resume is given.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+from ichmodel import synth  # noqa: E402
+from ray_jobs import ensemble, preprocess, tune  # noqa: E402
+from ray_jobs.common import REPO_ROOT, init_ray, setup_logging  # noqa: E402
+
+logger = logging.getLogger("ray_jobs.demo")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Run generate → preprocess → tune → ensemble on synthetic demo data.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"), help="where everything goes (default runs/demo)")
+    parser.add_argument("--patients", type=int, default=32, help="training series to generate (default 32)")
+    parser.add_argument("--test-patients", type=int, default=8, help="unlabelled test series (default 8)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument("--num-samples", type=int, default=4, help="trials of the search (default 4)")
+    parser.add_argument("--epochs", default="1,1,2", help="epoch caps of the three stages (default 1,1,2)")
+    parser.add_argument("--top-k", type=int, default=3, help="trials in the ensemble (default 3)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted demo search")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run_step(name: str, module, argv: list[str]) -> None:
+    logger.info("── %s: python ray_jobs/%s.py %s", name, module.__name__.rsplit(".", 1)[-1], " ".join(argv))
+    started = time.perf_counter()
+    code = module.main(module.get_args_parser().parse_args(argv))
+    if code != 0:
+        raise SystemExit(f"{name} failed with exit code {code}; see the log above")
+    logger.info("── %s done in %.0f s", name, time.perf_counter() - started)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging()
+    out = Path(args.out).resolve()
+    raw, shards, runs = out / "Blood_data", out / "shards", out / "runs"
+    started = time.perf_counter()
+    if not (raw / "train.csv").is_file():
+        logger.info("── generate: %d + %d synthetic series at %d px in %s", args.patients, args.test_patients, args.size, raw)
+        synth.write_dlcv_dataset(raw, args.patients, (12, 24), args.size, args.seed, args.test_patients)
+    init_ray()
+    run_step("preprocess train", preprocess, ["--format", "dlcv", "--input", str(raw / "train"), "--labels",
+                                              str(raw / "train.csv"), "--out", str(shards / "train"), "--size", str(args.size)])
+    run_step("preprocess test", preprocess, ["--format", "dlcv", "--input", str(raw / "test"),
+                                             "--out", str(shards / "test"), "--size", str(args.size)])
+    if not args.resume and (runs / "search").exists():
+        shutil.rmtree(runs / "search")
+    tune_argv = ["--data", str(shards / "train"), "--storage", str(runs), "--name", "search", "--epochs", args.epochs,
+                 "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--set", "data.val_fraction=0.2"]
+    run_step("tune", tune, tune_argv + (["--resume"] if args.resume else []))
+    submission = out / "submission"
+    run_step("ensemble", ensemble, ["--experiment", str(runs / "search"), "--top-k", str(args.top_k),
+                                    "--test", str(shards / "test"), "--out", str(submission)])
+    minutes = (time.perf_counter() - started) / 60
+    print(f"\nDemo finished in {minutes:.1f} min.")
+    print(f"  trials table:     {runs / 'search' / 'trials.csv'}")
+    print(f"  submission files: {submission}")
+    print(f"  report:           {submission / 'report' / 'index.html'}")
+    print(f"  TensorBoard:      tensorboard --logdir {runs / 'search'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
