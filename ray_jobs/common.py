@@ -70,6 +70,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     from ichmodel.engine import fit, load_checkpoint, save_checkpoint
 
     setup_logging()
+    quiet_train_worker_logs()
     cfg = Config.from_dict(loop_config["config"]).with_overrides(loop_config.get("overrides") or {})
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -90,7 +91,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
     node_id = ray.get_runtime_context().get_node_id()
 
     def on_epoch_end(metrics: dict, make_checkpoint) -> None:
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, int | float | bool)}
+        first = ("global_epoch", "stage", "val_f2", "model_f2", "val_loss", "train_loss", "lr")  # Tune's table columns
+        metrics = {k: metrics[k] for k in first if k in metrics} | {
+            k: v for k, v in metrics.items() if isinstance(v, int | float | bool) and k not in first
+        }
         metrics["node_id"] = node_id  # where rank 0 ran: shows trial placement on a cluster
         if rank == 0:
             with tempfile.TemporaryDirectory() as folder:
@@ -104,6 +108,16 @@ def train_fn_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"injected failure after global epoch {fail_at} (test hook)")
 
     fit(cfg, train_set, val_set, device, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def quiet_train_worker_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO; our own per-epoch line says the same, once."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # a Ray without Train V2's internals: keep its logs
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
 
 
 def build_trainer(

@@ -188,6 +188,7 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
         ),
         run_config=tune.RunConfig(
             name=args.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            verbose=2 if args.verbose else 1,  # 1: the trial status table; 2: every epoch's full result too
         ),
     )
 
