@@ -18,9 +18,19 @@ from ichmodel.config import (
 from ichmodel.constants import CLASSES, NUM_CLASSES
 from ichmodel.dataset import SeriesDataset, collate_series, split_series
 from ichmodel.engine import evaluate, fit, load_checkpoint, load_model, stage_plan, train_one_epoch
+from ichmodel.ensemble import (
+    EnsembleSpec,
+    SubmissionError,
+    average_predictions,
+    choose_thresholds,
+    score_predictions,
+    select_trials,
+    validate_submission,
+)
 from ichmodel.losses import MultitaskLoss, asymmetric_loss, build_loss, info_nce_loss
 from ichmodel.metrics import f2_score, per_class_f2, rsna_weighted_log_loss, search_thresholds
 from ichmodel.model import ICHModel, build_model
+from ichmodel.predict import predict_dataset, series_probs, summarize_series
 from ichmodel.strategies import (
     PoolPair,
     StrategyPlan,
@@ -37,6 +47,7 @@ __all__ = [
     "AugmentConfig",
     "Config",
     "DataConfig",
+    "EnsembleSpec",
     "ICHModel",
     "LossConfig",
     "ModelConfig",
@@ -45,12 +56,15 @@ __all__ = [
     "SeriesDataset",
     "StrategyConfig",
     "StrategyPlan",
+    "SubmissionError",
     "TrainConfig",
     "TransferBatch",
     "asymmetric_loss",
+    "average_predictions",
     "build_loss",
     "build_model",
     "build_transfer_pool",
+    "choose_thresholds",
     "collate_series",
     "evaluate",
     "f2_score",
@@ -61,10 +75,16 @@ __all__ = [
     "make_transfer_batch",
     "per_class_f2",
     "plan_strategies",
+    "predict_dataset",
     "rsna_weighted_log_loss",
+    "score_predictions",
     "search_thresholds",
+    "select_trials",
+    "series_probs",
     "split_series",
     "stage_plan",
+    "summarize_series",
     "train_one_epoch",
     "transfer_labels",
+    "validate_submission",
 ]

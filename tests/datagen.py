@@ -1,12 +1,17 @@
-"""Small generated inputs, good and bad, for the reader / preprocessing / dataset tests."""
+"""Small generated inputs, good and bad, for the tests: datasets on disk, shard subsets, real checkpoints."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ichmodel import synth
+from ichmodel.config import Config
+from ichmodel.dataset import SeriesDataset, split_series
+from ichmodel.engine import TrainState, checkpoint_dict, fit, save_checkpoint
+from ichmodel.model import build_model
 
 SIZE = 32  # pixels: tests stay tiny
 
@@ -94,3 +99,39 @@ def test_hu(seed: int = 0) -> np.ndarray:
 
 
 test_hu.__test__ = False  # not a pytest test
+
+
+def write_checkpoint(path: Path, shards: Path, seed: int = 0, train: bool = False) -> Path:
+    """A real checkpoint for ``shards`` (validation fraction 0.25): one trained epoch, or a fresh model."""
+    cfg = Config().with_overrides(
+        {
+            "data.shards": str(shards),
+            "data.val_fraction": 0.25,
+            "train.max_epochs": [1, 0, 0],
+            "train.seed": seed,
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if train:
+        train_ids, val_ids = split_series(shards, 0.25, 0)
+        saved: list[dict] = []
+        fit(
+            cfg,
+            SeriesDataset(shards, train_ids),
+            SeriesDataset(shards, val_ids),
+            torch.device("cpu"),
+            on_epoch_end=lambda metrics, make: saved.append(make()),
+        )
+        save_checkpoint(saved[-1], path)
+    else:
+        torch.manual_seed(seed)
+        model = build_model(cfg.model)
+        save_checkpoint(checkpoint_dict(model, None, None, TrainState(), None, cfg), path)
+    return path
+
+
+def small_dataset(shards: Path, num_series: int = 2) -> SeriesDataset:
+    """The shortest series of a shard folder (keeps the CPU work of a test small)."""
+    full = SeriesDataset(shards)
+    order = sorted(range(len(full)), key=full.num_slices)
+    return SeriesDataset(shards, [full.series_ids[i] for i in order[:num_series]])

@@ -1,0 +1,223 @@
+"""Per-slice MC probabilities of one or more models over every series of a shard folder.
+
+A prediction table (a pandas DataFrame, one row per slice, sorted by ``series_id`` then ``position``) has
+the columns ``series_id, position, slice_id`` and one probability column per class in
+:data:`ichmodel.constants.CLASSES` order; when the shards carry labels, ``label_<cls>`` columns (0/1) follow.
+This table is what ``ichmodel.ensemble`` averages, thresholds and writes as submission files.
+
+Models run in eval mode on whole series (batches of ``batch_size`` series, padded), with bf16 autocast only
+on CUDA. Test-time augmentation (``tta=True``) also runs each series with its slice order reversed, reverses
+the outputs back and averages the two, as the RSNA 2019 winners did with their bi-directional RNNs. Several
+models are averaged by the mean of their probabilities; each batch of images is read and prepared once for
+all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ichmodel.augment import normalize
+from ichmodel.constants import CLASSES, NUM_CLASSES
+from ichmodel.dataset import SeriesDataset
+from ichmodel.engine import epoch_batches, make_loader, prepare_images
+
+logger = logging.getLogger(__name__)
+
+KEY_COLUMNS: tuple[str, ...] = ("series_id", "position", "slice_id")
+PROB_COLUMNS: tuple[str, ...] = CLASSES
+LABEL_COLUMNS: tuple[str, ...] = tuple(f"label_{c}" for c in CLASSES)
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse the valid part of every sequence of a padded batch; padding stays where it is.
+
+    Args:
+        x: ``[B, T, ...]``.
+        lengths: ``[B]`` valid lengths, each in ``[0, T]``.
+
+    Returns:
+        ``[B, T, ...]`` with ``out[b, t] = x[b, lengths[b] - 1 - t]`` for ``t < lengths[b]``, else ``x[b, t]``.
+        Applying it twice gives ``x`` back.
+
+    Raises:
+        ValueError: when ``lengths`` is not ``[B]`` or a length is outside ``[0, T]``.
+    """
+    B, T = x.shape[:2]  # batch, slices
+    lengths = lengths.to(device=x.device, dtype=torch.long)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be [B]={B}. Got shape {tuple(lengths.shape)}")
+    if bool((lengths < 0).any()) or bool((lengths > T).any()):
+        raise ValueError(f"lengths must be in [0, {T}]. Got {lengths.tolist()}")
+    t = torch.arange(T, device=x.device)[None, :]  # [1, T]
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
+    index = index.view(B, T, *([1] * (x.dim() - 2))).expand_as(x)
+    return torch.gather(x, 1, index)
+
+
+@torch.no_grad()
+def series_probs(
+    model: nn.Module, images: torch.Tensor, lengths: torch.Tensor, tta: bool = False, amp_bf16: bool = True
+) -> torch.Tensor:
+    """MC probabilities ``sigmoid(mc_logits)`` of one model on one normalised, padded batch.
+
+    Args:
+        model: an :class:`ichmodel.model.ICHModel` (put in eval mode by the caller).
+        images: float ``[B, T, C, H, W]``, already normalised.
+        lengths: ``[B]`` valid slices per series.
+        tta: also predict the reversed sequences, reverse back, and average the two.
+        amp_bf16: bf16 autocast when ``images`` is on CUDA (ignored on CPU).
+
+    Returns:
+        float32 ``[B, T, 5]`` on the device of ``images``; values at padding are meaningless.
+    """
+    use_amp = images.device.type == "cuda" and amp_bf16
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        probs = torch.sigmoid(model(images, lengths)["mc_logits"].float())  # [B, T, 5]
+        if tta:
+            flipped = model(reverse_padded(images, lengths), lengths)["mc_logits"].float()
+            probs = 0.5 * (probs + reverse_padded(torch.sigmoid(flipped), lengths))
+    return probs
+
+
+@torch.no_grad()
+def predict_dataset(
+    models: nn.Module | Sequence[nn.Module],
+    dataset: SeriesDataset,
+    *,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+    amp_bf16: bool = True,
+    num_workers: int = 0,
+) -> pd.DataFrame:
+    """Predict every slice of every series of ``dataset``, averaging ``models`` (mean of probabilities).
+
+    Args:
+        models: one model or several; they are moved to ``device`` and put in eval mode.
+        dataset: the series to predict (whole series: its ``max_slices`` must be 0).
+        batch_size: series per forward pass.
+        device: where the models run.
+        tta: forward + reversed-sequence test-time augmentation (see :func:`series_probs`).
+        amp_bf16: bf16 autocast on CUDA.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        DataFrame with ``N`` rows (one per slice of the dataset): ``series_id`` (str), ``position`` (int),
+        ``slice_id`` (str), the five class probabilities (float32 in [0, 1]) and, when the shards have labels,
+        ``label_<cls>`` (int8 0/1). Sorted by ``series_id`` then ``position``.
+
+    Raises:
+        ValueError: for no models, ``batch_size < 1`` or a dataset that crops series (``max_slices > 0``).
+    """
+    model_list = [models] if isinstance(models, nn.Module) else list(models)
+    if not model_list:
+        raise ValueError("predict_dataset needs at least one model. Got 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1. Got {batch_size}")
+    if dataset.max_slices:
+        raise ValueError(
+            f"Prediction needs whole series; the dataset crops to max_slices={dataset.max_slices}"
+        )
+    device = torch.device(device)
+    for model in model_list:
+        model.to(device).eval()
+    has_labels = bool(dataset.manifest.get("has_labels"))
+    batches = epoch_batches(len(dataset), batch_size, seed=0, rank=0, world=1, shuffle=False)
+    columns: dict[str, list] = {"series_id": [], "position": [], "slice_id": []}
+    probs_out: list[np.ndarray] = []
+    labels_out: list[np.ndarray] = []
+    for batch in make_loader(dataset, batches, num_workers):
+        images = normalize(prepare_images(batch, device))  # [B, T, C, H, W]
+        lengths = batch["lengths"].to(device)
+        total = torch.zeros(images.shape[:2] + (NUM_CLASSES,), device=device)  # [B, T, 5]
+        for model in model_list:
+            total += series_probs(model, images, lengths, tta=tta, amp_bf16=amp_bf16)
+        probs = (total / len(model_list)).cpu()
+        for b, length in enumerate(batch["lengths"].tolist()):
+            columns["series_id"].extend([batch["series_ids"][b]] * length)
+            columns["position"].extend(range(length))
+            columns["slice_id"].extend(batch["slice_ids"][b])
+            probs_out.append(probs[b, :length].numpy())
+            labels_out.append(batch["labels"][b, :length].numpy())
+    frame = pd.DataFrame(
+        {
+            "series_id": pd.Series(columns["series_id"], dtype=object),
+            "position": np.asarray(columns["position"], dtype=np.int64),
+            "slice_id": pd.Series(columns["slice_id"], dtype=object),
+        }
+    )
+    probs_all = (
+        np.concatenate(probs_out).astype(np.float32) if probs_out else np.zeros((0, NUM_CLASSES), np.float32)
+    )
+    for c, name in enumerate(PROB_COLUMNS):
+        frame[name] = probs_all[:, c]
+    if has_labels:
+        labels_all = np.concatenate(labels_out) if labels_out else np.zeros((0, NUM_CLASSES), np.float32)
+        for c, name in enumerate(LABEL_COLUMNS):
+            frame[name] = (labels_all[:, c] > 0.5).astype(np.int8)
+    frame = frame.sort_values(["series_id", "position"], kind="stable").reset_index(drop=True)
+    logger.info(
+        "predicted %d slices of %d series with %d model(s)%s",
+        len(frame),
+        len(dataset),
+        len(model_list),
+        " + reversed-sequence TTA" if tta else "",
+    )
+    return frame
+
+
+def prediction_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(probs [N, 5] float, labels [N, 5] int8 or None)`` from a prediction table.
+
+    Raises:
+        KeyError: naming the class columns that are missing.
+    """
+    missing = [c for c in PROB_COLUMNS if c not in frame.columns]
+    if missing:
+        raise KeyError(f"Prediction table lacks probability columns {missing}; has {list(frame.columns)}")
+    probs = frame[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+    labels = None
+    if all(c in frame.columns for c in LABEL_COLUMNS):
+        labels = frame[list(LABEL_COLUMNS)].to_numpy(dtype=np.int8)
+    return probs, labels
+
+
+def summarize_series(frame: pd.DataFrame, thresholds: Sequence[float] | np.ndarray) -> pd.DataFrame:
+    """Per-series summary of a prediction table, for new-study inference.
+
+    Args:
+        frame: prediction table (see :func:`predict_dataset`).
+        thresholds: ``[5]`` per-class decision thresholds (positive = ``prob >= threshold``).
+
+    Returns:
+        One row per series (sorted by id): ``series_id``, ``num_slices``, ``max_<cls>`` (highest slice
+        probability), ``positive_<cls>`` (slices at or above the class threshold) and ``positive_any``
+        (slices positive for at least one class).
+
+    Raises:
+        ValueError: when ``thresholds`` does not hold 5 values.
+    """
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if thresholds.shape != (NUM_CLASSES,):
+        raise ValueError(f"thresholds must hold {NUM_CLASSES} values. Got shape {thresholds.shape}")
+    probs, _ = prediction_arrays(frame)
+    positive = probs >= thresholds  # [N, 5]
+    work = pd.DataFrame({"series_id": frame["series_id"].to_numpy()})
+    for c, name in enumerate(CLASSES):
+        work[f"max_{name}"] = probs[:, c]
+        work[f"positive_{name}"] = positive[:, c].astype(np.int64)
+    work["positive_any"] = positive.any(axis=1).astype(np.int64)
+    grouped = work.groupby("series_id", sort=True)
+    summary = grouped.agg(
+        num_slices=("positive_any", "size"),
+        **{f"max_{c}": (f"max_{c}", "max") for c in CLASSES},
+        **{f"positive_{c}": (f"positive_{c}", "sum") for c in CLASSES},
+        positive_any=("positive_any", "sum"),
+    )
+    return summary.reset_index()

@@ -1,0 +1,271 @@
+"""Ensemble the best trials of a search and write the submission files, a report and ensemble.json.
+
+Examples (from the repository root):
+
+    python ray_jobs/ensemble.py --experiment runs/search --top-k 3 --test shards/test --out runs/submission
+    python ray_jobs/ensemble.py --experiment runs/search --top-k 5 --test shards/test --out sub --tta --gpus-per-model 1
+    ray job submit --working-dir . -- python ray_jobs/ensemble.py --experiment /shared/runs/search ...
+
+Reads EXPERIMENT/trials.csv (written by ray_jobs/tune.py), keeps the K best trials that finished and have a
+checkpoint, and predicts the validation series (the same split as training, from the checkpoint's config)
+and the --test shards with one Ray task per model (--gpus-per-model GPUs each; bf16 on GPU). Probabilities
+are averaged over models; per-class thresholds are tuned on the averaged validation predictions (each
+single model's printed F2 uses its own thresholds tuned on the same validation series).
+
+Writes into --out: submission.csv (course leaderboard ID,prediction; DLCV input), test_per_slice.csv
+(dirname,ID,ich,...,edh 0/1), submission_rsna.csv (Kaggle ID,Label; RSNA input), test_probs.parquet,
+the same files for validation (val_*), ensemble.json (models, thresholds, image size and windows; read by
+ray_jobs/predict.py) and report/index.html. Every CSV is checked against the shards before it is renamed
+into place. --test may be left out when the training shards have a sibling test/ folder (the demo's layout).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ichmodel import ensemble as E  # noqa: E402
+from ichmodel.config import Config  # noqa: E402
+from ichmodel.constants import CLASSES  # noqa: E402
+from ichmodel.dataset import split_series  # noqa: E402
+from ichmodel.engine import load_checkpoint  # noqa: E402
+from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
+from ichmodel.predict import prediction_arrays  # noqa: E402
+from ichmodel.preprocess import load_manifest  # noqa: E402
+from ichmodel.report import ModelScore, make_report  # noqa: E402
+from ray_jobs.common import fetch, init_ray, is_uri, setup_logging  # noqa: E402
+
+logger = logging.getLogger("ray_jobs.ensemble")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Average the K best trials of a search, tune thresholds on validation, write submissions.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--experiment",
+        required=True,
+        help="folder or storage URI (s3://...) of a search (holds trials.csv, optuna.db); a URI's trials "
+        "table and chosen checkpoints are downloaded into OUT/experiment",
+    )
+    parser.add_argument("--top-k", type=int, default=3, help="number of best trials to average (default 3)")
+    parser.add_argument(
+        "--test", default=None, help="test shards (default: the sibling test/ of the training shards)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder for the submission files, ensemble.json and report/"
+    )
+    parser.add_argument("--tta", action="store_true", help="also predict reversed slice order and average")
+    parser.add_argument(
+        "--gpus-per-model", type=float, default=0.0, help="GPUs per prediction task (default 0: CPU)"
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
+    """Download a search kept on storage (``s3://...``) into ``cache``: trials.csv, optuna.db if present,
+    and the checkpoints of the ``top_k`` best usable trials (the next best where one is missing).
+
+    Returns the local experiment folder, whose trials.csv points at the local checkpoints.
+
+    Raises:
+        FileNotFoundError: when the URI holds no trials.csv.
+    """
+    uri = uri.rstrip("/")
+    if not fetch(f"{uri}/trials.csv", cache / "trials.csv"):
+        raise FileNotFoundError(f"No trials table at {uri}/trials.csv; run ray_jobs/tune.py first")
+    fetch(f"{uri}/optuna.db", cache / "optuna.db")
+    table = pd.read_csv(cache / "trials.csv", dtype={"trial_id": str, "checkpoint": str, "status": str})
+    keep = []  # rows of the local table: the fetched trials, and the ones tried that could not be
+    for i in table.sort_values("best_f2", ascending=False, na_position="last").index:
+        source = table.at[i, "checkpoint"]
+        if sum(Path(str(table.at[j, "checkpoint"])).is_file() for j in keep) == top_k:
+            break
+        if table.at[i, "status"] == "ERROR" or not isinstance(source, str) or not is_uri(source):
+            continue  # select_trials would skip it too
+        local = cache / "checkpoints" / str(table.at[i, "trial_id"]) / source.rsplit("/", 1)[-1]
+        logger.info("downloading %s", source)
+        if local.is_file() or fetch(source, local):
+            table.at[i, "checkpoint"] = str(local.resolve())
+        keep.append(i)  # a missing one keeps its URI, which select_trials reports as missing
+    table.loc[keep].to_csv(cache / "trials.csv", index=False)
+    return cache
+
+
+def predict_fn(
+    checkpoint: str,
+    shard_dirs: list[str],
+    series: list[list[str] | None],
+    tta: bool,
+    batch_size: int,
+    use_gpu: bool,
+):
+    """Ray task body: one model's prediction tables for each shard folder (``series[i]``: ids or all)."""
+    import torch
+
+    from ichmodel.dataset import SeriesDataset
+    from ichmodel.engine import load_model
+    from ichmodel.predict import predict_dataset
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    model, cfg, _ = load_model(checkpoint, device)
+    return [
+        predict_dataset(
+            model,
+            SeriesDataset(d, ids),
+            batch_size=batch_size,
+            device=device,
+            tta=tta,
+            amp_bf16=cfg.train.amp_bf16,
+        )
+        for d, ids in zip(shard_dirs, series, strict=True)
+    ]
+
+
+def resolve_data(checkpoints: list[str], test: str | None) -> tuple[Config, str, list[str]]:
+    """``(config of the best model, test shard dir, validation series ids)``.
+
+    Raises:
+        ValueError: when the models were trained on different shards or splits, or no test folder is found.
+    """
+    configs = [Config.from_dict(load_checkpoint(p)["config"]) for p in checkpoints]
+    data = {(c.data.shards, c.data.val_fraction, c.data.split_seed) for c in configs}
+    if len(data) != 1:
+        raise ValueError(f"The chosen models were trained on different shards or splits: {sorted(data)}")
+    cfg = configs[0]
+    if test is None:
+        sibling = Path(cfg.data.shards).parent / "test"
+        if not (sibling / "manifest.json").is_file():
+            raise ValueError(
+                f"--test is required: the training shards {cfg.data.shards} have no sibling test/ folder"
+            )
+        test = str(sibling)
+        logger.info("test shards: %s (beside the training shards)", test)
+    _, val_ids = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
+    return cfg, test, val_ids
+
+
+def write_outputs(
+    out: Path, val, test, thresholds: np.ndarray, train_format: str, test_shards: str
+) -> list[Path]:
+    """Validation and test files (see the module docstring); each CSV checked against its shards."""
+    test_format = load_manifest(test_shards)["format"]
+    expected = E.expected_slices(test_shards)
+    written = [
+        E.write_probabilities(val, out / "val_probs.parquet"),
+        E.write_per_slice_csv(val, thresholds, out / "val_per_slice.csv"),
+        E.write_probabilities(test, out / "test_probs.parquet"),
+        E.write_per_slice_csv(test, thresholds, out / "test_per_slice.csv", expected),
+    ]
+    if train_format == "dlcv":
+        written.append(E.write_leaderboard_csv(val, thresholds, out / "val_leaderboard.csv"))
+    if test_format == "dlcv":
+        written.append(E.write_leaderboard_csv(test, thresholds, out / "submission.csv", expected))
+    if test_format == "rsna":
+        written.append(E.write_rsna_csv(test, out / "submission_rsna.csv", expected))
+    return written
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    out = Path(args.out)
+    try:
+        if is_uri(args.experiment):
+            experiment = fetch_experiment(args.experiment, out / "experiment", args.top_k)
+        else:
+            experiment = Path(args.experiment)
+        chosen = E.select_trials(experiment / "trials.csv", args.top_k)
+        checkpoints = chosen["checkpoint"].tolist()
+        cfg, test_shards, val_ids = resolve_data(checkpoints, args.test)
+        train_manifest = load_manifest(cfg.data.shards)
+        load_manifest(test_shards)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    ray = init_ray()
+    task = ray.remote(num_cpus=1, num_gpus=args.gpus_per_model)(predict_fn)
+    refs = [
+        task.remote(
+            p,
+            [cfg.data.shards, test_shards],
+            [val_ids, None],
+            args.tta,
+            args.batch_size,
+            args.gpus_per_model > 0,
+        )
+        for p in checkpoints
+    ]
+    logger.info("predicting %d validation series and %s with %d models", len(val_ids), test_shards, len(refs))
+    try:
+        results = ray.get(refs)  # [(val table, test table)] per model
+    except ray.exceptions.RayTaskError as exc:
+        logger.error("a prediction task failed: %s", exc)
+        return 1
+    val = E.average_predictions([r[0] for r in results])
+    test = E.average_predictions([r[1] for r in results])
+    thresholds = E.choose_thresholds(val)
+    scores = []
+    for trial_id, (single_val, _) in zip(chosen["trial_id"], results, strict=True):
+        s = E.score_predictions(single_val, E.choose_thresholds(single_val))
+        scores.append(ModelScore(f"trial {trial_id}", s["micro_f2"], s["per_class"]))
+    ens = E.score_predictions(val, thresholds)
+    scores.append(
+        ModelScore(f"ensemble of {len(checkpoints)}", ens["micro_f2"], ens["per_class"], thresholds.tolist())
+    )
+    try:
+        written = write_outputs(out, val, test, thresholds, train_manifest["format"], test_shards)
+    except E.SubmissionError as exc:
+        logger.error("submission check failed, nothing written under that name: %s", exc)
+        return 1
+    spec = E.EnsembleSpec(
+        models=checkpoints,
+        thresholds=thresholds.tolist(),
+        size=int(train_manifest["size"]),
+        windows=train_manifest["windows"],
+        format=train_manifest["format"],
+        tta=args.tta,
+        val_f2=ens["micro_f2"],
+        single_f2=[s.micro_f2 for s in scores[:-1]],
+        trial_ids=chosen["trial_id"].tolist(),
+    )
+    written.append(spec.save(out))
+    probs, y_true = prediction_arrays(val)
+    log_loss = rsna_weighted_log_loss(y_true, probs)
+    report = make_report(
+        out / "report",
+        scores,
+        probs=probs,
+        y_true=y_true,
+        thresholds=thresholds,
+        optuna_db=experiment / "optuna.db",
+        title=f"Ensemble of {args.experiment.rstrip('/').rsplit('/', 1)[-1]}",
+    )
+
+    print(f"\n{'model':<28}{'val micro-F2':>14}")
+    for s in scores[:-1]:
+        print(f"{s.name:<28}{s.micro_f2:>14.6f}")
+    print(f"{'single best':<28}{max(s.micro_f2 for s in scores[:-1]):>14.6f}")
+    print(f"ensemble validation micro-F2: {ens['micro_f2']:.6f}")
+    print(f"ensemble validation RSNA weighted log loss: {log_loss:.4f}")
+    print("thresholds: " + ", ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, thresholds, strict=True)))
+    print("files:")
+    for path in written:
+        print(f"  {path}")
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
