@@ -2,7 +2,8 @@
 
 The head is started with ``ray start --head`` (dashboard included, so ``ray job submit`` works), on free
 ports and its own temp dir, with token authentication set explicitly through ``RAY_AUTH_MODE`` /
-``RAY_AUTH_TOKEN`` (nothing is written to ``~/.ray``). At the end only this head's processes are stopped.
+``RAY_AUTH_TOKEN`` (nothing is written to ``~/.ray``). At the end only this head's processes are stopped
+(``stop_cluster``: those naming its temp dir or carrying its marker in their environment).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,14 +55,26 @@ def auth_env() -> dict[str, str]:
     return env
 
 
-def start_head(env: dict[str, str], temp_dir: Path, num_cpus: int = 2, resources: str | None = None) -> RayHead:
+def start_head(
+    env: dict[str, str], temp_dir: Path, num_cpus: int = 2, resources: str | None = None
+) -> RayHead:
     port, dash = free_port(), free_port()
     cmd = [
-        f"{VENV_BIN}/ray", "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"{VENV_BIN}/ray",
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
     ]
     if resources:
         cmd.append(f"--resources={resources}")
@@ -69,37 +83,55 @@ def start_head(env: dict[str, str], temp_dir: Path, num_cpus: int = 2, resources
     return RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir, head_env)
 
 
-def stop_processes_of(temp_dir: Path) -> None:
-    """SIGTERM, then SIGKILL, the processes whose command line names ``temp_dir`` (one cluster's)."""
-    def matching() -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(temp_dir) in cmdline:
-                pids.append(int(proc.name))
-        return pids
+CLUSTER_MARKER = "ICH_TEST_CLUSTER"  # set in the environment of every process of a test cluster
 
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
-        for pid in matching():
+
+def cluster_pids(temp_dir: Path) -> list[int]:
+    """Processes of one test cluster: its temp dir on their command line or its marker in their environment.
+
+    The marker matters: Ray's agents rename themselves and would outlive their raylet otherwise.
+    """
+    in_cmdline, in_environ = (str(temp_dir) + "/").encode(), f"{CLUSTER_MARKER}={temp_dir}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if in_cmdline in cmdline or in_environ in environ.split(b"\0"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_cluster(temp_dir: Path) -> None:
+    """SIGTERM, then SIGKILL, every process of one test cluster; raise if one survives."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 3.0)):
+        for pid in cluster_pids(temp_dir):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + wait
-        while matching() and time.time() < deadline:
+        while cluster_pids(temp_dir) and time.time() < deadline:
             time.sleep(0.2)
+    left = cluster_pids(temp_dir)
+    if left:
+        raise RuntimeError(f"processes of the test cluster in {temp_dir} still running: {left}")
 
 
 @pytest.fixture(scope="session")
 def ray_head() -> RayHead:
     """The session's one local Ray head (2 CPUs, dashboard on a free port)."""
     temp_dir = Path(f"/tmp/ich_ray_{os.getpid()}")
-    head = start_head(auth_env(), temp_dir)
-    yield head
-    stop_processes_of(temp_dir)
+    env = auth_env()
+    env[CLUSTER_MARKER] = str(temp_dir)
+    try:
+        yield start_head(env, temp_dir)
+    finally:
+        try:
+            stop_cluster(temp_dir)
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
