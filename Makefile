@@ -25,6 +25,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ichmodel ray_jobs search_spaces tests bench
+	$(VENV)/bin/ruff format --check ichmodel ray_jobs search_spaces tests bench
 
 clean:
 	rm -rf runs demo_output .pytest_cache

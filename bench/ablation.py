@@ -39,8 +39,12 @@ def variants(epochs: tuple[int, int, int]) -> dict[str, dict]:
         "no_strategies": {"train.max_epochs": list(epochs), "strategy.p1": 0.0, "strategy.p2": 0.0},
         "mc_only": {
             "train.max_epochs": [0, 0, total],
-            "loss.beta": 0.0, "loss.gamma": 0.0, "loss.mu": 0.0, "loss.nu": 0.0,
-            "strategy.p1": 0.0, "strategy.p2": 0.0,
+            "loss.beta": 0.0,
+            "loss.gamma": 0.0,
+            "loss.mu": 0.0,
+            "loss.nu": 0.0,
+            "strategy.p1": 0.0,
+            "strategy.p2": 0.0,
         },
     }
 
@@ -54,7 +58,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     epochs = tuple(int(e) for e in args.epochs.split(","))
-    shards, _ = ensure_demo_data(REPO_ROOT / "runs" / f"ablation_{args.patients}_{args.size}", args.patients, 2, args.size)
+    shards, _ = ensure_demo_data(
+        REPO_ROOT / "runs" / f"ablation_{args.patients}_{args.size}", args.patients, 2, args.size
+    )
     base = Config().with_overrides({"data.shards": str(shards), "data.val_fraction": 0.25})
     train_ids, val_ids = split_series(shards, 0.25, 0)
     results: dict[str, list[float]] = {}
@@ -62,11 +68,17 @@ def main() -> int:
         for seed in args.seeds:
             cfg = base.with_overrides({**overrides, "train.seed": seed})
             started = time.perf_counter()
-            _, state = fit(cfg, SeriesDataset(shards, train_ids, seed=seed), SeriesDataset(shards, val_ids),
-                           torch.device("cpu"))
+            _, state = fit(
+                cfg,
+                SeriesDataset(shards, train_ids, seed=seed),
+                SeriesDataset(shards, val_ids),
+                torch.device("cpu"),
+            )
             results.setdefault(name, []).append(state.best_f2)
-            print(f"{name:14s} seed {seed}: val micro-F2 {state.best_f2:.4f} ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            print(
+                f"{name:14s} seed {seed}: val micro-F2 {state.best_f2:.4f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     print(f"\n| variant | epochs | val micro-F2 (mean over seeds {args.seeds}) | per seed |")
     print("| --- | --- | --- | --- |")
     for name, scores in results.items():

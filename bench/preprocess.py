@@ -8,7 +8,8 @@ Prints slices/s of
     Parquet write), the work of one Ray task;
   * header scan: the reader's grouping pass (``read_rsna``), which runs once before the shards;
 and the ratio preprocess / bare decode (goal >= 0.7). Files are read once beforehand so both run from the
-page cache; each figure is the best of ``--repeats`` rounds, which run the three in turn.
+page cache; each figure is the best of ``--repeats`` rounds, which run the three in turn. The last line is
+``RESULT {json}`` for ``bench/run_all.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -92,6 +94,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"preprocess (read+HU+resize+windows+parquet): {full_rate:8.0f} slices/s")
         print(f"header scan (read_rsna, once per run):  {scan_rate:8.0f} slices/s")
         print(f"ratio preprocess / bare decode: {full_rate / decode_rate:.2f} (goal >= 0.7)")
+        result = {
+            "decode_slices_per_s": decode_rate,
+            "preprocess_slices_per_s": full_rate,
+            "scan_slices_per_s": scan_rate,
+            "ratio": full_rate / decode_rate,
+            "input_size": args.input_size,
+            "size": args.size,
+        }
+        print("RESULT " + json.dumps(result))
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

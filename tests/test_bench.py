@@ -1,0 +1,91 @@
+"""Smoke tests of the benchmarks: they run end to end and report positive, finite figures.
+
+Speed goals live in the benches themselves, never here: these tests assert no timing threshold.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH = REPO_ROOT / "bench"
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return load_bench("run_all").parse_result(proc.stdout), proc.stdout
+
+
+def assert_positive_finite(result: dict) -> None:
+    assert result
+    for key, value in result.items():
+        assert isinstance(value, int | float), key
+        assert math.isfinite(value) and value > 0, f"{key} = {value}"
+
+
+@pytest.mark.slow
+def test_gpu_bench_tiny_runs_on_cpu(tmp_path):
+    result, _ = run_bench(["bench/gpu.py", "--tiny", "--device", "cpu"], {"OUT": str(tmp_path)})
+    assert_positive_finite(result)
+    assert {"engine_slices_per_s_32", "engine_wait_fraction_32", "engine_tflops_32", "matmul_tflops"} <= set(
+        result
+    )
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert "errors" not in report
+    figures = report["sizes"]["32"]
+    assert "errors" not in figures
+    assert set(figures["workers"]) == {"0", "1"}
+    assert figures["gflop_per_slice"] > 0
+    assert 0 <= figures["engine_wait_fraction"] < 1
+
+
+@pytest.mark.slow
+def test_inference_bench_tiny():
+    args = ["--size", "32", "--patients", "3", "--batch", "2", "--rounds", "1"]
+    result, out = run_bench(["bench/inference.py", *args])
+    assert_positive_finite(result)
+    assert {"pipeline_slices_per_s", "bare_slices_per_s", "ratio"} <= set(result)
+    assert "ratio pipeline / bare" in out
+
+
+def test_parse_result_takes_the_last_result_line():
+    parse_result = load_bench("run_all").parse_result
+    assert parse_result('noise\nRESULT {"a": 1}\nmore\nRESULT {"a": 2.5}\n') == {"a": 2.5}
+    with pytest.raises(ValueError, match="no RESULT"):
+        parse_result("no figures here\n")
+
+
+def test_memory_run_tree_follows_ancestry_and_tag():
+    run_tree = load_bench("memory").run_tree
+    processes = {
+        1: (0, "init"),
+        10: (1, "python ray_jobs/tune.py"),  # the driver
+        11: (10, "gcs_server --session-dir=/tmp/bm-x/r/session_1"),
+        12: (11, "ray::IDLE"),  # a worker: only its ancestry ties it to the run
+        20: (1, "raylet --session-dir=/tmp/bm-x/r/session_1"),  # re-parented, found by its tag
+        21: (20, "ray::worker"),
+        30: (1, "raylet --session-dir=/tmp/other/session_9"),  # someone else's Ray
+        31: (30, "ray::IDLE"),
+    }
+    assert run_tree(processes, 10, "/tmp/bm-x/r") == {10, 11, 12, 20, 21}
