@@ -175,7 +175,9 @@ class Config:
             if section not in tree or not name:
                 raise ValueError(f"Override {key!r} must be 'section.field' with section in {sorted(tree)}")
             if name not in tree[section]:
-                raise ValueError(f"Unknown field {name!r} in section {section!r}; known: {sorted(tree[section])}")
+                raise ValueError(
+                    f"Unknown field {name!r} in section {section!r}; known: {sorted(tree[section])}"
+                )
             tree[section][name] = value
         return Config.from_dict(tree)
 
@@ -199,7 +201,9 @@ def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(section_cls)}
     unknown = set(values) - set(known)
     if unknown:
-        raise ValueError(f"Unknown fields {sorted(unknown)} in config section {name!r}; known: {sorted(known)}")
+        raise ValueError(
+            f"Unknown fields {sorted(unknown)} in config section {name!r}; known: {sorted(known)}"
+        )
     kwargs = {}
     for key, value in values.items():
         default = getattr(section_cls(), key)

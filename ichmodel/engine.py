@@ -138,7 +138,9 @@ def build_pool_images(dataset: SeriesDataset, pool_size: int, seed: int) -> Tran
     return TransferPoolImages(torch.stack(images), torch.tensor(classes, dtype=torch.long))
 
 
-def epoch_batches(num_items: int, batch_size: int, seed: int, rank: int, world: int, shuffle: bool) -> list[list[int]]:
+def epoch_batches(
+    num_items: int, batch_size: int, seed: int, rank: int, world: int, shuffle: bool
+) -> list[list[int]]:
     """Index batches for one rank; every rank gets the same number of batches (DDP needs that)."""
     order = np.random.default_rng(seed).permutation(num_items) if shuffle else np.arange(num_items)
     per_rank = math.ceil(num_items / world)
@@ -147,7 +149,9 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, rank: int, world: 
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def make_loader(dataset: SeriesDataset, batches: list[list[int]], num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: SeriesDataset, batches: list[list[int]], num_workers: int
+) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -230,7 +234,9 @@ def train_one_epoch(
                 labels = transfer_labels(labels, transfer.slot, transfer.pair_classes)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             outputs = model(images, lengths, transfer=transfer, mask=mask)
-        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()}
+        outputs = {
+            k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()
+        }
         parts = loss_fn(outputs, labels, valid)
         loss = parts["loss"]
         if not _all_finite(loss):
@@ -238,11 +244,16 @@ def train_one_epoch(
             skipped += 1
             consecutive += 1
             state.nonfinite_steps += 1
-            logger.warning("non-finite loss at stage %s step %d: step skipped (%d in a row)", stage.name, step, consecutive)
+            logger.warning(
+                "non-finite loss at stage %s step %d: step skipped (%d in a row)",
+                stage.name,
+                step,
+                consecutive,
+            )
             if consecutive >= cfg.train.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{consecutive} consecutive non-finite losses in stage {stage.name!r} "
-                    f"(last parts: { {k: float(v) for k, v in parts.items()} }); lower train.lr or check the data"
+                    f"(last parts: { {k: float(v.detach()) for k, v in parts.items()} }); lower train.lr or check the data"
                 )
             continue
         consecutive = 0
@@ -273,7 +284,10 @@ def predict_batches(
         images = normalize(prepare_images(batch, device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             outputs = net(images, batch["lengths"].to(device))
-        yield batch, {k: v.float() for k, v in outputs.items() if torch.is_tensor(v) and v.is_floating_point()}
+        yield (
+            batch,
+            {k: v.float() for k, v in outputs.items() if torch.is_tensor(v) and v.is_floating_point()},
+        )
 
 
 @torch.no_grad()
@@ -311,14 +325,20 @@ def evaluate(
         gathered = [local]
     total_weight = sum(g[1] for g in gathered)
     keys = gathered[0][0].keys()
-    result: dict[str, Any] = {f"val_{k}": sum(g[0].get(k, 0.0) for g in gathered) / max(total_weight, 1.0) for k in keys}
+    result: dict[str, Any] = {
+        f"val_{k}": sum(g[0].get(k, 0.0) for g in gathered) / max(total_weight, 1.0) for k in keys
+    }
     y_prob = np.concatenate([p for g in gathered for p in g[2]]) if total_weight else np.zeros((0, 5))
     y_true = np.concatenate([p for g in gathered for p in g[3]]) if total_weight else np.zeros((0, 5))
     y_true = (y_true > 0.5).astype(np.int8)
     thresholds = M.search_thresholds(y_true, y_prob)
     result["val_f2_at_threshold"] = M.f2_score(y_true, y_prob >= threshold)
     result["val_f2"] = M.f2_score(y_true, y_prob >= np.asarray(thresholds))
-    for name, value in zip(("ich", "ivh", "sah", "sdh", "edh"), M.per_class_f2(y_true, y_prob >= np.asarray(thresholds)), strict=True):
+    for name, value in zip(
+        ("ich", "ivh", "sah", "sdh", "edh"),
+        M.per_class_f2(y_true, y_prob >= np.asarray(thresholds)),
+        strict=True,
+    ):
         result[f"val_f2_{name}"] = float(value)
     result["thresholds"] = [float(t) for t in thresholds]
     result["probs"], result["labels"] = y_prob, y_true
@@ -366,7 +386,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[ICHModel, Config, dict[str, Any]]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[ICHModel, Config, dict[str, Any]]:
     """Rebuild a model for inference from a checkpoint's best weights (falls back to its last weights)."""
     ckpt = load_checkpoint(path)
     cfg = Config.from_dict(ckpt["config"])
@@ -404,7 +426,9 @@ def fit(
         net.load_state_dict(resume["model"])
         state = TrainState(**resume["state"])
         best_model = resume["best_model"]
-        logger.info("resuming at stage %d epoch %d (global epoch %d)", state.stage, state.epoch, state.global_epoch)
+        logger.info(
+            "resuming at stage %d epoch %d (global epoch %d)", state.stage, state.epoch, state.global_epoch
+        )
     model: nn.Module = net
     if distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -435,7 +459,14 @@ def fit(
             state.best_val_loss = math.inf
         resume = None
         loss_fn = build_loss(cfg.loss, weights_override=stage.weights)
-        logger.info("stage %d/%d %s: weights %s, strategies %s", stage.index + 1, len(plan), stage.name, stage.weights, stage.strategies)
+        logger.info(
+            "stage %d/%d %s: weights %s, strategies %s",
+            stage.index + 1,
+            len(plan),
+            stage.name,
+            stage.weights,
+            stage.strategies,
+        )
         while True:
             seed = cfg.train.seed * 1_000_003 + state.global_epoch
             generator = torch.Generator().manual_seed(seed * 31 + rank)
@@ -443,10 +474,25 @@ def fit(
             train_set.set_epoch(state.global_epoch)
             started = time.perf_counter()
             train_metrics = train_one_epoch(
-                model, loss_fn, make_loader(train_set, batches, cfg.data.num_workers), optimizer, device,
-                cfg, stage, pool, generator, state, progress,
+                model,
+                loss_fn,
+                make_loader(train_set, batches, cfg.data.num_workers),
+                optimizer,
+                device,
+                cfg,
+                stage,
+                pool,
+                generator,
+                state,
+                progress,
             )
-            val = evaluate(model, loss_fn, make_loader(val_set, val_batches, cfg.data.num_workers), device, cfg.train.threshold)
+            val = evaluate(
+                model,
+                loss_fn,
+                make_loader(val_set, val_batches, cfg.data.num_workers),
+                device,
+                cfg.train.threshold,
+            )
             scheduler.step(val["val_loss"])
             state.epoch += 1
             state.global_epoch += 1
@@ -460,8 +506,12 @@ def fit(
             metrics = {k: v for k, v in val.items() if k not in ("probs", "labels", "thresholds")}
             metrics.update(train_metrics)
             metrics.update(
-                stage=stage.index, stage_epoch=state.epoch, global_epoch=state.global_epoch, lr=lr,
-                epoch_s=time.perf_counter() - started, nonfinite_steps=state.nonfinite_steps,
+                stage=stage.index,
+                stage_epoch=state.epoch,
+                global_epoch=state.global_epoch,
+                lr=lr,
+                epoch_s=time.perf_counter() - started,
+                nonfinite_steps=state.nonfinite_steps,
                 model_f2=state.best_f2,  # validation F2 of the weights this checkpoint exports
             )
             if stage_done:
@@ -472,12 +522,19 @@ def fit(
             state.history.append({k: float(v) for k, v in metrics.items()})
             logger.info(
                 "stage %s epoch %d (global %d): train loss %.4f, val loss %.4f, val F2 %.4f, lr %.2e, %.1f slices/s",
-                stage.name, state.epoch if not stage_done else stage.max_epochs, state.global_epoch,
-                train_metrics.get("train_loss", float("nan")), val["val_loss"], val["val_f2"], lr,
+                stage.name,
+                state.epoch if not stage_done else stage.max_epochs,
+                state.global_epoch,
+                train_metrics.get("train_loss", float("nan")),
+                val["val_loss"],
+                val["val_f2"],
+                lr,
                 train_metrics["train_slices_per_s"],
             )
             if on_epoch_end is not None:
-                on_epoch_end(metrics, partial(checkpoint_dict, model, optimizer, scheduler, state, best_model, cfg))
+                on_epoch_end(
+                    metrics, partial(checkpoint_dict, model, optimizer, scheduler, state, best_model, cfg)
+                )
             if stage_done:
                 break
     if best_model is not None:
@@ -491,4 +548,3 @@ def _next_stage(state: TrainState, plan: list[Stage]) -> None:
     state.stage_started = False
     if state.stage >= len(plan):
         state.finished = True
-

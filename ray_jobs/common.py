@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -91,7 +92,15 @@ def train_fn_per_worker(loop_config: dict) -> None:
     node_id = ray.get_runtime_context().get_node_id()
 
     def on_epoch_end(metrics: dict, make_checkpoint) -> None:
-        first = ("global_epoch", "stage", "val_f2", "model_f2", "val_loss", "train_loss", "lr")  # Tune's table columns
+        first = (
+            "global_epoch",
+            "stage",
+            "val_f2",
+            "model_f2",
+            "val_loss",
+            "train_loss",
+            "lr",
+        )  # Tune's table columns
         metrics = {k: metrics[k] for k in first if k in metrics} | {
             k: v for k, v in metrics.items() if isinstance(v, int | float | bool) and k not in first
         }
@@ -176,13 +185,59 @@ def ensure_demo_data(
     if (train_shards / "manifest.json").is_file() and (test_shards / "manifest.json").is_file():
         return train_shards, test_shards
     logger = logging.getLogger("ray_jobs.demo")
-    logger.info("generating demo data: %d + %d synthetic series at %d px in %s", patients, test_patients, size, raw)
+    logger.info(
+        "generating demo data: %d + %d synthetic series at %d px in %s", patients, test_patients, size, raw
+    )
     if not (raw / "train.csv").is_file():
         synth.write_dlcv_dataset(raw, patients, (12, 20), size, seed, test_patients)
     options = PreprocessOptions(size=size)
     preprocess(read_dlcv(raw / "train", raw / "train.csv"), train_shards, options)
     preprocess(read_dlcv(raw / "test"), test_shards, options)
     return train_shards, test_shards
+
+
+def is_uri(path: str) -> bool:
+    """True for a storage URI (``s3://bucket/x``, ``gs://``, ``file:///x``), False for a plain path."""
+    return "://" in str(path)
+
+
+def write_bytes(target: str | Path, data: bytes) -> str:
+    """Write ``data`` to a local path or a storage URI (through ``pyarrow.fs``); returns where it went."""
+    if not is_uri(str(target)):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(data)
+        return str(target)
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(str(target))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+    return str(target)
+
+
+def fetch(uri: str, local: Path) -> bool:
+    """Copy one file from a storage URI to ``local``; False when it does not exist there."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return False
+    local.parent.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(path, str(local.resolve()), source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+    return True
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    """``"40,80"`` → ``(40.0, 80.0)``: one CT window as LEVEL,WIDTH in HU (an argparse ``type``)."""
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a window is LEVEL,WIDTH in HU (e.g. 40,80). Got {text!r}"
+        ) from None
+    return level, width
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -33,7 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "demo"), help="where everything goes (default runs/demo)")
+    parser.add_argument(
+        "--out", default=str(REPO_ROOT / "runs" / "demo"), help="where everything goes (default runs/demo)"
+    )
     parser.add_argument("--patients", type=int, default=32, help="training series to generate (default 32)")
     parser.add_argument("--test-patients", type=int, default=8, help="unlabelled test series (default 8)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
@@ -60,21 +62,79 @@ def main(args: argparse.Namespace) -> int:
     raw, shards, runs = out / "Blood_data", out / "shards", out / "runs"
     started = time.perf_counter()
     if not (raw / "train.csv").is_file():
-        logger.info("── generate: %d + %d synthetic series at %d px in %s", args.patients, args.test_patients, args.size, raw)
+        logger.info(
+            "── generate: %d + %d synthetic series at %d px in %s",
+            args.patients,
+            args.test_patients,
+            args.size,
+            raw,
+        )
         synth.write_dlcv_dataset(raw, args.patients, (12, 24), args.size, args.seed, args.test_patients)
     init_ray()
-    run_step("preprocess train", preprocess, ["--format", "dlcv", "--input", str(raw / "train"), "--labels",
-                                              str(raw / "train.csv"), "--out", str(shards / "train"), "--size", str(args.size)])
-    run_step("preprocess test", preprocess, ["--format", "dlcv", "--input", str(raw / "test"),
-                                             "--out", str(shards / "test"), "--size", str(args.size)])
+    run_step(
+        "preprocess train",
+        preprocess,
+        [
+            "--format",
+            "dlcv",
+            "--input",
+            str(raw / "train"),
+            "--labels",
+            str(raw / "train.csv"),
+            "--out",
+            str(shards / "train"),
+            "--size",
+            str(args.size),
+        ],
+    )
+    run_step(
+        "preprocess test",
+        preprocess,
+        [
+            "--format",
+            "dlcv",
+            "--input",
+            str(raw / "test"),
+            "--out",
+            str(shards / "test"),
+            "--size",
+            str(args.size),
+        ],
+    )
     if not args.resume and (runs / "search").exists():
         shutil.rmtree(runs / "search")
-    tune_argv = ["--data", str(shards / "train"), "--storage", str(runs), "--name", "search", "--epochs", args.epochs,
-                 "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--set", "data.val_fraction=0.2"]
+    tune_argv = [
+        "--data",
+        str(shards / "train"),
+        "--storage",
+        str(runs),
+        "--name",
+        "search",
+        "--epochs",
+        args.epochs,
+        "--num-samples",
+        str(args.num_samples),
+        "--seed",
+        str(args.seed),
+        "--set",
+        "data.val_fraction=0.2",
+    ]
     run_step("tune", tune, tune_argv + (["--resume"] if args.resume else []))
     submission = out / "submission"
-    run_step("ensemble", ensemble, ["--experiment", str(runs / "search"), "--top-k", str(args.top_k),
-                                    "--test", str(shards / "test"), "--out", str(submission)])
+    run_step(
+        "ensemble",
+        ensemble,
+        [
+            "--experiment",
+            str(runs / "search"),
+            "--top-k",
+            str(args.top_k),
+            "--test",
+            str(shards / "test"),
+            "--out",
+            str(submission),
+        ],
+    )
     minutes = (time.perf_counter() - started) / 60
     print(f"\nDemo finished in {minutes:.1f} min.")
     print(f"  trials table:     {runs / 'search' / 'trials.csv'}")

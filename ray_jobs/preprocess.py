@@ -31,19 +31,9 @@ from ichmodel.preprocess import (
     write_shard,
 )  # noqa: E402
 from ichmodel.readers import read_input  # noqa: E402
-from ray_jobs.common import init_ray, setup_logging  # noqa: E402
+from ray_jobs.common import init_ray, parse_window, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.preprocess")
-
-
-def _window(text: str) -> tuple[float, float]:
-    try:
-        level, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"a window is LEVEL,WIDTH in HU (e.g. 40,80). Got {text!r}"
-        ) from None
-    return level, width
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--windows",
-        type=_window,
+        type=parse_window,
         nargs="+",
         default=list(DEFAULT_WINDOWS),
         metavar="LEVEL,WIDTH",

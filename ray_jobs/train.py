@@ -43,15 +43,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", default=None, help="preprocessed training shards (default: generated demo data)")
-    parser.add_argument("--config", default=None, help="YAML/JSON file with config overrides (see ichmodel/config.py)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one field")
+    parser.add_argument(
+        "--data", default=None, help="preprocessed training shards (default: generated demo data)"
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML/JSON file with config overrides (see ichmodel/config.py)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one field"
+    )
     parser.add_argument("--epochs", default=None, help="epoch caps of the three stages, e.g. 2,2,2")
     parser.add_argument("--name", default="train", help="run name; the same name resumes (default: train)")
-    parser.add_argument("--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI for results")
+    parser.add_argument(
+        "--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI for results"
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="DDP workers (default 2)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    parser.add_argument("--max-failures", type=int, default=1, help="worker failures retried from the last checkpoint")
+    parser.add_argument(
+        "--max-failures", type=int, default=1, help="worker failures retried from the last checkpoint"
+    )
     parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -82,10 +92,16 @@ def main(args: argparse.Namespace) -> int:
     init_ray()
     loop_config = {"config": cfg.to_dict(), "overrides": {}}
     if args.fail_at_epoch is not None:
-        loop_config.update(fail_at_epoch=args.fail_at_epoch, fail_marker=str(Path(storage) / f".{args.name}.failed-once"))
+        loop_config.update(
+            fail_at_epoch=args.fail_at_epoch, fail_marker=str(Path(storage) / f".{args.name}.failed-once")
+        )
     trainer = build_trainer(
-        loop_config, name=args.name, storage_path=storage, num_workers=args.num_workers,
-        use_gpu=args.use_gpu, max_failures=args.max_failures,
+        loop_config,
+        name=args.name,
+        storage_path=storage,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        max_failures=args.max_failures,
     )
     result = trainer.fit()
     if result.error:

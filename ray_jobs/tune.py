@@ -37,8 +37,10 @@ from ray_jobs.common import (  # noqa: E402
     build_trainer,
     ensure_demo_data,
     init_ray,
+    is_uri,
     parse_overrides,
     setup_logging,
+    write_bytes,
 )
 from search_spaces import load_space  # noqa: E402
 
@@ -52,25 +54,47 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", default=None, help="preprocessed training shards (default: generated demo data)")
-    parser.add_argument("--space", default="default", help="search space: a module of search_spaces/ or a .py file")
-    parser.add_argument("--config", default=None, help="YAML/JSON base config (overrides of ichmodel/config.py)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="fixed override")
-    parser.add_argument("--epochs", default=None, help="epoch caps of the three stages (default 2,2,3; demo 1,1,2)")
+    parser.add_argument(
+        "--data", default=None, help="preprocessed training shards (default: generated demo data)"
+    )
+    parser.add_argument(
+        "--space", default="default", help="search space: a module of search_spaces/ or a .py file"
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML/JSON base config (overrides of ichmodel/config.py)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="fixed override"
+    )
+    parser.add_argument(
+        "--epochs", default=None, help="epoch caps of the three stages (default 2,2,3; demo 1,1,2)"
+    )
     parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default 4)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
+    parser.add_argument(
+        "--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)"
+    )
     parser.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per worker; > 0 trains on GPU")
-    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per training worker (default 1)")
-    parser.add_argument("--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI (default runs/)")
+    parser.add_argument(
+        "--cpus-per-worker", type=float, default=1, help="CPUs per training worker (default 1)"
+    )
+    parser.add_argument(
+        "--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI (default runs/)"
+    )
     parser.add_argument("--name", default="search", help="experiment name (default: search)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
-    parser.add_argument("--grace-epochs", type=int, default=None, help="ASHA: epochs before a trial can be stopped")
-    parser.add_argument("--optuna-storage", default=None, help="Optuna RDB URL (default: sqlite in the experiment)")
+    parser.add_argument(
+        "--grace-epochs", type=int, default=None, help="ASHA: epochs before a trial can be stopped"
+    )
+    parser.add_argument(
+        "--optuna-storage", default=None, help="Optuna RDB URL (default: sqlite in the experiment)"
+    )
     parser.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial")
     parser.add_argument("--smoke-test", action="store_true", help="2 tiny trials on tiny demo data")
-    parser.add_argument("--driver-resource", default=None, help="custom resource a trial driver needs (cluster head)")
+    parser.add_argument(
+        "--driver-resource", default=None, help="custom resource a trial driver needs (cluster head)"
+    )
     parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -82,7 +106,9 @@ def base_config(args: argparse.Namespace) -> Config:
     overrides = parse_overrides(args.set)
     if args.data is None:
         if args.smoke_test:
-            train_shards, _ = ensure_demo_data(REPO_ROOT / "runs" / "smoke_data", patients=8, test_patients=3, size=32)
+            train_shards, _ = ensure_demo_data(
+                REPO_ROOT / "runs" / "smoke_data", patients=8, test_patients=3, size=32
+            )
         else:
             train_shards, _ = ensure_demo_data()
         overrides["data.shards"] = str(train_shards)
@@ -106,7 +132,9 @@ def check_space(space_fn, cfg: Config) -> None:
     except Exception as exc:
         raise ValueError(f"Search space failed on a sample trial: {exc!r}") from exc
     if not isinstance(values, dict):
-        raise ValueError(f"Search space must return a dict of dotted config names. Got {type(values).__name__}")
+        raise ValueError(
+            f"Search space must return a dict of dotted config names. Got {type(values).__name__}"
+        )
     params = {**trial.params, **values}
     if not params:
         raise ValueError("Search space suggested no parameter")
@@ -151,11 +179,18 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
     scaling = {
         "num_workers": args.workers_per_trial,
         "use_gpu": args.gpus_per_trial > 0,
-        "resources_per_worker": {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {})},
+        "resources_per_worker": {
+            "CPU": args.cpus_per_worker,
+            **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {}),
+        },
     }
     trainable = tune.with_parameters(
-        train_trial_fn, base=cfg.to_dict(), scaling=scaling, storage=f"{storage}/{args.name}/train_runs",
-        max_failures=args.max_failures, fail_at_epoch=args.fail_at_epoch,
+        train_trial_fn,
+        base=cfg.to_dict(),
+        scaling=scaling,
+        storage=f"{storage}/{args.name}/train_runs",
+        max_failures=args.max_failures,
+        fail_at_epoch=args.fail_at_epoch,
     )
     # A trial's driver only waits on its TorchTrainer: give it no CPU so the workers get them all.
     driver = {"memory": 100 * 1024**2}
@@ -174,20 +209,31 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
         Path(storage, args.name).mkdir(parents=True, exist_ok=True)
         optuna_storage = f"sqlite:///{Path(storage, args.name, 'optuna.db')}"
     searcher = OptunaSearch(
-        space=space_fn, metric=METRIC, mode="max", seed=args.seed, study_name=args.name,
+        space=space_fn,
+        metric=METRIC,
+        mode="max",
+        seed=args.seed,
+        study_name=args.name,
         storage=_optuna_storage(optuna_storage),
     )
     grace = args.grace_epochs or min(total_epochs, cfg.train.max_epochs[0] + 1)
-    scheduler = ASHAScheduler(time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(grace, 1))
+    scheduler = ASHAScheduler(
+        time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(grace, 1)
+    )
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=scheduler, metric=METRIC, mode="max",
+            search_alg=searcher,
+            scheduler=scheduler,
+            metric=METRIC,
+            mode="max",
             num_samples=args.num_samples or (2 if args.smoke_test else 4),
             max_concurrent_trials=args.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name=args.name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            name=args.name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
             verbose=2 if args.verbose else 1,  # 1: the trial status table; 2: every epoch's full result too
         ),
     )
@@ -201,13 +247,20 @@ def _optuna_storage(url: str | None):
     return optuna.storages.RDBStorage(url)
 
 
-def trials_table(results) -> pd.DataFrame:
-    """One row per trial: id, F2 of its exported weights, epochs, checkpoint, status and its parameters."""
+def trials_table(results, storage: str = "") -> pd.DataFrame:
+    """One row per trial: id, F2 of its exported weights, epochs, checkpoint, status and its parameters.
+
+    With a URI ``storage`` (``s3://...``) the checkpoint column holds full URIs (Ray reports them without
+    the scheme), which ray_jobs/ensemble.py downloads.
+    """
+    scheme = storage.split("://", 1)[0] + "://" if is_uri(storage) else ""
     rows = []
     for result in results:
         metrics = result.metrics or {}
         config = result.config or {}
         checkpoint = metrics.get("checkpoint_path")
+        if checkpoint and scheme and not is_uri(checkpoint):
+            checkpoint = scheme + checkpoint
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or Path(result.path).name,
@@ -216,7 +269,7 @@ def trials_table(results) -> pd.DataFrame:
                 "best_val_loss": metrics.get("val_loss", float("nan")),
                 "epochs": metrics.get("global_epoch", 0),
                 "finished": bool(metrics.get("finished", False)),
-                "checkpoint": str(Path(checkpoint) / CHECKPOINT_FILE) if checkpoint else "",
+                "checkpoint": f"{str(checkpoint).rstrip('/')}/{CHECKPOINT_FILE}" if checkpoint else "",
                 "status": "ERROR" if result.error else "OK",
                 "node_id": metrics.get("node_id", ""),
                 **{k: v for k, v in config.items() if "." in k},
@@ -237,8 +290,10 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # metrics arrive through Train's callback
+    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).resolve())
+    os.environ.setdefault(
+        "TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"
+    )  # metrics arrive through Train's callback
     init_ray()
     try:
         tuner = build_tuner(args, cfg, storage, space_fn)
@@ -246,9 +301,8 @@ def main(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     results = tuner.fit()
-    table = trials_table(results)
-    out = Path(storage, args.name, "trials.csv") if "://" not in storage else Path("trials.csv")
-    table.to_csv(out, index=False)
+    table = trials_table(results, storage)
+    out = write_bytes(f"{storage}/{args.name}/trials.csv", table.to_csv(index=False).encode())
     with pd.option_context("display.max_columns", 20, "display.width", 200):
         print(table.drop(columns=["checkpoint"]).to_string(index=False))
     print(f"\ntrials table: {out}")

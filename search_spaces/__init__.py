@@ -37,7 +37,9 @@ def load_space(name_or_path: str) -> SpaceFn:
             module = importlib.import_module(f"search_spaces.{name_or_path}")
         except ModuleNotFoundError as exc:
             known = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
-            raise ValueError(f"No search space {name_or_path!r}; built-in spaces: {known}, or pass a .py file") from exc
+            raise ValueError(
+                f"No search space {name_or_path!r}; built-in spaces: {known}, or pass a .py file"
+            ) from exc
     fn = getattr(module, "space", None)
     if not callable(fn):
         raise ValueError(f"Search space {name_or_path!r} must define a function space(trial) -> dict")

@@ -36,7 +36,9 @@ def test_seeded_and_disabled():
 def test_identity_parameters_leave_images_unchanged():
     images = _series()
     cfg = AugmentConfig(flip_prob=0.0, rotate_degrees=0.0, brightness=0.0, contrast=0.0, crop_scale_min=1.0)
-    torch.testing.assert_close(augment_series(images, cfg, torch.Generator().manual_seed(0)), images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        augment_series(images, cfg, torch.Generator().manual_seed(0)), images, atol=1e-5, rtol=0
+    )
 
 
 def test_flip_mirrors_the_width_axis():
@@ -51,4 +53,6 @@ def test_to_float_and_normalize():
     f = to_float(x)
     assert f.dtype == torch.float32 and float(f.max()) == 1.0
     n = normalize(f)
-    torch.testing.assert_close(n[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225]))
+    torch.testing.assert_close(
+        n[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
+    )

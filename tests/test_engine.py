@@ -35,7 +35,9 @@ CPU = torch.device("cpu")
 def data(demo_shards):
     shards = demo_shards[0]
     train_ids, val_ids = split_series(shards, 0.25, 0)
-    cfg = Config().with_overrides({"data.shards": str(shards), "data.val_fraction": 0.25, "train.max_epochs": [1, 1, 1]})
+    cfg = Config().with_overrides(
+        {"data.shards": str(shards), "data.val_fraction": 0.25, "train.max_epochs": [1, 1, 1]}
+    )
     return cfg, SeriesDataset(shards, train_ids), SeriesDataset(shards, val_ids)
 
 
@@ -81,14 +83,22 @@ def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(d
     after_first = saved[0][1]
     assert (after_first["stage"], after_first["epoch"]) == (1, 0)  # stage 0 finished at its cap
     resumed_epochs = []
-    _, resumed = fit(cfg, train_set, val_set, CPU, resume=after_first,
-                     on_epoch_end=lambda m, _: resumed_epochs.append((m["stage"], m["global_epoch"])))
+    _, resumed = fit(
+        cfg,
+        train_set,
+        val_set,
+        CPU,
+        resume=after_first,
+        on_epoch_end=lambda m, _: resumed_epochs.append((m["stage"], m["global_epoch"])),
+    )
     assert resumed_epochs == [(1, 2), (2, 3)]
     assert resumed.finished and len(resumed.history) == 3
 
     # A finished checkpoint resumes to nothing and returns the exported (best) weights.
     nothing = []
-    final_model, final_state = fit(cfg, train_set, val_set, CPU, resume=saved[-1][1], on_epoch_end=lambda *a: nothing.append(a))
+    final_model, final_state = fit(
+        cfg, train_set, val_set, CPU, resume=saved[-1][1], on_epoch_end=lambda *a: nothing.append(a)
+    )
     assert nothing == [] and final_state.finished
     for key, value in saved[-1][1]["best_model"].items():
         torch.testing.assert_close(final_model.state_dict()[key], value)
@@ -99,10 +109,13 @@ def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(data, d
     # Validation on unlabelled series: the supervised losses are 0 every epoch, so after the first epoch
     # nothing improves; with patience 1 the third epoch halves lr to 0.75e-6 < min_lr, which ends the stage.
     unlabelled = SeriesDataset(demo_shards[1])
-    cfg = cfg.with_overrides({"train.lr": 1.5e-6, "train.min_lr": 1e-6, "train.lr_patience": 1,
-                              "train.max_epochs": [20, 0, 0]})
+    cfg = cfg.with_overrides(
+        {"train.lr": 1.5e-6, "train.min_lr": 1e-6, "train.lr_patience": 1, "train.max_epochs": [20, 0, 0]}
+    )
     seen = []
-    _, state = fit(cfg, train_set, unlabelled, CPU, on_epoch_end=lambda m, _: seen.append((m["val_loss"], m["lr"])))
+    _, state = fit(
+        cfg, train_set, unlabelled, CPU, on_epoch_end=lambda m, _: seen.append((m["val_loss"], m["lr"]))
+    )
     assert state.finished
     assert [loss for loss, _ in seen] == [0.0, 0.0, 0.0]
     assert [lr for _, lr in seen] == pytest.approx([1.5e-6, 1.5e-6, 0.75e-6])
@@ -136,8 +149,18 @@ def test_non_finite_losses_are_skipped_counted_and_end_the_run_when_too_many(dat
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = epoch_batches(len(train_set), 2, 0, 0, 1, shuffle=False)
     state = TrainState()
-    result = train_one_epoch(model, build_loss(cfg.loss, PRETRAIN_WEIGHTS), make_loader(train_set, batches, 0),
-                             optimizer, CPU, cfg, stage, None, torch.Generator().manual_seed(0), state)
+    result = train_one_epoch(
+        model,
+        build_loss(cfg.loss, PRETRAIN_WEIGHTS),
+        make_loader(train_set, batches, 0),
+        optimizer,
+        CPU,
+        cfg,
+        stage,
+        None,
+        torch.Generator().manual_seed(0),
+        state,
+    )
     assert result["train_skipped"] == len(batches) and result["train_steps"] == 0
     assert state.nonfinite_steps == len(batches)
     for key, value in model.named_parameters():  # no optimizer step happened (BN buffers may move)
@@ -145,8 +168,18 @@ def test_non_finite_losses_are_skipped_counted_and_end_the_run_when_too_many(dat
 
     strict = cfg.with_overrides({"train.max_nonfinite_steps": 2})
     with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
-        train_one_epoch(model, build_loss(cfg.loss, PRETRAIN_WEIGHTS), make_loader(train_set, batches, 0),
-                        optimizer, CPU, strict, stage, None, torch.Generator().manual_seed(0), TrainState())
+        train_one_epoch(
+            model,
+            build_loss(cfg.loss, PRETRAIN_WEIGHTS),
+            make_loader(train_set, batches, 0),
+            optimizer,
+            CPU,
+            strict,
+            stage,
+            None,
+            torch.Generator().manual_seed(0),
+            TrainState(),
+        )
 
 
 def test_evaluate_reports_f2_with_tuned_thresholds_at_least_as_good_as_fixed(data):
@@ -154,7 +187,11 @@ def test_evaluate_reports_f2_with_tuned_thresholds_at_least_as_good_as_fixed(dat
     model = build_model(cfg.model)
     batches = epoch_batches(len(val_set), 2, 0, 0, 1, shuffle=False)
     result = evaluate(model, build_loss(cfg.loss), make_loader(val_set, batches, 0), CPU)
-    assert result["probs"].shape == result["labels"].shape == (sum(val_set.num_slices(i) for i in range(len(val_set))), 5)
+    assert (
+        result["probs"].shape
+        == result["labels"].shape
+        == (sum(val_set.num_slices(i) for i in range(len(val_set))), 5)
+    )
     assert result["val_f2"] >= result["val_f2_at_threshold"]
     assert math.isfinite(result["val_loss"])
 

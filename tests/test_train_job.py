@@ -21,8 +21,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def _train(ray_head, shards: Path, storage: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     return ray_head.run(
-        [sys.executable, SCRIPT, "--data", str(shards), "--storage", str(storage), "--name", name,
-         "--epochs", "1,1,1", "--set", "data.val_fraction=0.25", *extra]
+        [
+            sys.executable,
+            SCRIPT,
+            "--data",
+            str(shards),
+            "--storage",
+            str(storage),
+            "--name",
+            name,
+            "--epochs",
+            "1,1,1",
+            "--set",
+            "data.val_fraction=0.25",
+            *extra,
+        ]
     )
 
 
@@ -31,21 +44,43 @@ def _summary(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
+def _first_complete_checkpoint(run_dir: Path) -> dict | None:
+    for path in sorted(run_dir.glob("checkpoint_*/checkpoint.pt")):
+        try:
+            return load_checkpoint(path)
+        except (RuntimeError, EOFError, OSError):
+            continue  # still being copied, or already replaced by a newer one
+    return None
+
+
 def test_two_worker_ddp_run_completes_all_stages(ray_head, demo_shards, tmp_path):
     summary = _summary(_train(ray_head, demo_shards[0], tmp_path, "ddp", "--num-workers", "2"))
     assert summary["finished"] is True
     assert (summary["stage"], summary["global_epoch"]) == (2, 3)
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)  # plain, safe to load
     assert [h["stage"] for h in ckpt["state"]["history"]] == [0.0, 1.0, 2.0]
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "stage", "epoch", "best_model", "config", "thresholds"}
+    assert set(ckpt) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "stage",
+        "epoch",
+        "best_model",
+        "config",
+        "thresholds",
+    }
     model, cfg, _ = load_model(summary["checkpoint"])
     assert cfg.train.max_epochs == (1, 1, 1)
     probs = model.predict_proba(torch.rand(1, 3, 3, 32, 32), torch.tensor([3]))
     assert probs.shape == (1, 3, 5) and bool(((probs >= 0) & (probs <= 1)).all())
 
 
-def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(ray_head, demo_shards, tmp_path):
-    summary = _summary(_train(ray_head, demo_shards[0], tmp_path, "flaky", "--num-workers", "1", "--fail-at-epoch", "2"))
+def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(
+    ray_head, demo_shards, tmp_path
+):
+    summary = _summary(
+        _train(ray_head, demo_shards[0], tmp_path, "flaky", "--num-workers", "1", "--fail-at-epoch", "2")
+    )
     assert (tmp_path / ".flaky.failed-once").exists(), "the injected failure did not happen"
     assert summary["finished"] is True and (summary["stage"], summary["global_epoch"]) == (2, 3)
     history = load_checkpoint(summary["checkpoint"])["state"]["history"]
@@ -54,18 +89,34 @@ def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_r
 
 
 def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, demo_shards, tmp_path):
-    args = [sys.executable, SCRIPT, "--data", str(demo_shards[0]), "--storage", str(tmp_path), "--name", "again",
-            "--epochs", "2,1,1", "--num-workers", "1", "--set", "data.val_fraction=0.25"]
-    proc = subprocess.Popen(args, cwd=REPO_ROOT,
-                            env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        SCRIPT,
+        "--data",
+        str(demo_shards[0]),
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "again",
+        "--epochs",
+        "2,1,1",
+        "--num-workers",
+        "1",
+        "--set",
+        "data.val_fraction=0.25",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # Ray copies the checkpoint into storage after the file appears, so wait for one that loads whole.
+    killed = None
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt")):
+    while time.time() < deadline and killed is None:
+        killed = _first_complete_checkpoint(tmp_path / "again")
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = list((tmp_path / "again").glob("checkpoint_*/checkpoint.pt"))
-    assert done, "no checkpoint was written before the kill"
-    killed = load_checkpoint(done[0])
+    assert killed is not None, "no complete checkpoint was written before the kill"
     assert killed["global_epoch"] < 4
 
     rerun = _train(ray_head, demo_shards[0], tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")

@@ -18,8 +18,21 @@ SCRIPT = "ray_jobs/tune.py"
 
 
 def _tune_args(shards: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, SCRIPT, "--data", str(shards), "--storage", str(storage), "--name", name,
-            "--epochs", "1,1,1", "--set", "data.val_fraction=0.25", *extra]
+    return [
+        sys.executable,
+        SCRIPT,
+        "--data",
+        str(shards),
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--epochs",
+        "1,1,1",
+        "--set",
+        "data.val_fraction=0.25",
+        *extra,
+    ]
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -28,17 +41,35 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def test_ray_job_submit_runs_the_smoke_search(ray_head, tmp_path):
-    proc = _ok(ray_head.run([
-        f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", ray_head.dashboard,
-        "--working-dir", ".", "--",
-        "python", SCRIPT, "--smoke-test", "--storage", str(tmp_path), "--name", "smoke",
-    ]))
+    proc = _ok(
+        ray_head.run(
+            [
+                f"{Path(sys.executable).parent}/ray",
+                "job",
+                "submit",
+                "--address",
+                ray_head.dashboard,
+                "--working-dir",
+                ".",
+                "--",
+                "python",
+                SCRIPT,
+                "--smoke-test",
+                "--storage",
+                str(tmp_path),
+                "--name",
+                "smoke",
+            ]
+        )
+    )
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     table = pd.read_csv(tmp_path / "smoke" / "trials.csv")
     assert len(table) == 2 and (table["status"] == "OK").all()
     assert table["best_f2"].is_monotonic_decreasing  # sorted, best first
     assert all(Path(p).is_file() for p in table["checkpoint"])
     assert {"loss.alpha", "strategy.p1", "loss.gamma_neg"} <= set(table.columns)
+    assert list((tmp_path / "smoke").glob("*/events.out.tfevents.*")), "no TensorBoard event files"
+    assert (tmp_path / "smoke" / "optuna.db").is_file()
 
 
 def _trial_results(experiment: Path) -> dict[str, list[dict]]:
@@ -51,7 +82,9 @@ def _trial_results(experiment: Path) -> dict[str, list[dict]]:
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, demo_shards, tmp_path):
     args = _tune_args(demo_shards[0], tmp_path, "interrupted", "--num-samples", "2", "--max-concurrent", "1")
-    driver = subprocess.Popen(args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     experiment = tmp_path / "interrupted"
     deadline = time.time() + 400
     finished: dict[str, list[dict]] = {}
@@ -61,7 +94,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, 
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert finished, "no trial finished before the deadline"
-    (done_trial, done_lines), = finished.items()
+    ((done_trial, done_lines),) = finished.items()
 
     resumed = _ok(ray_head.run(_tune_args(demo_shards[0], tmp_path, "interrupted", "--resume")))
     table = pd.read_csv(experiment / "trials.csv")
@@ -72,14 +105,22 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, 
 
 
 def test_a_failing_trial_is_retried_and_the_search_completes(ray_head, demo_shards, tmp_path):
-    _ok(ray_head.run(_tune_args(demo_shards[0], tmp_path, "retry", "--num-samples", "1", "--fail-at-epoch", "2")))
+    _ok(
+        ray_head.run(
+            _tune_args(demo_shards[0], tmp_path, "retry", "--num-samples", "1", "--fail-at-epoch", "2")
+        )
+    )
     markers = list((tmp_path / "retry" / "train_runs").glob(".failed-once-*"))
     assert len(markers) == 1, "the injected trial failure did not happen"
     table = pd.read_csv(tmp_path / "retry" / "trials.csv")
     assert table.loc[0, "status"] == "OK" and bool(table.loc[0, "finished"]) and table.loc[0, "epochs"] == 3
     (lines,) = _trial_results(tmp_path / "retry").values()
     # Tune restarts its iteration counter after a retry; our own epoch counter continues from the checkpoint.
-    assert [r["global_epoch"] for r in lines][-1] == 3 and sorted({r["global_epoch"] for r in lines}) == [1, 2, 3]
+    assert [r["global_epoch"] for r in lines][-1] == 3 and sorted({r["global_epoch"] for r in lines}) == [
+        1,
+        2,
+        3,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -94,10 +135,49 @@ def test_a_failing_trial_is_retried_and_the_search_completes(ray_head, demo_shar
 def test_bad_space_file_gives_a_clear_error(demo_shards, tmp_path, space, message):
     (tmp_path / "syntax.py").write_text("def space(trial):\n    return {\n")
     (tmp_path / "nofn.py").write_text("SPACE = {}\n")
-    (tmp_path / "unknown.py").write_text("def space(trial):\n    return {'loss.alhpa': trial.suggest_float('loss.alhpa', 0, 1)}\n")
+    (tmp_path / "unknown.py").write_text(
+        "def space(trial):\n    return {'loss.alhpa': trial.suggest_float('loss.alhpa', 0, 1)}\n"
+    )
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--data", str(demo_shards[0]), "--space", space.format(tmp=tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_trials_table_ranks_trials_and_keeps_the_storage_scheme_on_checkpoints():
+    from types import SimpleNamespace
+
+    from ray_jobs.tune import trials_table
+
+    def result(trial, f2, path, error=None):  # the fields of a ray.tune.Result that the table reads
+        metrics = {
+            "trial_id": trial,
+            "model_f2": f2,
+            "val_f2": f2,
+            "checkpoint_path": path,
+            "global_epoch": 3,
+        }
+        return SimpleNamespace(
+            metrics=metrics, config={"loss.alpha": 0.5, "other": 1}, path=trial, error=error
+        )
+
+    results = [
+        result("a", 0.2, "bucket/runs/a/ckpt"),
+        result("b", 0.7, None),
+        result("c", 0.5, "b/c", "boom"),
+    ]
+    table = trials_table(results, "s3://bucket/runs")
+    assert list(table["trial_id"]) == ["b", "c", "a"] and list(table["status"]) == ["OK", "ERROR", "OK"]
+    assert list(table["checkpoint"]) == [
+        "",
+        "s3://b/c/checkpoint.pt",
+        "s3://bucket/runs/a/ckpt/checkpoint.pt",
+    ]
+    assert "loss.alpha" in table.columns and "other" not in table.columns
+    local = trials_table(results[:1], "/data/runs")
+    assert local.loc[0, "checkpoint"] == "bucket/runs/a/ckpt/checkpoint.pt"
