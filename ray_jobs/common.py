@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -31,13 +32,28 @@ def init_ray(num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
-    runtime_env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
+    runtime_env = {
+        "env_vars": {
+            "PYTHONPATH": _pythonpath(),
+            # Train's workers may wait for the autoscaler to boot a GPU node, which takes minutes, not 60 s.
+            TRAIN_START_TIMEOUT: os.environ.get(TRAIN_START_TIMEOUT, "900"),
+        }
+    }
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False)
+        # The dashboard serves the state API that Train's placement-group cleaner polls: without it a failed
+        # run's CPU reservation can outlive it and stall the next trial.
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
+                 dashboard_port=_free_port())  # fmt: skip
     return ray
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _pythonpath() -> str:
@@ -51,6 +67,7 @@ def _pythonpath() -> str:
 # ------------------------------------------------------------------------------------------ training
 
 CHECKPOINT_FILE = "checkpoint.pt"
+TRAIN_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def train_fn_per_worker(loop_config: dict) -> None:

@@ -71,7 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default 4)")
     parser.add_argument(
-        "--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)"
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at once (default: as many as the cluster's current CPUs/GPUs hold)",
     )
     parser.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial (default 1)")
     parser.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per worker; > 0 trains on GPU")
@@ -239,6 +242,19 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
     )
 
 
+def default_max_concurrent(total: dict, args: argparse.Namespace) -> int | None:
+    """Trials whose Train workers fit the cluster's resources at once; None when not even one fits yet.
+
+    Trial drivers hold no CPU, so without this cap Tune would start every trial and the surplus Train
+    runs would wait for workers (and time out). None leaves the cap to the autoscaler.
+    """
+    need = {"CPU": args.workers_per_trial * args.cpus_per_worker}
+    if args.gpus_per_trial:
+        need["GPU"] = args.workers_per_trial * args.gpus_per_trial
+    fits = min(int(total.get(key, 0) // amount) for key, amount in need.items() if amount > 0)
+    return fits or None
+
+
 def _optuna_storage(url: str | None):
     if url is None:
         return None
@@ -294,7 +310,18 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault(
         "TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"
     )  # metrics arrive through Train's callback
-    init_ray()
+    ray = init_ray()
+    if args.max_concurrent is None:
+        args.max_concurrent = default_max_concurrent(ray.cluster_resources(), args)
+        if args.max_concurrent is None:
+            logger.warning(
+                "the cluster has %s now, too little for one trial: waiting for the autoscaler; "
+                "set --max-concurrent to cap how many trials (and nodes) run at once",
+                ray.cluster_resources(),
+            )
+        else:
+            logger.info("up to %d trials at once (what the cluster holds now; --max-concurrent sets it)",
+                        args.max_concurrent)  # fmt: skip
     try:
         tuner = build_tuner(args, cfg, storage, space_fn)
     except ValueError as exc:

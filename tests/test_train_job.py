@@ -1,4 +1,5 @@
-"""``ray_jobs/train.py`` on the session's Ray head: 2-worker DDP through all stages, retry, resume."""
+"""``ray_jobs/train.py`` on the session's Ray head, 64 px generated data: 2-worker DDP through all stages,
+retry, resume."""
 
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def _first_complete_checkpoint(run_dir: Path) -> dict | None:
     return None
 
 
-def test_two_worker_ddp_run_completes_all_stages(ray_head, demo_shards, tmp_path):
-    summary = _summary(_train(ray_head, demo_shards[0], tmp_path, "ddp", "--num-workers", "2"))
+def test_two_worker_ddp_run_completes_all_stages(ray_head, shards_64, tmp_path):
+    summary = _summary(_train(ray_head, shards_64, tmp_path, "ddp", "--num-workers", "2"))
     assert summary["finished"] is True
     assert (summary["stage"], summary["global_epoch"]) == (2, 3)
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)  # plain, safe to load
@@ -71,15 +72,15 @@ def test_two_worker_ddp_run_completes_all_stages(ray_head, demo_shards, tmp_path
     }
     model, cfg, _ = load_model(summary["checkpoint"])
     assert cfg.train.max_epochs == (1, 1, 1)
-    probs = model.predict_proba(torch.rand(1, 3, 3, 32, 32), torch.tensor([3]))
+    probs = model.predict_proba(torch.rand(1, 3, 3, 64, 64), torch.tensor([3]))
     assert probs.shape == (1, 3, 5) and bool(((probs >= 0) & (probs <= 1)).all())
 
 
 def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(
-    ray_head, demo_shards, tmp_path
+    ray_head, shards_64, tmp_path
 ):
     summary = _summary(
-        _train(ray_head, demo_shards[0], tmp_path, "flaky", "--num-workers", "1", "--fail-at-epoch", "2")
+        _train(ray_head, shards_64, tmp_path, "flaky", "--num-workers", "1", "--fail-at-epoch", "2")
     )
     assert (tmp_path / ".flaky.failed-once").exists(), "the injected failure did not happen"
     assert summary["finished"] is True and (summary["stage"], summary["global_epoch"]) == (2, 3)
@@ -88,12 +89,12 @@ def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_r
     assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0]
 
 
-def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, demo_shards, tmp_path):
+def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64, tmp_path):
     args = [
         sys.executable,
         SCRIPT,
         "--data",
-        str(demo_shards[0]),
+        str(shards_64),
         "--storage",
         str(tmp_path),
         "--name",
@@ -119,7 +120,7 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, demo_shard
     assert killed is not None, "no complete checkpoint was written before the kill"
     assert killed["global_epoch"] < 4
 
-    rerun = _train(ray_head, demo_shards[0], tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
+    rerun = _train(ray_head, shards_64, tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
     summary = _summary(rerun)
     assert summary["finished"] is True and summary["global_epoch"] == 4
     history = load_checkpoint(summary["checkpoint"])["state"]["history"]

@@ -181,3 +181,15 @@ def test_trials_table_ranks_trials_and_keeps_the_storage_scheme_on_checkpoints()
     assert "loss.alpha" in table.columns and "other" not in table.columns
     local = trials_table(results[:1], "/data/runs")
     assert local.loc[0, "checkpoint"] == "bucket/runs/a/ckpt/checkpoint.pt"
+
+
+def test_default_concurrency_is_what_the_cluster_holds_now():
+    from types import SimpleNamespace
+
+    from ray_jobs.tune import default_max_concurrent
+
+    args = SimpleNamespace(workers_per_trial=2, cpus_per_worker=1.0, gpus_per_trial=0.0)
+    assert default_max_concurrent({"CPU": 5.0}, args) == 2
+    args.gpus_per_trial = 1.0
+    assert default_max_concurrent({"CPU": 16.0, "GPU": 5.0}, args) == 2
+    assert default_max_concurrent({"CPU": 16.0}, args) is None  # GPU nodes not up yet: the autoscaler decides
