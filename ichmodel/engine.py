@@ -158,7 +158,7 @@ def make_loader(
         collate_fn=collate_series,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,  # keep a GPU fed across slow shard reads
     )
 
 

@@ -88,17 +88,17 @@ def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
         raise FileNotFoundError(f"No trials table at {uri}/trials.csv; run ray_jobs/tune.py first")
     fetch(f"{uri}/optuna.db", cache / "optuna.db")
     table = pd.read_csv(cache / "trials.csv", dtype={"trial_id": str, "checkpoint": str, "status": str})
-    keep = []  # rows of the local table: the fetched trials, and the ones tried that could not be
+    keep, fetched = [], 0  # rows of the local table: the fetched trials, and the ones tried that could not be
     for i in table.sort_values("best_f2", ascending=False, na_position="last").index:
         source = table.at[i, "checkpoint"]
-        if sum(Path(str(table.at[j, "checkpoint"])).is_file() for j in keep) == top_k:
+        if fetched == top_k:
             break
         if table.at[i, "status"] == "ERROR" or not isinstance(source, str) or not is_uri(source):
             continue  # select_trials would skip it too
         local = cache / "checkpoints" / str(table.at[i, "trial_id"]) / source.rsplit("/", 1)[-1]
         logger.info("downloading %s", source)
         if local.is_file() or fetch(source, local):
-            table.at[i, "checkpoint"] = str(local.resolve())
+            table.at[i, "checkpoint"], fetched = str(local.resolve()), fetched + 1
         keep.append(i)  # a missing one keeps its URI, which select_trials reports as missing
     table.loc[keep].to_csv(cache / "trials.csv", index=False)
     return cache

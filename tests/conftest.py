@@ -8,7 +8,9 @@ ports and its own temp dir, with token authentication set explicitly through ``R
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -44,6 +46,14 @@ class RayHead:
         return subprocess.run(
             args, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout, **kwargs
         )
+
+
+def job_parser(script: str) -> argparse.ArgumentParser:
+    """The argument parser of ``ray_jobs/<script>.py``."""
+    spec = importlib.util.spec_from_file_location(f"_job_{script}", REPO_ROOT / "ray_jobs" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_args_parser()
 
 
 def auth_env() -> dict[str, str]:

@@ -9,7 +9,6 @@ config bootstrap, which for ``provider: type: local`` needs no network.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shlex
 import tomllib
@@ -21,6 +20,8 @@ import ray
 import yaml
 from ray.autoscaler._private.commands import _bootstrap_config
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from tests.conftest import job_parser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
@@ -280,15 +281,8 @@ def test_results_go_to_s3_and_trial_drivers_to_the_head():
     assert float(option(tune, "--gpus-per-trial")) == 1
 
 
-def _parser(script: str):
-    spec = importlib.util.spec_from_file_location(f"_guide_{script}", REPO_ROOT / "ray_jobs" / f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_args_parser()
-
-
 @pytest.mark.parametrize("script", ["preprocess", "tune", "ensemble"])
 def test_documented_job_arguments_parse_with_the_scripts_parsers(script):
-    parser = _parser(script)
+    parser = job_parser(script)
     for args in job_commands(f"{script}.py"):
         parser.parse_args(args)  # SystemExit (exit code 2) on an unknown flag or a bad value
