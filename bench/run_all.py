@@ -84,6 +84,14 @@ FIGURES = [
         "≤ 1.15×",
         lambda v: v <= 1.15,
     ),
+    Figure(
+        "train_step",
+        "ε=1 with model.transfer_grad=false",
+        lambda r: r["full_ng_ratio"],
+        "{:.3f}×",
+        "≤ 1.15×",
+        lambda v: v <= 1.15,
+    ),
     Figure("train_step", "full / MC-only step without DT, ε=1", lambda r: r["no_dt_ratio"], "{:.3f}×"),
     Figure(
         "train_step",

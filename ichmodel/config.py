@@ -30,6 +30,10 @@ class ModelConfig:
     dropout: float = 0.5  # on g before the GRU, as in the authors' code
     num_classes: int = NUM_CLASSES
     cpc_steps: int = 8  # T in the paper
+    #: Diversity-transfer pair features f(z2) − f(z1) carry gradient into the backbone (True, our reading of
+    #: the paper, which does not say). False runs the pair images in a separate pass without autograd: about
+    #: a third of their cost, and the backbone then learns from the batch's own slices only.
+    transfer_grad: bool = True
 
     def __post_init__(self) -> None:
         _check_positive(self, "in_channels", "feature_dim", "rnn_hidden", "num_classes", "cpc_steps")

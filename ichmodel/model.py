@@ -190,7 +190,7 @@ class ICHModel(nn.Module):
             ValueError: on a bad shape, or lengths outside ``[1, T]``.
 
         The backbone runs once over the valid slices and the 2U pair images together, so BatchNorm sees
-        them as one batch. With ``images`` in channels-last layout (per slice) or a model moved to
+        them as one batch (with ``cfg.transfer_grad`` off, the pairs get a second pass without autograd). With ``images`` in channels-last layout (per slice) or a model moved to
         ``memory_format=torch.channels_last``, the backbone input is made channels-last.
         """
         if images.dim() != 5:
@@ -207,6 +207,7 @@ class ICHModel(nn.Module):
         N = x.size(0)
 
         U = 0
+        pair_x = None
         if transfer is not None and transfer.pair_images.numel() > 0:
             pairs = transfer.pair_images
             U = pairs.size(0)
@@ -214,12 +215,20 @@ class ICHModel(nn.Module):
                 raise ValueError(
                     f"transfer.pair_images must be [U, 2, {C}, {H}, {W}]. Got {tuple(pairs.shape)}"
                 )
-            x = torch.cat([x, pairs.reshape(U * 2, C, H, W).to(dtype=x.dtype)], dim=0)  # [N + 2U, C, H, W]
+            pair_x = pairs.reshape(U * 2, C, H, W).to(dtype=x.dtype)  # [2U, C, H, W]
+            if self.cfg.transfer_grad:
+                x, pair_x = torch.cat([x, pair_x], dim=0), None  # [N + 2U, C, H, W]: one backbone pass
 
-        if self._wants_channels_last(images):
+        channels_last = self._wants_channels_last(images)
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.backbone(x)  # [N + 2U, D]
+        feats = self.backbone(x)  # [N (+ 2U), D]
         D = feats.size(1)
+        if pair_x is not None:  # transfer_grad off: the pairs' own pass, no autograd graph kept
+            pair_x = pair_x.contiguous(memory_format=torch.channels_last) if channels_last else pair_x
+            with torch.no_grad():
+                pair_feats = self.backbone(pair_x)  # [2U, D]
+            feats = torch.cat([feats, pair_feats], dim=0)  # [N + 2U, D]
 
         g = feats.new_zeros(B * T, D).index_copy(0, flat_index, feats[:N]).view(B, T, D)  # [B, T, D]
         if U > 0:

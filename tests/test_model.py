@@ -119,6 +119,23 @@ def test_diversity_transfer_adds_pair_difference_at_slots_only() -> None:
         assert torch.equal(model(images, lengths, transfer=empty)["g"], plain["g"])
 
 
+def test_transfer_without_grad_gives_the_same_features_and_no_gradient_through_the_pairs() -> None:
+    images, lengths = _images(), torch.tensor([5, 2, 4])
+    slot = torch.full((3, 5), -1)
+    slot[0, 1], slot[2, 3] = 0, 1
+    grads = {}
+    for flag in (True, False):
+        model = _model(transfer_grad=flag)
+        model.eval()  # running statistics: one joint pass and two separate passes give the same features
+        pairs = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = model(images, lengths, transfer=TransferBatch(pairs, slot, torch.tensor([2, 3])))
+        out["g"].sum().backward()
+        grads[flag] = (out["g"].detach(), pairs.grad)
+    assert torch.allclose(grads[True][0], grads[False][0], atol=1e-5)
+    assert grads[True][1] is not None and grads[True][1].abs().sum() > 0
+    assert grads[False][1] is None  # the pair pass kept no graph
+
+
 def test_masking_zeroes_gru_input_but_not_g() -> None:
     model = _model(dropout=0.5)
     model.eval()
