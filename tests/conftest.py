@@ -56,6 +56,13 @@ def job_parser(script: str) -> argparse.ArgumentParser:
     return module.get_args_parser()
 
 
+def job_args(job: str, shards: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    """Command line of a training job (``train`` or ``tune``) on ``shards``: tiny epochs, 25 % validation;
+    ``extra`` comes last, so it overrides (e.g. ``--epochs 2,1,1``)."""
+    return [sys.executable, f"ray_jobs/{job}.py", "--data", str(shards), "--storage", str(storage), "--name", name,
+            "--epochs", "1,1,1", "--set", "data.val_fraction=0.25", *extra]  # fmt: skip
+
+
 def auth_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,30 +13,14 @@ import pytest
 import torch
 
 from ichmodel.engine import load_checkpoint, load_model
+from tests.conftest import job_args
 
 pytestmark = pytest.mark.ray
-SCRIPT = "ray_jobs/train.py"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(ray_head, shards: Path, storage: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return ray_head.run(
-        [
-            sys.executable,
-            SCRIPT,
-            "--data",
-            str(shards),
-            "--storage",
-            str(storage),
-            "--name",
-            name,
-            "--epochs",
-            "1,1,1",
-            "--set",
-            "data.val_fraction=0.25",
-            *extra,
-        ]
-    )
+    return ray_head.run(job_args("train", shards, storage, name, *extra))
 
 
 def _summary(proc: subprocess.CompletedProcess) -> dict:
@@ -90,22 +73,7 @@ def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_r
 
 
 def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64, tmp_path):
-    args = [
-        sys.executable,
-        SCRIPT,
-        "--data",
-        str(shards_64),
-        "--storage",
-        str(tmp_path),
-        "--name",
-        "again",
-        "--epochs",
-        "2,1,1",
-        "--num-workers",
-        "1",
-        "--set",
-        "data.val_fraction=0.25",
-    ]
+    args = job_args("train", shards_64, tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
     proc = subprocess.Popen(
         args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

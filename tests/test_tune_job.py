@@ -12,27 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import job_args
+
 pytestmark = pytest.mark.ray
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "ray_jobs/tune.py"
-
-
-def _tune_args(shards: Path, storage: Path, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        SCRIPT,
-        "--data",
-        str(shards),
-        "--storage",
-        str(storage),
-        "--name",
-        name,
-        "--epochs",
-        "1,1,1",
-        "--set",
-        "data.val_fraction=0.25",
-        *extra,
-    ]
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -81,7 +65,9 @@ def _trial_results(experiment: Path) -> dict[str, list[dict]]:
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, demo_shards, tmp_path):
-    args = _tune_args(demo_shards[0], tmp_path, "interrupted", "--num-samples", "2", "--max-concurrent", "1")
+    args = job_args(
+        "tune", demo_shards[0], tmp_path, "interrupted", "--num-samples", "2", "--max-concurrent", "1"
+    )
     driver = subprocess.Popen(
         args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -96,7 +82,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, 
     assert finished, "no trial finished before the deadline"
     ((done_trial, done_lines),) = finished.items()
 
-    resumed = _ok(ray_head.run(_tune_args(demo_shards[0], tmp_path, "interrupted", "--resume")))
+    resumed = _ok(ray_head.run(job_args("tune", demo_shards[0], tmp_path, "interrupted", "--resume")))
     table = pd.read_csv(experiment / "trials.csv")
     assert len(table) == 2 and (table["status"] == "OK").all() and table["finished"].all()
     after = _trial_results(experiment)
@@ -107,7 +93,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, 
 def test_a_failing_trial_is_retried_and_the_search_completes(ray_head, demo_shards, tmp_path):
     _ok(
         ray_head.run(
-            _tune_args(demo_shards[0], tmp_path, "retry", "--num-samples", "1", "--fail-at-epoch", "2")
+            job_args("tune", demo_shards[0], tmp_path, "retry", "--num-samples", "1", "--fail-at-epoch", "2")
         )
     )
     markers = list((tmp_path / "retry" / "train_runs").glob(".failed-once-*"))
