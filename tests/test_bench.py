@@ -89,3 +89,18 @@ def test_memory_run_tree_follows_ancestry_and_tag():
         31: (30, "ray::IDLE"),
     }
     assert run_tree(processes, 10, "/tmp/bm-x/r") == {10, 11, 12, 20, 21}
+
+
+def test_train_step_bench_reports_every_step_and_its_ratios():
+    result, out = run_bench(
+        ["bench/train_step.py", "--size", "32", "--slices", "6", "--batch", "2", "--repeats", "1",
+         "--warmup", "0", "--pool", "8"]
+    )  # fmt: skip
+    assert_positive_finite(result)
+    for step in ("full", "paper", "no_dt", "full_ng", "mc"):
+        assert f"{step}_ms" in result and f"{step}_gflops" in result
+    assert {"ratio", "paper_ratio", "full_ng_ratio", "no_dt_ratio", "flop_ratio", "paper_of_matmul"} <= set(
+        result
+    )
+    assert result["flop_ratio"] > 1  # the pair images are extra backbone work
+    assert "goal ≤ 1.15×" in out
