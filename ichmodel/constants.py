@@ -17,6 +17,15 @@ RSNA_SUBTYPES: dict[str, str] = {
     "sdh": "subdural",
     "edh": "epidural",
 }
+#: Row order of the subtypes of one slice in RSNA files (``stage_2_train.csv`` and Kaggle's sample submission).
+RSNA_ROW_ORDER: tuple[str, ...] = (
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+    "any",
+)
 
 #: CT windows (level, width) in Hounsfield units used by top RSNA solutions: brain, subdural, bone.
 DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))

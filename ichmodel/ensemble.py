@@ -36,22 +36,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ichmodel import metrics as M
-from ichmodel.constants import CLASSES, DLCV_LABEL_HEADER, LEADERBOARD_HEADER, NUM_CLASSES, RSNA_SUBTYPES
+from ichmodel.constants import (
+    CLASSES,
+    DLCV_LABEL_HEADER,
+    LEADERBOARD_HEADER,
+    NUM_CLASSES,
+    RSNA_ROW_ORDER,
+    RSNA_SUBTYPES,
+)
 from ichmodel.predict import KEY_COLUMNS, LABEL_COLUMNS, PROB_COLUMNS, prediction_arrays
 from ichmodel.preprocess import load_manifest
 
 logger = logging.getLogger(__name__)
 
-#: Column of the Kaggle RSNA file and its subtype order (the order of Kaggle's sample submission).
+#: Columns of the Kaggle RSNA file; its rows follow :data:`ichmodel.constants.RSNA_ROW_ORDER`.
 RSNA_HEADER: tuple[str, ...] = ("ID", "Label")
-RSNA_ORDER: tuple[str, ...] = (
-    "epidural",
-    "intraparenchymal",
-    "intraventricular",
-    "subarachnoid",
-    "subdural",
-    "any",
-)
+RSNA_ORDER = RSNA_ROW_ORDER
 #: Submission kinds: header, id column, whether values are 0/1 (else probabilities in [0, 1]).
 SUBMISSION_KINDS: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "per_slice": (DLCV_LABEL_HEADER, "ID", True),

@@ -31,22 +31,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ichmodel.constants import CLASSES, DLCV_WINDOW, NUM_CLASSES, RSNA_SUBTYPES
+from ichmodel.constants import CLASSES, DLCV_WINDOW, NUM_CLASSES, RSNA_ROW_ORDER, RSNA_SUBTYPES
 
 if TYPE_CHECKING:
     from pydicom.dataset import FileDataset
 
 logger = logging.getLogger(__name__)
 
-#: Subtype order of the rows of ``stage_2_train.csv`` for one slice.
-RSNA_CSV_SUBTYPES: tuple[str, ...] = (
-    "epidural",
-    "intraparenchymal",
-    "intraventricular",
-    "subarachnoid",
-    "subdural",
-    "any",
-)
+RSNA_CSV_SUBTYPES = RSNA_ROW_ORDER  # rows of ``stage_2_train.csv`` for one slice
 
 #: Probability that a series holds a lesion of each class (tuned so slice rates resemble FACTS.md).
 LESION_SERIES_PROB: dict[str, float] = {"ich": 0.23, "ivh": 0.3, "sah": 0.2, "sdh": 0.37, "edh": 0.1}
