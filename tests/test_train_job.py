@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ichmodel.engine import load_checkpoint, load_model
+from ray_jobs.common import CHECKPOINT_FILE
 from tests.conftest import job_args
 
 pytestmark = pytest.mark.ray
@@ -28,13 +29,18 @@ def _summary(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout[proc.stdout.index("{") :])
 
 
-def _first_complete_checkpoint(run_dir: Path) -> dict | None:
-    for path in sorted(run_dir.glob("checkpoint_*/checkpoint.pt")):
-        try:
-            return load_checkpoint(path)
-        except (RuntimeError, EOFError, OSError):
-            continue  # still being copied, or already replaced by a newer one
-    return None
+def _recorded_checkpoint(run_dir: Path) -> dict | None:
+    """The checkpoint Ray's own record (the checkpoint manager snapshot) names, loaded; None until there is one.
+
+    A rerun resumes from that record, so a file in a ``checkpoint_*`` folder that Ray has not recorded yet
+    (the driver can die between the copy and the record) is not one the rerun may be expected to use.
+    """
+    try:
+        record = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        name = record["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return load_checkpoint(run_dir / name / CHECKPOINT_FILE)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError):
+        return None  # not written yet, half written, or the folder was just replaced by a newer one
 
 
 def test_two_worker_ddp_run_completes_all_stages(ray_head, shards_64, tmp_path):
@@ -77,15 +83,15 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64,
     proc = subprocess.Popen(
         args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    # Ray copies the checkpoint into storage after the file appears, so wait for one that loads whole.
+    # Kill once Ray has recorded a checkpoint (a rerun resumes from Ray's record, not from loose files).
     killed = None
     deadline = time.time() + 300
     while time.time() < deadline and killed is None:
-        killed = _first_complete_checkpoint(tmp_path / "again")
+        killed = _recorded_checkpoint(tmp_path / "again")
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert killed is not None, "no complete checkpoint was written before the kill"
+    assert killed is not None, "Ray recorded no checkpoint before the kill"
     assert killed["global_epoch"] < 4
 
     rerun = _train(ray_head, shards_64, tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
