@@ -426,9 +426,17 @@ def fit(
         net.load_state_dict(resume["model"])
         state = TrainState(**resume["state"])
         best_model = resume["best_model"]
-        logger.info(
-            "resuming at stage %d epoch %d (global epoch %d)", state.stage, state.epoch, state.global_epoch
-        )
+        if state.finished:
+            logger.info(
+                "this run already finished all stages (global epoch %d): nothing to train", state.global_epoch
+            )
+        else:
+            logger.info(
+                "resuming at stage %d epoch %d (global epoch %d)",
+                state.stage + 1,
+                state.epoch,
+                state.global_epoch,
+            )
     model: nn.Module = net
     if distributed:
         model = nn.parallel.DistributedDataParallel(

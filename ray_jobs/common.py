@@ -181,6 +181,30 @@ def build_trainer(
     )
 
 
+def finished_run_report(run_path: str) -> dict | None:
+    """The last report of the Train run at ``run_path`` if that run already finished every stage, else None.
+
+    It is read from Ray's own record of the run (local path or URI) and carries ``checkpoint_path``, as a
+    report relayed by ``TuneReportCallback`` does. A Tune trial restored from an experiment state saved just
+    before its Train run ended would otherwise rerun that run, get no new report, and keep a stale result.
+    """
+    import ray.train
+
+    # Reading the record logs a long INFO note meant for a run being resumed; this only looks.
+    logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager").setLevel(
+        logging.WARNING
+    )
+    try:
+        result = ray.train.Result.from_path(run_path)
+    except Exception:  # no run there yet, no record yet, or one being written: the caller just trains
+        return None
+    metrics = dict(result.metrics or {})
+    if not metrics.get("finished") or result.checkpoint is None:
+        return None
+    metrics["checkpoint_path"] = result.checkpoint.path
+    return metrics
+
+
 # ------------------------------------------------------------------------------------------ demo data
 
 DEMO_ROOT = REPO_ROOT / "runs" / "demo_data"

@@ -36,6 +36,7 @@ from ray_jobs.common import (  # noqa: E402
     REPO_ROOT,
     build_trainer,
     ensure_demo_data,
+    finished_run_report,
     init_ray,
     is_uri,
     parse_overrides,
@@ -156,6 +157,10 @@ def train_trial_fn(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
+    done = finished_run_report(f"{storage}/train-{trial_id}")
+    if done is not None:  # restored from a state saved before its Train run ended: report the end, once
+        tune.report(done)
+        return
     overrides = {k: v for k, v in config.items() if "." in k}
     loop_config = {"config": base, "overrides": overrides}
     if fail_at_epoch is not None:

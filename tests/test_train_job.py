@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ichmodel.engine import load_checkpoint, load_model
-from ray_jobs.common import CHECKPOINT_FILE
+from ray_jobs.common import CHECKPOINT_FILE, finished_run_report
 from tests.conftest import job_args
 
 pytestmark = pytest.mark.ray
@@ -93,6 +93,8 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64,
     proc.wait()
     assert killed is not None, "Ray recorded no checkpoint before the kill"
     assert killed["global_epoch"] < 4
+    assert finished_run_report(str(tmp_path / "again")) is None  # recorded, but not finished
+    assert finished_run_report(str(tmp_path / "no-such-run")) is None
 
     rerun = _train(ray_head, shards_64, tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
     summary = _summary(rerun)
@@ -101,3 +103,7 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64,
     assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
     # The epochs done before the kill are the killed run's own records (timings included), not a rerun.
     assert history[: killed["global_epoch"]] == killed["state"]["history"]
+    # What a restored Tune trial reports instead of rerunning: the finished run's last report and checkpoint.
+    done = finished_run_report(str(tmp_path / "again"))
+    assert done is not None and done["finished"] and done["global_epoch"] == 4
+    assert Path(done["checkpoint_path"]) == Path(summary["checkpoint"]).parent

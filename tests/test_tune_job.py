@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ray_jobs.common import finished_run_report
 from tests.conftest import job_args
 
 pytestmark = pytest.mark.ray
@@ -64,29 +65,50 @@ def _trial_results(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _finished_train_runs(experiment: Path) -> dict[str, dict]:
+    """Trial id -> last report of each trial's Train run that Ray has recorded as finished."""
+    runs = {}
+    for run in (experiment / "train_runs").glob("train-*"):
+        report = finished_run_report(str(run))
+        if report is not None:
+            runs[run.name.removeprefix("train-")] = report
+    return runs
+
+
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, demo_shards, tmp_path):
     args = job_args(
         "tune", demo_shards[0], tmp_path, "interrupted", "--num-samples", "2", "--max-concurrent", "1"
     )
+    # Tune saves its experiment state at the start and then at most every TUNE_GLOBAL_CHECKPOINT_S; an hour
+    # makes the kill always hit the worst case: a state saved before the first trial's Train run ended.
     driver = subprocess.Popen(
-        args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        args,
+        cwd=REPO_ROOT,
+        env=ray_head.env | {"TUNE_GLOBAL_CHECKPOINT_S": "3600"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     experiment = tmp_path / "interrupted"
     deadline = time.time() + 400
-    finished: dict[str, list[dict]] = {}
+    finished: dict[str, dict] = {}
     while time.time() < deadline and not finished:
-        finished = {k: v for k, v in _trial_results(experiment).items() if v and v[-1].get("finished")}
+        finished = _finished_train_runs(experiment)
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert finished, "no trial finished before the deadline"
-    ((done_trial, done_lines),) = finished.items()
+    ((done_trial, done),) = finished.items()
 
     resumed = _ok(ray_head.run(job_args("tune", demo_shards[0], tmp_path, "interrupted", "--resume")))
-    table = pd.read_csv(experiment / "trials.csv")
+    table = pd.read_csv(experiment / "trials.csv", dtype={"trial_id": str})
     assert len(table) == 2 and (table["status"] == "OK").all() and table["finished"].all()
-    after = _trial_results(experiment)
-    assert len(after[done_trial]) == len(done_lines), "the finished trial ran again"
+    # The finished trial did not train again: its Train run still ends in the same record and checkpoint.
+    assert _finished_train_runs(experiment)[done_trial] == done
+    row = table.set_index("trial_id").loc[done_trial]
+    assert row["best_f2"] == done["model_f2"] and row["epochs"] == done["global_epoch"]
+    assert (
+        row["checkpoint"] == f"{done['checkpoint_path']}/checkpoint.pt" and Path(row["checkpoint"]).is_file()
+    )
     assert "trials table" in resumed.stdout
 
 
