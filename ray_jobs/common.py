@@ -181,12 +181,11 @@ def build_trainer(
     )
 
 
-def finished_run_report(run_path: str) -> dict | None:
-    """The last report of the Train run at ``run_path`` if that run already finished every stage, else None.
+def recorded_result(run_path: str):
+    """Ray Train's own record of the run at ``run_path`` (local path or URI) as a ``ray.train.Result``.
 
-    It is read from Ray's own record of the run (local path or URI) and carries ``checkpoint_path``, as a
-    report relayed by ``TuneReportCallback`` does. A Tune trial restored from an experiment state saved just
-    before its Train run ended would otherwise rerun that run, get no new report, and keep a stale result.
+    None while there is nothing to read: no run there yet, no record yet, or one being written. Its
+    ``checkpoint`` is the one a rerun with the same name resumes from (None before the first).
     """
     import ray.train
 
@@ -195,14 +194,22 @@ def finished_run_report(run_path: str) -> dict | None:
         logging.WARNING
     )
     try:
-        result = ray.train.Result.from_path(run_path)
-    except Exception:  # no run there yet, no record yet, or one being written: the caller just trains
+        return ray.train.Result.from_path(run_path)
+    except Exception:  # whatever the reason, the caller just trains (or waits)
         return None
-    metrics = dict(result.metrics or {})
-    if not metrics.get("finished") or result.checkpoint is None:
+
+
+def finished_run_report(run_path: str) -> dict | None:
+    """The last report of the Train run at ``run_path`` if that run already finished every stage, else None.
+
+    It comes from :func:`recorded_result` and carries ``checkpoint_path``, as a report relayed by
+    ``TuneReportCallback`` does. A Tune trial restored from an experiment state saved just before its Train
+    run ended would otherwise rerun that run, get no new report, and keep a stale result.
+    """
+    result = recorded_result(run_path)
+    if result is None or result.checkpoint is None or not (result.metrics or {}).get("finished"):
         return None
-    metrics["checkpoint_path"] = result.checkpoint.path
-    return metrics
+    return {**result.metrics, "checkpoint_path": result.checkpoint.path}
 
 
 # ------------------------------------------------------------------------------------------ demo data

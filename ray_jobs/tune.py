@@ -157,7 +157,8 @@ def train_trial_fn(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    done = finished_run_report(f"{storage}/train-{trial_id}")
+    run_name = f"train-{trial_id}"  # fixed: a retried or restored trial resumes from its Train checkpoint
+    done = finished_run_report(f"{storage}/{run_name}")
     if done is not None:  # restored from a state saved before its Train run ended: report the end, once
         tune.report(done)
         return
@@ -168,7 +169,7 @@ def train_trial_fn(
         max_failures = 0
     trainer = build_trainer(
         loop_config,
-        name=f"train-{trial_id}",  # fixed: a retried or restored trial resumes from its Train checkpoint
+        name=run_name,
         storage_path=storage,
         max_failures=max_failures,
         callbacks=[TuneReportCallback()],

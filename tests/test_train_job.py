@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ichmodel.engine import load_checkpoint, load_model
-from ray_jobs.common import CHECKPOINT_FILE, finished_run_report
+from ray_jobs.common import CHECKPOINT_FILE, finished_run_report, recorded_result
 from tests.conftest import job_args
 
 pytestmark = pytest.mark.ray
@@ -30,17 +30,18 @@ def _summary(proc: subprocess.CompletedProcess) -> dict:
 
 
 def _recorded_checkpoint(run_dir: Path) -> dict | None:
-    """The checkpoint Ray's own record (the checkpoint manager snapshot) names, loaded; None until there is one.
+    """The checkpoint Ray's own record of the run names, loaded; None until there is one.
 
     A rerun resumes from that record, so a file in a ``checkpoint_*`` folder that Ray has not recorded yet
     (the driver can die between the copy and the record) is not one the rerun may be expected to use.
     """
+    result = recorded_result(str(run_dir))
+    if result is None or result.checkpoint is None:
+        return None
     try:
-        record = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        name = record["latest_checkpoint_result"]["checkpoint_dir_name"]
-        return load_checkpoint(run_dir / name / CHECKPOINT_FILE)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError):
-        return None  # not written yet, half written, or the folder was just replaced by a newer one
+        return load_checkpoint(Path(result.checkpoint.path) / CHECKPOINT_FILE)
+    except (OSError, RuntimeError, EOFError):
+        return None  # the folder was just replaced by a newer one
 
 
 def test_two_worker_ddp_run_completes_all_stages(ray_head, shards_64, tmp_path):
