@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ichmodel.constants import NUM_CLASSES
-from ichmodel.preprocess import load_manifest
+from ichmodel.shards import load_manifest, series_index
 
 logger = logging.getLogger(__name__)
 
@@ -113,24 +113,6 @@ class SeriesDataset(Dataset):
         state = self.__dict__.copy()
         state["_files"] = {}  # open files do not pickle; each worker opens its own
         return state
-
-
-def series_index(manifest: dict) -> dict[str, tuple[str, int, int]]:
-    """``{series_id: (shard file, row group, num_slices)}`` from a manifest.
-
-    Raises:
-        ValueError: when a series id appears twice.
-    """
-    index: dict[str, tuple[str, int, int]] = {}
-    for shard in manifest["shards"]:
-        for entry in shard["series"]:
-            sid = entry["series_id"]
-            if sid in index:
-                raise ValueError(
-                    f"Series {sid!r} appears twice in the manifest ({index[sid][0]}, {shard['file']})"
-                )
-            index[sid] = (shard["file"], int(entry["row_group"]), int(entry["num_slices"]))
-    return index
 
 
 def _binary_to_array(column, shape: tuple[int, ...]) -> np.ndarray:

@@ -35,9 +35,10 @@ from torch import nn
 from ichmodel import metrics as M
 from ichmodel.augment import augment_series, normalize, to_float
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, collate_series, series_index
+from ichmodel.dataset import SeriesDataset, collate_series
 from ichmodel.losses import build_loss
 from ichmodel.model import ICHModel, build_model
+from ichmodel.shards import series_index
 from ichmodel.strategies import build_transfer_pool, make_transfer_batch, plan_strategies, transfer_labels
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from ichmodel.constants import (
     RSNA_SUBTYPES,
 )
 from ichmodel.predict import KEY_COLUMNS, LABEL_COLUMNS, PROB_COLUMNS, prediction_arrays
-from ichmodel.preprocess import load_manifest
+from ichmodel.shards import load_manifest
 
 logger = logging.getLogger(__name__)
 

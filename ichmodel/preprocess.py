@@ -40,27 +40,9 @@ from ichmodel.readers import (
     load_dicom_pixels,
     load_dlcv_image,
 )
+from ichmodel.shards import MANIFEST_NAME, META_KEY, SHARD_PATTERN, SHARD_SCHEMA, SKIPPED_NAME
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-SKIPPED_NAME = "skipped.csv"
-SHARD_PATTERN = "shard-{:05d}.parquet"
-#: Footer key holding a shard's fingerprint and its skip records (JSON).
-_META_KEY = b"ichmodel.shard"
-
-SHARD_SCHEMA = pa.schema(
-    [
-        ("series_id", pa.string()),
-        ("position", pa.int32()),
-        ("slice_id", pa.string()),
-        ("labels", pa.list_(pa.int8(), NUM_CLASSES)),
-        ("image", pa.binary()),
-        ("height", pa.int16()),
-        ("width", pa.int16()),
-        ("channels", pa.int16()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -298,7 +280,7 @@ def _read_finished(path: Path, fingerprint: str) -> ShardResult | None:
     """The result recorded in an existing shard's footer, if it was written for ``fingerprint``."""
     try:
         meta = pq.ParquetFile(path).metadata
-        info = json.loads(meta.metadata[_META_KEY])
+        info = json.loads(meta.metadata[META_KEY])
     except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
         return None
     if info.get("fingerprint") != fingerprint:
@@ -346,7 +328,7 @@ def write_shard(task: ShardTask, out_dir: str | Path, options: PreprocessOptions
         "series": result.series,
         "skipped": [[s.path, s.reason] for s in result.skipped],
     }
-    schema = SHARD_SCHEMA.with_metadata({_META_KEY: json.dumps(info).encode()})
+    schema = SHARD_SCHEMA.with_metadata({META_KEY: json.dumps(info).encode()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with pq.ParquetWriter(
         tmp,
@@ -406,18 +388,6 @@ def write_outputs(
         len(skipped),
     )
     return manifest
-
-
-def load_manifest(shard_dir: str | Path) -> dict:
-    """Read ``shard_dir/manifest.json``.
-
-    Raises:
-        FileNotFoundError: naming the folder when there is no manifest.
-    """
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No {MANIFEST_NAME} in {shard_dir}; run ray_jobs/preprocess.py first")
-    return json.loads(path.read_text())
 
 
 def preprocess(

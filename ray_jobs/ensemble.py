@@ -39,8 +39,8 @@ from ichmodel.dataset import split_series  # noqa: E402
 from ichmodel.engine import load_checkpoint  # noqa: E402
 from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
 from ichmodel.predict import prediction_arrays  # noqa: E402
-from ichmodel.preprocess import load_manifest  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
+from ichmodel.shards import load_manifest  # noqa: E402
 from ray_jobs.common import fetch, init_ray, is_uri, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.ensemble")

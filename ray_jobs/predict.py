@@ -36,8 +36,9 @@ from ichmodel.constants import CLASSES  # noqa: E402
 from ichmodel.dataset import SeriesDataset  # noqa: E402
 from ichmodel.engine import load_checkpoint, load_model  # noqa: E402
 from ichmodel.predict import predict_dataset, summarize_series  # noqa: E402
-from ichmodel.preprocess import MANIFEST_NAME, SKIPPED_NAME, PreprocessOptions, load_manifest, preprocess  # noqa: E402
+from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from ichmodel.readers import read_dicom_folder  # noqa: E402
+from ichmodel.shards import MANIFEST_NAME, SKIPPED_NAME, load_manifest  # noqa: E402
 from ray_jobs.common import parse_window, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.predict")

@@ -106,12 +106,15 @@ def test_diversity_transfer_adds_pair_difference_at_slots_only() -> None:
     expected[0, 1] += info[0]
     expected[2, 3] += info[1]
     expected[1, 0] += info[1]
-    assert torch.allclose(moved["g"], expected, atol=1e-5)
+    # The two forwards run the backbone over different batch sizes, so untouched slices differ by float
+    # noise that depends on the CPU's kernels (around 1e-6 on AMD EPYC): compare relative to the features.
+    scale = plain["g"].abs().max()
+    assert torch.allclose(moved["g"], expected, rtol=1e-4, atol=1e-4 * scale)
     assert (moved["g"][1, 2:] == 0).all()
-    changed = (moved["g"] - plain["g"]).abs().sum(-1) > 1e-6
+    changed = (moved["g"] - plain["g"]).abs().amax(-1) > 1e-3 * scale  # a pair difference is O(scale)
     assert changed.nonzero().tolist() == [[0, 1], [1, 0], [2, 3]]
     # AC and DC read the transferred g; an empty TransferBatch is the same as none.
-    assert torch.allclose(moved["ac_logits"], model.cls(moved["g"]), atol=1e-6)
+    assert torch.allclose(moved["ac_logits"], model.cls(moved["g"]), rtol=1e-5, atol=1e-5)
     empty = TransferBatch(
         torch.zeros(0, 2, 3, 32, 32), torch.full((3, 5), -1), torch.zeros(0, dtype=torch.long)
     )
@@ -131,7 +134,8 @@ def test_transfer_without_grad_gives_the_same_features_and_no_gradient_through_t
         out = model(images, lengths, transfer=TransferBatch(pairs, slot, torch.tensor([2, 3])))
         out["g"].sum().backward()
         grads[flag] = (out["g"].detach(), pairs.grad)
-    assert torch.allclose(grads[True][0], grads[False][0], atol=1e-5)
+    scale = grads[True][0].abs().max()  # joint vs separate backbone passes: kernel-dependent noise
+    assert torch.allclose(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-4 * scale)
     assert grads[True][1] is not None and grads[True][1].abs().sum() > 0
     assert grads[False][1] is None  # the pair pass kept no graph
 

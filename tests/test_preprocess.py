@@ -14,6 +14,7 @@ from PIL import Image
 from ichmodel import preprocess as pp
 from ichmodel import readers
 from ichmodel.constants import DEFAULT_WINDOWS
+from ichmodel.shards import SHARD_SCHEMA, load_manifest
 from tests import datagen
 
 
@@ -114,7 +115,7 @@ def test_shards_follow_the_contract(tmp_path):
     assert manifest["num_slices"] == result.num_slices == sum(s["num_rows"] for s in manifest["shards"])
     for shard in manifest["shards"]:
         pf = pq.ParquetFile(tmp_path / "out" / shard["file"])
-        assert pf.schema_arrow.remove_metadata().equals(pp.SHARD_SCHEMA)
+        assert pf.schema_arrow.remove_metadata().equals(SHARD_SCHEMA)
         assert pf.schema_arrow.field("labels").type == pa.list_(pa.int8(), 5)
         assert pf.metadata.num_row_groups == len(shard["series"])
         assert pf.metadata.row_group(0).column(4).compression == "ZSTD"
@@ -225,4 +226,4 @@ def test_plan_shards_keeps_order_and_rejects_zero():
 
 def test_load_manifest_missing_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        pp.load_manifest(tmp_path)
+        load_manifest(tmp_path)
