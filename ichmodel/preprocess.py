@@ -3,7 +3,7 @@
 The shard format is the contract in ``docs/architecture.md``: one Parquet row group per series, rows in
 slice order, columns ``series_id, position, slice_id, labels, image, height, width, channels``.
 
-Per DICOM slice: HU (with the RSNA 12-bit fix, :func:`ichmodel.readers.load_dicom_hu`) → padded to a
+Per DICOM slice: HU (with the RSNA 12-bit fix, :func:`ichmodel.decode.load_dicom_pixels`) → padded to a
 square with the image minimum → resized to ``size`` (block mean for integer factors, else antialiased
 bilinear) → one ``uint8`` channel per window (level, width). Resizing before windowing keeps HU precision
 and makes the windows 4× cheaper at 512 → 256. A DLCV JPEG (one channel, already windowed) is resized
@@ -22,7 +22,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,13 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ichmodel.constants import CLASSES, DEFAULT_WINDOWS, DLCV_WINDOW, NUM_CLASSES
-from ichmodel.readers import (
-    ReadResult,
-    SeriesRecord,
-    SkipRecord,
-    load_dicom_pixels,
-    load_dlcv_image,
-)
+from ichmodel.decode import apply_windows, load_dicom_pixels, load_dlcv_image
+from ichmodel.io import atomic_path, atomic_write_text
+from ichmodel.readers import ReadResult, SeriesRecord, SkipRecord
 from ichmodel.shards import MANIFEST_NAME, META_KEY, SHARD_PATTERN, SHARD_SCHEMA, SKIPPED_NAME
 
 logger = logging.getLogger(__name__)
@@ -135,6 +130,41 @@ def pad_square(image: np.ndarray, fill: float) -> np.ndarray:
     return out
 
 
+def block_sum(image: np.ndarray, factor: int) -> np.ndarray:
+    """Sum of every ``factor × factor`` block of an integer image ``[S, S]`` (S a multiple of ``factor``)
+    → ``[S / factor, S / factor]``.
+
+    The sums stay in the image's own integer type (at least 16 bits) when they cannot overflow it, else in
+    int32 or int64: adding 16-bit planes moves half the bytes of a float32 box filter.
+
+    Raises:
+        ValueError: when ``image`` is not an integer image or its side is not a multiple of ``factor``.
+    """
+    if image.dtype.kind not in "iu" or image.shape[0] % factor:
+        raise ValueError(
+            f"block_sum needs an integer image whose side is a multiple of {factor}. "
+            f"Got {image.dtype} {image.shape}"
+        )
+    count = factor * factor
+    low, high = int(image.min()) * count, int(image.max()) * count
+    candidates = (image.dtype, np.dtype(np.uint16 if image.dtype.kind == "u" else np.int16), np.int32)
+    dtype = next(
+        (
+            d
+            for d in map(np.dtype, candidates)
+            if d.itemsize >= 2 and np.iinfo(d).min <= low and high <= np.iinfo(d).max
+        ),
+        np.dtype(np.int64),
+    )
+    rows = image[0::factor].astype(dtype)  # sum f rows, then f columns (a reshape-sum is 10-20x slower)
+    for i in range(1, factor):
+        rows += image[i::factor]
+    out = rows[:, 0::factor].copy()
+    for j in range(1, factor):
+        out += rows[:, j::factor]
+    return out
+
+
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize a square image ``[S, S]`` to float32 ``[size, size]`` (returned as is when S == size).
 
@@ -144,15 +174,17 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     side = image.shape[0]
     if side == size:
         return image
-    if side % size == 0:  # box filter: sum f rows, then f columns (a reshape-mean is 10-20x slower)
-        f = side // size
-        rows = image[0::f].astype(np.float32)
-        for i in range(1, f):
-            rows += image[i::f]
-        out = rows[:, 0::f].copy()
-        for j in range(1, f):
-            out += rows[:, j::f]
-        out *= np.float32(1.0 / (f * f))
+    if side % size == 0:
+        factor = side // size
+        if image.dtype.kind in "iu":
+            return block_sum(image, factor) * np.float32(1.0 / (factor * factor))
+        rows = image[0::factor].astype(np.float32)
+        for i in range(1, factor):
+            rows += image[i::factor]
+        out = rows[:, 0::factor].copy()
+        for j in range(1, factor):
+            out += rows[:, j::factor]
+        out *= np.float32(1.0 / (factor * factor))
         return out
     import torch
     import torch.nn.functional as F
@@ -163,50 +195,46 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     ].numpy()
 
 
-def apply_windows(
-    image: np.ndarray, windows: Sequence[tuple[float, float]], slope: float = 1.0, intercept: float = 0.0
-) -> np.ndarray:
-    """``[H, W]`` → ``uint8 [H, W, C]``, one channel per (level, width) in HU: ``level - width/2`` → 0,
-    ``level + width/2`` → 255, rounded to the nearest grey level, clipped.
-
-    ``image`` holds HU, or stored pixels with HU = image × slope + intercept (the rescale is folded into
-    each window's affine map, so no HU image is ever built).
-    """
-    out = np.empty((*image.shape, len(windows)), dtype=np.uint8)
-    scratch = np.empty(image.shape, dtype=np.float32)
-    for c, (level, width) in enumerate(windows):
-        gain = 255.0 / width
-        offset = (intercept - (level - width / 2)) * gain + 0.5  # +0.5: the uint8 cast below truncates
-        np.multiply(image, np.float32(slope * gain), out=scratch, casting="unsafe")
-        scratch += np.float32(offset)
-        np.clip(scratch, 0.0, 255.0, out=out[..., c], casting="unsafe")
-    return out
-
-
 def dicom_slice_image(path: str | Path, options: PreprocessOptions) -> np.ndarray:
     """One DICOM file → ``uint8 [size, size, C]``.
 
     Resizing works on the stored pixels (the rescale to HU is linear, so it commutes with resizing and is
-    folded into the windows); the 12-bit fix has already been applied by the reader.
+    folded into the windows); the 12-bit fix has already been applied by the decoder. For integer factors
+    the block mean is a block sum on the integers, its ``1 / factor²`` folded into the slope, so the only
+    float arithmetic is the window map on the output pixels.
 
     Raises:
-        ValueError: naming the file when it cannot be read (see :func:`ichmodel.readers.load_dicom_pixels`).
+        ValueError: naming the file when it cannot be read (see :func:`ichmodel.decode.load_dicom_pixels`).
     """
     pixels, slope, intercept = load_dicom_pixels(path)
     if pixels.shape[0] != pixels.shape[1]:
         pixels = pad_square(pixels, pixels.min())
+    side = pixels.shape[0]
+    if side % options.size == 0 and pixels.dtype.kind in "iu":
+        factor = side // options.size
+        if factor > 1:
+            pixels, slope = block_sum(pixels, factor), slope / (factor * factor)
+        return apply_windows(pixels, options.windows, slope, intercept)
     return apply_windows(resize_square(pixels, options.size), options.windows, slope, intercept)
 
 
 def jpeg_slice_image(path: str | Path, options: PreprocessOptions) -> np.ndarray:
-    """One DLCV JPEG → ``uint8 [size, size, C]`` (its one channel repeated).
+    """One DLCV JPEG → ``uint8 [size, size, C]`` (its one channel repeated); the resized grey level is
+    rounded half up.
 
     Raises:
         ValueError: naming the file when it cannot be decoded.
     """
-    gray = load_dlcv_image(path).astype(np.float32)
-    gray = resize_square(pad_square(gray, 0.0), options.size)
-    gray = np.clip(gray + np.float32(0.5), 0, 255).astype(np.uint8)
+    gray = pad_square(load_dlcv_image(path), 0)
+    side = gray.shape[0]
+    if side % options.size == 0:  # integer block mean, rounded half up: floor((2 × sum + f²) / (2 f²))
+        count = (side // options.size) ** 2
+        gray = ((2 * block_sum(gray, side // options.size).astype(np.int32) + count) // (2 * count)).astype(
+            np.uint8
+        )
+    else:
+        gray = np.clip(resize_square(gray.astype(np.float32), options.size) + np.float32(0.5), 0, 255)
+        gray = gray.astype(np.uint8)
     return np.repeat(gray[:, :, None], options.channels, axis=2)
 
 
@@ -329,17 +357,18 @@ def write_shard(task: ShardTask, out_dir: str | Path, options: PreprocessOptions
         "skipped": [[s.path, s.reason] for s in result.skipped],
     }
     schema = SHARD_SCHEMA.with_metadata({META_KEY: json.dumps(info).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pq.ParquetWriter(
-        tmp,
-        schema,
-        compression="zstd",
-        use_dictionary=["series_id"],
-        write_statistics=["series_id", "position"],
-    ) as writer:
+    with (
+        atomic_path(path) as tmp,
+        pq.ParquetWriter(
+            tmp,
+            schema,
+            compression="zstd",
+            use_dictionary=["series_id"],
+            write_statistics=["series_id", "position"],
+        ) as writer,
+    ):
         for table in tables:
             writer.write_table(table, row_group_size=table.num_rows)
-    os.replace(tmp, path)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -376,9 +405,7 @@ def write_outputs(
         writer = csv.writer(f)
         writer.writerow(["path", "reason"])
         writer.writerows([s.path, s.reason] for s in skipped)
-    tmp = out_dir / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / MANIFEST_NAME)
+    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
     logger.info(
         "Wrote %s: %d series, %d slices in %d shards, %d skipped",
         out_dir / MANIFEST_NAME,

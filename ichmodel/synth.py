@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ichmodel.constants import CLASSES, DLCV_WINDOW, NUM_CLASSES, RSNA_ROW_ORDER, RSNA_SUBTYPES
+from ichmodel.decode import apply_windows
 
 if TYPE_CHECKING:
     from pydicom.dataset import FileDataset
@@ -280,12 +281,6 @@ def _lesion_mask(lesion, p, u, v, rho_b, phi, brain, sulci_masks, fissure, ventr
     if lesion.cls == "ich":
         return _ich_mask(lesion, p, u, v, brain)
     raise ValueError(f"Unknown lesion class {lesion.cls!r}")
-
-
-def window_to_uint8(hu: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Map HU to 0..255 through one window (``level - width/2`` → 0, ``level + width/2`` → 255)."""
-    scaled = (hu - (level - width / 2)) * (255.0 / width)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -555,7 +550,7 @@ def write_dlcv_dataset(
         dirname = f"ID_{stem}"
         folder = out / split / dirname
         folder.mkdir(parents=True, exist_ok=True)
-        images = window_to_uint8(hu, *DLCV_WINDOW)
+        images = apply_windows(hu, [DLCV_WINDOW])[..., 0]  # [T, H, W] grey levels
         for k in range(num_slices):
             name = f"{stem}_{k}.jpg"
             Image.fromarray(images[k]).save(folder / name, quality=95)

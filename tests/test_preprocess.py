@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ichmodel import decode, readers
 from ichmodel import preprocess as pp
-from ichmodel import readers
 from ichmodel.constants import DEFAULT_WINDOWS
 from ichmodel.shards import SHARD_SCHEMA, load_manifest
 from tests import datagen
@@ -32,11 +32,35 @@ def _reference_windows(hu: np.ndarray) -> np.ndarray:
     return np.stack(out, axis=-1)
 
 
-def test_apply_windows_golden_values():
-    hu = np.array([[-1000.0, 0.0, 40.0, 80.0, 3000.0]], dtype=np.float32)
-    out = pp.apply_windows(hu, [(40.0, 80.0)])
-    assert out.dtype == np.uint8 and out.shape == (1, 5, 1)
-    assert out[0, :, 0].tolist() == [0, 0, 128, 255, 255]
+def test_block_sum_stays_in_16_bits_only_when_the_sums_fit():
+    image = np.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]], np.uint16)
+    summed = pp.block_sum(image, 2)
+    assert summed.dtype == np.uint16 and summed.tolist() == [[14, 22], [46, 54]]
+    assert pp.block_sum(np.full((4, 4), 4095, np.uint16), 4).tolist() == [[65520]]  # 12-bit x 16 fits
+    big = pp.block_sum(np.full((4, 4), 3000, np.int16), 4)  # 48000 does not fit int16
+    assert big.dtype == np.int32 and big.tolist() == [[48000]]
+    negative = pp.block_sum(np.array([[-2000, -2000], [-2000, 5]], np.int16), 2)
+    assert negative.dtype == np.int16 and negative.tolist() == [[-5995]]
+    assert pp.block_sum(np.full((2, 2), 255, np.uint8), 2).tolist() == [[1020]]  # uint8 widened
+    with pytest.raises(ValueError, match="multiple of 3"):
+        pp.block_sum(image, 3)
+
+
+def test_integer_resize_matches_the_float_block_mean_within_one_grey_level():
+    rng = np.random.default_rng(0)
+    windows = pp.PreprocessOptions().windows
+    for dtype, low, high in ((np.int16, -2000, 3000), (np.uint16, 0, 4095), (np.int32, -3024, 30000)):
+        stored = rng.integers(low, high, size=(64, 64)).astype(dtype)
+        for factor in (1, 2, 4):
+            mean = (
+                stored.reshape(64 // factor, factor, 64 // factor, factor)
+                .astype(np.float64)
+                .mean(axis=(1, 3))
+            )
+            expected = decode.apply_windows(mean, windows, 1.0, -1024.0).astype(int)
+            summed = pp.block_sum(stored, factor) if factor > 1 else stored
+            got = decode.apply_windows(summed, windows, 1.0 / factor**2, -1024.0).astype(int)
+            assert np.abs(got - expected).max() <= 1
 
 
 def test_resize_square_block_mean_and_bilinear():
@@ -70,7 +94,7 @@ def test_round_trip_dicom_to_parquet_matches_windowed_hu(tmp_path):
             for row, record in zip(table.to_pylist(), series.slices, strict=True):
                 shape = (row["height"], row["width"], row["channels"])
                 image = np.frombuffer(row["image"], np.uint8).reshape(shape)
-                expected = _reference_windows(readers.load_dicom_hu(record.path))
+                expected = _reference_windows(decode.load_dicom_hu(record.path))
                 assert np.abs(image.astype(int) - expected).max() <= 1
                 assert row["labels"] == list(record.labels)
 
@@ -83,7 +107,7 @@ def test_resized_dicom_matches_windowed_block_mean_hu(tmp_path):
     synth.write_dicom_folder(tmp_path, num_patients=1, slices=(2, 2), size=datagen.SIZE, seed=4)
     paths = [*sorted(tmp_path.rglob("*.dcm")), get_testdata_file("CT_small.dcm")]
     for path in paths:
-        hu = readers.load_dicom_hu(path)
+        hu = decode.load_dicom_hu(path)
         side = hu.shape[0] // 2
         image = pp.dicom_slice_image(path, pp.PreprocessOptions(size=side))
         assert image.shape == (side, side, 3) and image.dtype == np.uint8

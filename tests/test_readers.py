@@ -3,10 +3,8 @@ from __future__ import annotations
 import csv
 import shutil
 
-import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 
 from ichmodel import readers
 from tests import datagen
@@ -14,84 +12,6 @@ from tests import datagen
 
 def _reasons(result) -> dict[str, str]:
     return {s.path: s.reason for s in result.skipped}
-
-
-# ---------------------------------------------------------------- HU
-
-
-def test_needs_12bit_fix_truth_table():
-    assert readers.needs_12bit_fix(12, 0, 0.0)
-    assert readers.needs_12bit_fix(12, 0, -99.0)
-    assert not readers.needs_12bit_fix(12, 0, -1024.0)
-    assert not readers.needs_12bit_fix(16, 0, 0.0)
-    assert not readers.needs_12bit_fix(12, 1, 0.0)
-
-
-def test_to_hu_slope_and_intercept():
-    pixels = np.array([[0, 1024], [2048, 100]], dtype=np.int16)
-    np.testing.assert_array_equal(readers.to_hu(pixels, 1.0, -1024.0), [[-1024, 0], [1024, -924]])
-    np.testing.assert_array_equal(readers.to_hu(pixels, 2.0, -1000.0), [[-1000, 1048], [3096, -800]])
-
-
-def test_12bit_fix_on_a_crafted_dicom(tmp_path):
-    hu = datagen.test_hu()
-    hu = np.clip(hu, -1000, 3000)
-    path = datagen.wrapped_12bit_file(tmp_path / "wrapped.dcm", hu)
-    ds = pydicom.dcmread(path)
-    assert ds.BitsStored == 12 and ds.PixelRepresentation == 0 and ds.RescaleIntercept == 0
-    naive = ds.pixel_array.astype(np.float32) + float(ds.RescaleIntercept)
-    assert np.abs(naive - hu).max() > 1000  # read as stored, air would be bright
-    np.testing.assert_allclose(readers.load_dicom_hu(path), hu, atol=0.5)
-
-
-def test_pydicom_ct_small_reads_to_the_right_hu_range():
-    path = get_testdata_file("CT_small.dcm")
-    ds = pydicom.dcmread(path)
-    hu = readers.load_dicom_hu(path)
-    assert hu.shape == (128, 128) and hu.dtype == np.float32
-    assert float(ds.RescaleIntercept) == -1024
-    np.testing.assert_array_equal(hu, ds.pixel_array.astype(np.float32) - 1024)
-    assert -1000 < hu.min() < -800 and 1000 < hu.max() < 1300
-
-
-def test_load_dicom_hu_errors_name_the_file(tmp_path):
-    bad = datagen.text_file(tmp_path / "notes.dcm")
-    with pytest.raises(ValueError, match="notes.dcm: not a readable DICOM"):
-        readers.load_dicom_hu(bad)
-    truncated = datagen.truncate(datagen.ct_file(tmp_path / "cut.dcm"))
-    with pytest.raises(ValueError, match="cut.dcm: pixel data truncated"):
-        readers.load_dicom_hu(truncated)
-    no_pixels = datagen.ct_file(tmp_path / "nopix.dcm", PixelData=None)
-    with pytest.raises(ValueError, match="nopix.dcm: no pixel data"):
-        readers.load_dicom_hu(no_pixels)
-
-
-def test_native_pixel_path_equals_pydicom_pixel_array(tmp_path):
-    from ichmodel import synth
-
-    synth.write_dicom_folder(tmp_path, num_patients=2, slices=(1, 1), size=datagen.SIZE, seed=0)
-    paths = [*sorted(tmp_path.rglob("*.dcm")), get_testdata_file("CT_small.dcm")]
-    raw = np.full((4, 4), 5000, np.uint16)  # bits above BitsStored = 12 are masked, as pydicom does
-    ds = synth.make_ct_dataset(
-        raw, study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", z_mm=0, instance_number=1,
-        patient_id="x", bits_stored=12, pixel_representation=0, intercept=-1024,
-    )  # fmt: skip
-    ds.save_as(tmp_path / "masked.dcm", enforce_file_format=True)
-    paths.append(tmp_path / "masked.dcm")
-    bits = set()
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        bits.add((int(ds.BitsStored), int(ds.PixelRepresentation)))
-        pixels, slope, intercept = readers.dataset_pixels(ds, path)
-        np.testing.assert_array_equal(pixels, ds.pixel_array)
-        assert (slope, intercept) == (1.0, float(ds.RescaleIntercept))
-    assert bits == {(12, 0), (16, 1)}
-
-
-def test_load_dlcv_image_error_names_the_file(tmp_path):
-    bad = datagen.text_file(tmp_path / "x_1.jpg", "not a jpeg")
-    with pytest.raises(ValueError, match="x_1.jpg: unreadable image"):
-        readers.load_dlcv_image(bad)
 
 
 # ---------------------------------------------------------------- DLCV

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from ichmodel import decode
+from tests import datagen
+
+
+def _testdata(name: str) -> str:
+    """A file shipped inside the installed pydicom package (never downloaded)."""
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not shipped with pydicom {pydicom.__version__}"
+    return path
+
+
+# ---------------------------------------------------------------- HU
+
+
+def test_needs_12bit_fix_truth_table():
+    assert decode.needs_12bit_fix(12, 0, 0.0)
+    assert decode.needs_12bit_fix(12, 0, -99.0)
+    assert not decode.needs_12bit_fix(12, 0, -1024.0)
+    assert not decode.needs_12bit_fix(16, 0, 0.0)
+    assert not decode.needs_12bit_fix(12, 1, 0.0)
+
+
+def test_to_hu_slope_and_intercept():
+    pixels = np.array([[0, 1024], [2048, 100]], dtype=np.int16)
+    np.testing.assert_array_equal(decode.to_hu(pixels, 1.0, -1024.0), [[-1024, 0], [1024, -924]])
+    np.testing.assert_array_equal(decode.to_hu(pixels, 2.0, -1000.0), [[-1000, 1048], [3096, -800]])
+
+
+def test_12bit_fix_on_a_crafted_dicom(tmp_path):
+    hu = datagen.test_hu()
+    hu = np.clip(hu, -1000, 3000)
+    path = datagen.wrapped_12bit_file(tmp_path / "wrapped.dcm", hu)
+    ds = pydicom.dcmread(path)
+    assert ds.BitsStored == 12 and ds.PixelRepresentation == 0 and ds.RescaleIntercept == 0
+    naive = ds.pixel_array.astype(np.float32) + float(ds.RescaleIntercept)
+    assert np.abs(naive - hu).max() > 1000  # read as stored, air would be bright
+    np.testing.assert_allclose(decode.load_dicom_hu(path), hu, atol=0.5)
+
+
+def test_pydicom_ct_small_reads_to_the_right_hu_range():
+    path = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    hu = decode.load_dicom_hu(path)
+    assert hu.shape == (128, 128) and hu.dtype == np.float32
+    assert float(ds.RescaleIntercept) == -1024
+    np.testing.assert_array_equal(hu, ds.pixel_array.astype(np.float32) - 1024)
+    assert -1000 < hu.min() < -800 and 1000 < hu.max() < 1300
+
+
+def test_load_dicom_hu_errors_name_the_file(tmp_path):
+    bad = datagen.text_file(tmp_path / "notes.dcm")
+    with pytest.raises(ValueError, match="notes.dcm: not a readable DICOM"):
+        decode.load_dicom_hu(bad)
+    truncated = datagen.truncate(datagen.ct_file(tmp_path / "cut.dcm"))
+    with pytest.raises(ValueError, match="cut.dcm: pixel data truncated"):
+        decode.load_dicom_hu(truncated)
+    no_pixels = datagen.ct_file(tmp_path / "nopix.dcm", PixelData=None)
+    with pytest.raises(ValueError, match="nopix.dcm: no pixel data"):
+        decode.load_dicom_hu(no_pixels)
+
+
+def test_native_pixel_path_equals_pydicom_pixel_array(tmp_path):
+    from ichmodel import synth
+
+    synth.write_dicom_folder(tmp_path, num_patients=2, slices=(1, 1), size=datagen.SIZE, seed=0)
+    paths = [*sorted(tmp_path.rglob("*.dcm")), get_testdata_file("CT_small.dcm")]
+    raw = np.full((4, 4), 5000, np.uint16)  # bits above BitsStored = 12 are masked, as pydicom does
+    ds = synth.make_ct_dataset(
+        raw, study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", z_mm=0, instance_number=1,
+        patient_id="x", bits_stored=12, pixel_representation=0, intercept=-1024,
+    )  # fmt: skip
+    ds.save_as(tmp_path / "masked.dcm", enforce_file_format=True)
+    paths.append(tmp_path / "masked.dcm")
+    bits = set()
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        bits.add((int(ds.BitsStored), int(ds.PixelRepresentation)))
+        pixels, slope, intercept = decode.dataset_pixels(ds, path)
+        np.testing.assert_array_equal(pixels, ds.pixel_array)
+        assert (slope, intercept) == (1.0, float(ds.RescaleIntercept))
+    assert bits == {(12, 0), (16, 1)}
+
+
+def test_load_dlcv_image_error_names_the_file(tmp_path):
+    bad = datagen.text_file(tmp_path / "x_1.jpg", "not a jpeg")
+    with pytest.raises(ValueError, match="x_1.jpg: unreadable image"):
+        decode.load_dlcv_image(bad)
+
+
+def test_apply_windows_golden_values():
+    hu = np.array([[-1000.0, 0.0, 40.0, 80.0, 3000.0]], dtype=np.float32)
+    out = decode.apply_windows(hu, [(40.0, 80.0)])
+    assert out.dtype == np.uint8 and out.shape == (1, 5, 1)
+    assert out[0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_apply_windows_folds_the_rescale_and_takes_any_shape():
+    stored = np.array([[[0, 1024], [1064, 4095]]], dtype=np.uint16)  # [T, H, W]; HU = stored - 1024
+    hu = stored.astype(np.float32) - 1024
+    windows = [(40.0, 80.0), (600.0, 2800.0)]
+    np.testing.assert_array_equal(
+        decode.apply_windows(stored, windows, 1.0, -1024.0), decode.apply_windows(hu, windows)
+    )
+    assert decode.apply_windows(stored, windows).shape == (1, 2, 2, 2)
+
+
+# ---------------------------------------------------------------- compressed transfer syntaxes
+# pydicom's own test files; with only Pillow's decoders JPEG Lossless, JPEG-LS and JPEG Extended 12-bit fail.
+
+#: file → its uncompressed twin shipped with pydicom (None: no twin), and the largest difference allowed.
+COMPRESSED = {
+    "MR_small_jpeg_ls_lossless.dcm": ("MR_small.dcm", 0),  # JPEG-LS lossless
+    "JPEGLSNearLossless_16.dcm": (None, None),  # JPEG-LS near-lossless, 16-bit
+    "JPEGLSNearLossless_08.dcm": (None, None),  # JPEG-LS near-lossless, 8-bit
+    "JPGExtended.dcm": (None, None),  # JPEG Extended (process 2 and 4), 12-bit
+    "MR_small_RLE.dcm": ("MR_small.dcm", 0),  # RLE lossless
+    "MR_small_jp2klossless.dcm": ("MR_small.dcm", 0),  # JPEG 2000 lossless
+    "693_J2KI.dcm": (None, None),  # JPEG 2000 lossy, 14-bit
+    "JPEG2000.dcm": (None, None),  # JPEG 2000, 16-bit
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+def test_compressed_dicom_decodes_through_the_reader(name):
+    path = _testdata(name)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID.is_compressed
+    pixels, slope, intercept = decode.load_dicom_pixels(path)
+    assert pixels.shape == (ds.Rows, ds.Columns) and pixels.dtype.kind in "iu"
+    assert pixels.max() > pixels.min()  # an image, not a blank frame
+    twin, tolerance = COMPRESSED[name]
+    if twin is not None:
+        expected, *_ = decode.load_dicom_pixels(_testdata(twin))
+        assert np.abs(pixels.astype(np.int64) - expected).max() <= tolerance
+    hu = decode.load_dicom_hu(path)
+    np.testing.assert_allclose(hu, pixels.astype(np.float64) * slope + intercept, rtol=1e-6, atol=1e-3)
+
+
+def test_jpeg_lossless_process_14_decodes_through_the_reader():
+    # pydicom ships process 14 (SV1) only as an RGB file: decoding succeeds, and the reader then rejects the
+    # colour frame by its shape (before the pylibjpeg plugins it failed earlier: "cannot decode pixel data").
+    path = _testdata("SC_rgb_jpeg_gdcm.dcm")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    with pytest.raises(
+        ValueError, match=r"expected one 2-D grayscale frame. Got pixel array shape \(100, 100, 3\)"
+    ):
+        decode.load_dicom_pixels(path)
+    rgb = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(
+        rgb, pydicom.dcmread(_testdata("SC_rgb_rle.dcm")).pixel_array
+    )  # lossless twin
+
+
+def test_a_malformed_jpeg_stream_is_a_clear_error_naming_the_file():
+    # JPEG-lossy.dcm (12-bit JPEG Extended) has a misplaced marker segment that libjpeg rejects; its repaired
+    # copy JPGExtended.dcm decodes (above). The reader says which file and why, and preprocessing skips it.
+    with pytest.raises(ValueError, match=r"JPEG-lossy.dcm: cannot decode pixel data"):
+        decode.load_dicom_pixels(_testdata("JPEG-lossy.dcm"))
