@@ -9,10 +9,10 @@ What runs, per ``--size``:
 
 1. Shards: synthetic DLCV-layout series (24-40 slices, as the course data) made by ``ichmodel.synth`` and
    written by ``ichmodel.preprocess`` (zstd Parquet, one row group per series), the same path as
-   ``ray_jobs.common.ensure_demo_data`` with realistic series lengths.
+   ``ichmodel.demo_data.ensure_demo_data`` with realistic series lengths.
 2. ``engine``: the engine's own training code, ``ichmodel.engine.train_one_epoch`` in the fine-tuning stage
    (all five tasks, masking and diversity transfer at ε = 0.5, bf16 autocast, channels-last), fed by
-   ``SeriesDataset`` + ``engine.make_loader`` (pinned memory) with each ``--num-workers``; the loader is
+   ``SeriesDataset`` + ``dataset.make_loader`` (pinned memory) with each ``--num-workers``; the loader is
    wrapped in ``bench/loader.py``'s ``TimedLoader``, which records the time blocked in ``next(loader)``.
    Throughput and wait are taken after the first ``--warmup`` batches of the epoch (worker start-up, cuDNN
    plans); the whole-epoch wait is reported too.
@@ -70,7 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.loader import Rig, build_rig, draw_batches  # noqa: E402
 from ichmodel.augment import augment_series, normalize, to_float  # noqa: E402
-from ichmodel.engine import make_loader  # noqa: E402
+from ichmodel.dataset import make_loader  # noqa: E402
 from ichmodel.strategies import make_transfer_batch, plan_strategies, transfer_labels  # noqa: E402
 
 GOAL_SLICES_PER_S = 6000.0  # at 256 px on one H100
@@ -187,12 +187,11 @@ def bare_step(rig: Rig, batch: dict[str, Any], generator: torch.Generator) -> No
         mask = plan.mask.to(device)
         if rig.pool is not None:
             transfer = make_transfer_batch(plan, batch["pool_images"], batch["pool_classes"])
-            transfer.slot = transfer.slot.to(device)
             labels = transfer_labels(labels, transfer.slot, transfer.pair_classes)
     with torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp_bf16
     ):
-        outputs = rig.model(images, batch["lengths"], transfer=transfer, mask=mask)
+        outputs = rig.model(images, batch["lengths_cpu"], transfer=transfer, mask=mask)
     outputs = {k: v.float() for k, v in outputs.items() if torch.is_tensor(v) and v.is_floating_point()}
     loss = rig.loss_fn(outputs, labels, batch["valid"])["loss"]
     rig.optimizer.zero_grad(set_to_none=True)
@@ -207,7 +206,7 @@ def device_batch(rig: Rig, batches: list[list[int]]) -> dict[str, Any]:
     out["lengths_cpu"] = batch["lengths"]
     if rig.pool is not None:
         out["pool_images"] = normalize(to_float(rig.pool.images.to(rig.device)))
-        out["pool_classes"] = rig.pool.classes.to(rig.device)
+        out["pool_classes"] = rig.pool.classes  # host, like the plan
     return out
 
 

@@ -1,11 +1,11 @@
-"""Inference path speed: ``engine.predict_batches`` over a shard loader against a bare forward pass.
+"""Inference path speed: ``predict.predict_batches`` over a shard loader against a bare forward pass.
 
     python bench/inference.py [--size 64] [--patients 12] [--batch 4] [--rounds 5] [--num-workers 0]
 
 Both run the full-size model (ResNet18 + bi-GRU, channels-last, eval mode, no gradients) over the same
-series of demo shards (``ray_jobs.common.ensure_demo_data``):
+series of demo shards (``ichmodel.demo_data.ensure_demo_data``):
 
-* ``pipeline``: what prediction and the ensemble run, ``engine.predict_batches(model, make_loader(...))``:
+* ``pipeline``: what prediction and the ensemble run, ``predict.predict_batches(model, make_loader(...))``:
   Parquet read + uint8 → float + normalisation + forward + outputs cast to float32, every output consumed;
 * ``bare``: ``model(images, lengths)`` on the same batches, read, converted and normalised beforehand.
 
@@ -32,9 +32,9 @@ import torch  # noqa: E402
 
 from ichmodel.augment import normalize  # noqa: E402
 from ichmodel.config import ModelConfig  # noqa: E402
-from ichmodel.dataset import SeriesDataset  # noqa: E402
-from ichmodel.engine import epoch_batches, make_loader, predict_batches, prepare_images  # noqa: E402
+from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images  # noqa: E402
 from ichmodel.model import build_model  # noqa: E402
+from ichmodel.predict import predict_batches  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_jobs.common import ensure_demo_data
+    from ichmodel.demo_data import ensure_demo_data
 
     root = Path(args.data_root) if args.data_root else Path(tempfile.mkdtemp(prefix="bench-inference-"))
     try:
@@ -64,14 +64,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         model = build_model(ModelConfig()).to(device).to(memory_format=torch.channels_last).eval()
         dataset = SeriesDataset(shards)
-        batches = epoch_batches(len(dataset), args.batch, 0, 0, 1, shuffle=False)
+        batches = eval_batches(len(dataset), args.batch)
         preloaded = []
         for batch in make_loader(dataset, batches, 0):
             preloaded.append((normalize(prepare_images(batch, device)), batch["lengths"].to(device)))
         num_slices = sum(int(lengths.sum()) for _, lengths in preloaded)
 
         def pipeline() -> None:
-            for _, outputs in predict_batches(model, make_loader(dataset, batches, args.num_workers), device):
+            loader = make_loader(dataset, batches, args.num_workers)
+            for _, outputs in predict_batches(model, loader, device, amp_bf16=True):  # as prediction runs
                 outputs["mc_logits"].sum().item()  # consume, as a writer of predictions would
 
         @torch.no_grad()

@@ -4,7 +4,7 @@
 
 Training runs through the engine's own code: ``ichmodel.engine.train_one_epoch`` in the fine-tuning stage
 (all five tasks, masking and diversity transfer at the configured ε), fed by ``SeriesDataset`` +
-``engine.make_loader`` over demo shards made by ``ray_jobs.common.ensure_demo_data``. The loader handed to
+``dataset.make_loader`` over demo shards made by ``ichmodel.demo_data.ensure_demo_data``. The loader handed to
 the engine is wrapped in :class:`TimedLoader`, which records the seconds the training loop is blocked in
 ``next(loader)`` (worker start-up included: the engine builds a fresh loader every epoch). Printed per
 worker count, medians over ``--rounds`` rounds that run the worker counts in turn (so background load hits
@@ -39,14 +39,13 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from ichmodel.config import Config, DataConfig  # noqa: E402
-from ichmodel.dataset import SeriesDataset  # noqa: E402
+from ichmodel.dataset import SeriesDataset, make_loader, train_batches  # noqa: E402
 from ichmodel.engine import (  # noqa: E402
     Stage,
+    StepContext,
     TrainState,
     TransferPoolImages,
     build_pool_images,
-    epoch_batches,
-    make_loader,
     stage_plan,
     train_one_epoch,
 )
@@ -127,18 +126,18 @@ class Rig:
         """One engine epoch over ``batches`` with a fresh ``make_loader`` of ``num_workers`` workers."""
         timed = TimedLoader(make_loader(self.dataset, batches, num_workers), sync)
         generator = torch.Generator().manual_seed(seed)
-        metrics = train_one_epoch(
+        ctx = StepContext(
             self.model,
             self.loss_fn,
-            timed,
             self.optimizer,
             self.device,
             self.cfg,
             self.stage,
-            self.pool,  # type: ignore[arg-type]
+            self.pool,
             generator,
             self.state,
         )
+        metrics = train_one_epoch(ctx, timed)
         return timed, metrics
 
 
@@ -164,11 +163,11 @@ def build_rig(
 
 
 def draw_batches(num_items: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` shuffled batches as the engine draws them (``epoch_batches``), over as many epochs as needed."""
+    """``steps`` shuffled batches as the engine draws them (``train_batches``), over as many epochs as needed."""
     batches: list[list[int]] = []
     epoch = 0
     while len(batches) < steps:
-        batches += epoch_batches(num_items, batch_size, seed * 1000 + epoch, 0, 1, shuffle=True)
+        batches += list(train_batches(num_items, batch_size, seed, epoch))
         epoch += 1
     return batches[:steps]
 
@@ -192,7 +191,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    from ray_jobs.common import ensure_demo_data
+    from ichmodel.demo_data import ensure_demo_data
 
     root = Path(args.data_root) if args.data_root else Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:

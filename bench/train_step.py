@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     lengths = torch.full((B,), T, dtype=torch.long)
     valid = torch.ones(B, T, dtype=torch.bool, device=device)
     pool_images = torch.randn(args.pool, 2, 3, S, S, device=device)
-    pool_classes = torch.randint(5, (args.pool,), device=device)
+    pool_classes = torch.randint(5, (args.pool,))  # host: the plan and the label transfer are drawn there
     generator = torch.Generator().manual_seed(args.seed)
     matmul_before = time_matmul(device)
     backbone_images: dict[str, int] = {}
@@ -116,8 +116,8 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     def strategies_step(name: str, p2: float, epsilon: float, net=model, opt=optimizer) -> None:
         plan = plan_strategies(lengths, args.p1, p2, epsilon, args.pool, generator)
         transfer = make_transfer_batch(plan, pool_images, pool_classes)
-        step_labels = transfer_labels(labels, transfer.slot.to(device), transfer.pair_classes)
-        out = net(images, lengths, transfer=transfer.to(device), mask=plan.mask.to(device))
+        step_labels = transfer_labels(labels, transfer.slot, transfer.pair_classes)
+        out = net(images, lengths, transfer=transfer, mask=plan.mask.to(device))
         backbone_images[name] = B * T + 2 * transfer.num_pairs
         opt.zero_grad(set_to_none=True)
         full_loss(out, step_labels, valid)["loss"].backward()

@@ -1,23 +1,29 @@
-"""Series from preprocessed shards, padded batches, and a split by series (``docs/architecture.md``).
+"""Series from preprocessed shards, padded batches, samplers, loaders and a split by series.
 
 One item is one whole series (or, with ``max_slices``, a random contiguous window of it). A series is one
 Parquet row group, read with ``ParquetFile.read_row_group``; one open ``ParquetFile`` is kept per shard
 (and re-opened after pickling, so DataLoader workers each hold their own). Images stay ``uint8``: the
-float conversion and normalisation happen on the device.
+float conversion and normalisation happen on the device (:func:`prepare_images`).
+
+Batches are lists of series indices. Training shuffles with ``DistributedSampler`` (:func:`train_batches`,
+which pads so that every rank gets the same number of batches, as DDP needs); validation and prediction
+use :func:`eval_batches`, which never pads: every series is seen exactly once over all ranks.
+See ``docs/architecture.md`` ("Batches").
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from ichmodel.augment import to_float
 from ichmodel.constants import NUM_CLASSES
 from ichmodel.shards import load_manifest, series_index
 
@@ -159,6 +165,74 @@ def collate_series(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "series_ids": [item["series_id"] for item in items],
         "slice_ids": [item["slice_ids"] for item in items],
     }
+
+
+def series_labels(dataset: SeriesDataset) -> list[np.ndarray]:
+    """Label matrices int8 ``[T, 5]`` of every series of ``dataset`` (whole series) without decoding images."""
+    files: dict[str, pq.ParquetFile] = {}
+    out: list[np.ndarray] = []
+    for series_id in dataset.series_ids:
+        file, row_group, _ = dataset._index[series_id]
+        if file not in files:
+            files[file] = pq.ParquetFile(dataset.shard_dir / file)
+        table = files[file].read_row_group(row_group, columns=["labels"])
+        labels = table.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        out.append(labels.reshape(-1, NUM_CLASSES).astype(np.int8))
+    return out
+
+
+def train_batches(
+    num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> BatchSampler:
+    """Shuffled batches of series indices for one rank in one epoch (``DistributedSampler`` + ``set_epoch``).
+
+    The order depends on ``(seed, epoch)`` only, so all ranks draw the same permutation and take disjoint
+    slices of it. When ``world`` does not divide ``num_items`` the sampler repeats a few series so that
+    every rank gets the same number of batches (DDP needs that); use :func:`eval_batches` where a repeated
+    series would be counted twice.
+
+    Raises:
+        ValueError: when ``batch_size < 1`` or ``rank`` is not in ``[0, world)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1. Got {batch_size}")
+    # DistributedSampler only takes len() of its dataset; passing rank/world needs no process group.
+    sampler = DistributedSampler(range(num_items), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return BatchSampler(sampler, batch_size, drop_last=False)
+
+
+def eval_batches(num_items: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Batches of series indices ``rank, rank + world, …`` in order: no padding, each series once overall.
+
+    Ranks may get different numbers of series (and batches); evaluation gathers per-rank results.
+
+    Raises:
+        ValueError: when ``batch_size < 1`` or ``rank`` is not in ``[0, world)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1. Got {batch_size}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}). Got {rank}")
+    mine = list(range(rank, num_items, world))
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_workers: int) -> DataLoader:
+    """A DataLoader over ``batches`` (lists of series indices) that pads each with :func:`collate_series`."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_series,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if num_workers > 0 else None,  # keep a GPU fed across slow shard reads
+    )
+
+
+def prepare_images(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """A batch's uint8 ``images`` ``[B, T, C, H, W]`` on the host → float in [0, 1] on ``device``."""
+    return to_float(batch["images"].to(device, non_blocking=True))
 
 
 def series_positive(shard_dir: str | Path) -> dict[str, bool]:

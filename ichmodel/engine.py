@@ -1,4 +1,4 @@
-"""Training engine without Ray: epochs, the three-stage plan, checkpoints and resume.
+"""Training engine without Ray: the three-stage plan, epochs, validation and resume.
 
 The stage plan follows the paper's section 3.3:
 
@@ -11,8 +11,15 @@ Each stage starts a fresh AdamW, halves the learning rate when the validation lo
 at the stage's epoch cap; the next stage starts from the best (lowest validation loss) weights of the last.
 
 Distributed data parallel is used when ``torch.distributed`` is initialised (as Ray Train does): every rank
-trains on its own slice of the series, and validation predictions are gathered so that every rank takes the
-same learning-rate and stage decisions.
+trains on its own slice of the series (``DistributedSampler``, padded so ranks take equal steps), validates
+its own unpadded slice of the validation series, and the validation predictions are gathered so that every
+rank takes the same learning-rate and stage decisions.
+
+Layout: :func:`fit` → :func:`run_stage` (optimizer, epochs until the stage ends) → :func:`run_epoch` (train
+on this epoch's batches, validate) → :func:`train_one_epoch` (steps, :class:`StepContext`). Selection of the
+best weights (:func:`keep_if_best`), the end of a stage (:func:`stage_done`) and the per-epoch record
+(:func:`epoch_metrics`) are one function each. Batching lives in ``ichmodel.dataset``, the evaluation
+forward in ``ichmodel.predict``, checkpoints in ``ichmodel.checkpoint``.
 """
 
 from __future__ import annotations
@@ -20,25 +27,33 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ichmodel import metrics as M
+from ichmodel import predict
 from ichmodel.augment import augment_series, normalize, to_float
+from ichmodel.checkpoint import checkpoint_dict
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, collate_series
+from ichmodel.constants import CLASSES
+from ichmodel.dataset import (
+    SeriesDataset,
+    eval_batches,
+    make_loader,
+    prepare_images,
+    series_labels,
+    train_batches,
+)
 from ichmodel.losses import build_loss
 from ichmodel.model import ICHModel, build_model
-from ichmodel.shards import series_index
+from ichmodel.predict import autocast
 from ichmodel.strategies import build_transfer_pool, make_transfer_batch, plan_strategies, transfer_labels
 
 logger = logging.getLogger(__name__)
@@ -68,7 +83,7 @@ def stage_plan(cfg: Config) -> list[Stage]:
 
 @dataclass
 class TrainState:
-    """Where a run stands; everything here goes into the checkpoint."""
+    """Where a run stands; every field is a top-level key of the checkpoint (``ichmodel.checkpoint``)."""
 
     stage: int = 0
     epoch: int = 0  # epochs finished in the current stage
@@ -76,7 +91,7 @@ class TrainState:
     stage_started: bool = False  # optimizer/scheduler of the current stage exist
     best_val_loss: float = math.inf  # within the current stage
     best_f2: float = -1.0  # validation F2 of best_model
-    best_thresholds: list[float] = field(default_factory=lambda: [0.5] * 5)
+    thresholds: list[float] = field(default_factory=lambda: [0.5] * 5)  # tuned with best_model
     nonfinite_steps: int = 0  # skipped steps over the whole run
     finished: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
@@ -93,22 +108,7 @@ class TransferPoolImages:
         return int(self.classes.numel())
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-def series_labels(dataset: SeriesDataset) -> list[np.ndarray]:
-    """Label matrices ``[T, 5]`` of every series of ``dataset`` without decoding any image."""
-    index = series_index(dataset.manifest)
-    files: dict[str, pq.ParquetFile] = {}
-    out: list[np.ndarray] = []
-    for series_id in dataset.series_ids:
-        file, row_group, _ = index[series_id]
-        if file not in files:
-            files[file] = pq.ParquetFile(Path(dataset.shard_dir) / file)
-        table = files[file].read_row_group(row_group, columns=["labels"])
-        labels = table.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        out.append(labels.reshape(-1, 5).astype(np.int8))
-    return out
+# ------------------------------------------------------------------------------------- transfer pool
 
 
 def build_pool_images(dataset: SeriesDataset, pool_size: int, seed: int) -> TransferPoolImages | None:
@@ -139,40 +139,22 @@ def build_pool_images(dataset: SeriesDataset, pool_size: int, seed: int) -> Tran
     return TransferPoolImages(torch.stack(images), torch.tensor(classes, dtype=torch.long))
 
 
-def epoch_batches(
-    num_items: int, batch_size: int, seed: int, rank: int, world: int, shuffle: bool
-) -> list[list[int]]:
-    """Index batches for one rank; every rank gets the same number of batches (DDP needs that)."""
-    order = np.random.default_rng(seed).permutation(num_items) if shuffle else np.arange(num_items)
-    per_rank = math.ceil(num_items / world)
-    order = np.resize(order, per_rank * world)  # repeats the first items to even out the ranks
-    mine = order[rank::world].tolist()
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-def make_loader(
-    dataset: SeriesDataset, batches: list[list[int]], num_workers: int
-) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=batches,
-        collate_fn=collate_series,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers > 0 else None,  # keep a GPU fed across slow shard reads
-    )
-
-
-def prepare_images(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """uint8 ``[B, T, C, H, W]`` on the host → float in [0, 1] on ``device``."""
-    return to_float(batch["images"].to(device, non_blocking=True))
-
-
 # --------------------------------------------------------------------------------------------- epochs
 
 
-def _unwrap(model: nn.Module) -> ICHModel:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+@dataclass
+class StepContext:
+    """What every training step of one stage needs; ``generator`` is replaced at the start of each epoch."""
+
+    model: nn.Module  # DDP-wrapped under DDP
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    cfg: Config
+    stage: Stage
+    pool: TransferPoolImages | None
+    generator: torch.Generator
+    state: TrainState  # its nonfinite_steps counts skipped steps
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
@@ -183,84 +165,87 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
+def _pool_on_device(ctx: StepContext) -> torch.Tensor | None:
+    """Normalised pool images ``[P, 2, C, H, W]`` on the device when the stage uses diversity transfer."""
+    if not ctx.stage.strategies or ctx.pool is None:
+        return None
+    pool_images = normalize(to_float(ctx.pool.images.to(ctx.device)))
+    return pool_images.contiguous() if ctx.cfg.train.channels_last else pool_images
+
+
+def step_loss(
+    ctx: StepContext, batch: dict[str, Any], pool_images: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Augment, plan masking / diversity transfer, run the model and return the loss parts of one batch."""
+    cfg, device = ctx.cfg, ctx.device
+    images = normalize(augment_series(prepare_images(batch, device), cfg.augment, ctx.generator))
+    labels = batch["labels"].to(device)
+    transfer = mask = None
+    if ctx.stage.strategies:
+        plan = plan_strategies(
+            batch["lengths"],
+            cfg.strategy.p1,
+            cfg.strategy.p2,
+            cfg.strategy.epsilon,
+            len(ctx.pool) if ctx.pool is not None else 0,
+            ctx.generator,
+        )
+        mask = plan.mask  # host, like the whole plan: the model copies what it needs to the device
+        if pool_images is not None and ctx.pool is not None:
+            transfer = make_transfer_batch(plan, pool_images, ctx.pool.classes)
+            labels = transfer_labels(labels, transfer.slot, transfer.pair_classes)
+    with autocast(device, cfg.train.amp_bf16):
+        outputs = ctx.model(images, batch["lengths"], transfer=transfer, mask=mask)
+    outputs = {
+        k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()
+    }
+    return ctx.loss_fn(outputs, labels, batch["valid"].to(device))
+
+
+def _skip_step(ctx: StepContext, parts: dict[str, torch.Tensor], step: int, consecutive: int) -> None:
+    """Drop a non-finite step; raise once ``cfg.train.max_nonfinite_steps`` came in a row."""
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.state.nonfinite_steps += 1
+    name = ctx.stage.name
+    logger.warning("non-finite loss at stage %s step %d: step skipped (%d in a row)", name, step, consecutive)
+    if consecutive >= ctx.cfg.train.max_nonfinite_steps:
+        last = {k: float(v.detach()) for k, v in parts.items()}
+        raise FloatingPointError(
+            f"{consecutive} consecutive non-finite losses in stage {name!r} "
+            f"(last parts: {last}); lower train.lr or check the data"
+        )
+
+
 def train_one_epoch(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    cfg: Config,
-    stage: Stage,
-    pool: TransferPoolImages | None,
-    generator: torch.Generator,
-    state: TrainState,
+    ctx: StepContext,
+    loader: Iterable[dict[str, Any]],
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss parts, slices/s and skipped (non-finite) steps.
 
+    ``progress(step, num_batches, loss)`` is called after every optimizer step.
+
     Raises:
         FloatingPointError: after ``cfg.train.max_nonfinite_steps`` consecutive non-finite losses.
     """
-    model.train()
+    ctx.model.train()
+    pool_images = _pool_on_device(ctx)
     totals: dict[str, float] = {}
     steps = skipped = consecutive = slices = 0
-    use_amp = device.type == "cuda" and cfg.train.amp_bf16
-    pool_images = None
-    if stage.strategies and pool is not None:
-        pool_images = normalize(to_float(pool.images.to(device)))  # [P, 2, C, H, W]
-        if cfg.train.channels_last:
-            pool_images = pool_images.contiguous()
     start = time.perf_counter()
-    num_batches = len(loader)
+    num_batches = len(loader)  # type: ignore[arg-type]
     for step, batch in enumerate(loader):
-        images = prepare_images(batch, device)
-        images = normalize(augment_series(images, cfg.augment, generator))
-        lengths = batch["lengths"].to(device)
-        labels = batch["labels"].to(device)
-        valid = batch["valid"].to(device)
-        transfer = mask = None
-        if stage.strategies:
-            plan = plan_strategies(
-                batch["lengths"],
-                cfg.strategy.p1,
-                cfg.strategy.p2,
-                cfg.strategy.epsilon,
-                len(pool) if pool is not None else 0,
-                generator,
-            )
-            mask = plan.mask.to(device)
-            if pool_images is not None:
-                transfer = make_transfer_batch(plan, pool_images, pool.classes.to(device))
-                transfer.slot = transfer.slot.to(device)
-                labels = transfer_labels(labels, transfer.slot, transfer.pair_classes)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outputs = model(images, lengths, transfer=transfer, mask=mask)
-        outputs = {
-            k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in outputs.items()
-        }
-        parts = loss_fn(outputs, labels, valid)
+        parts = step_loss(ctx, batch, pool_images)
         loss = parts["loss"]
         if not _all_finite(loss):
-            optimizer.zero_grad(set_to_none=True)
             skipped += 1
             consecutive += 1
-            state.nonfinite_steps += 1
-            logger.warning(
-                "non-finite loss at stage %s step %d: step skipped (%d in a row)",
-                stage.name,
-                step,
-                consecutive,
-            )
-            if consecutive >= cfg.train.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{consecutive} consecutive non-finite losses in stage {stage.name!r} "
-                    f"(last parts: { {k: float(v.detach()) for k, v in parts.items()} }); lower train.lr or check the data"
-                )
+            _skip_step(ctx, parts, step, consecutive)
             continue
         consecutive = 0
-        optimizer.zero_grad(set_to_none=True)
+        ctx.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        ctx.optimizer.step()
         steps += 1
         slices += int(batch["lengths"].sum())
         for key, value in parts.items():
@@ -273,44 +258,40 @@ def train_one_epoch(
     return result
 
 
-@torch.no_grad()
-def predict_batches(
-    model: nn.Module, loader: Iterator[dict[str, Any]], device: torch.device, amp_bf16: bool = True
-) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-    """Yield ``(batch, outputs)`` for each batch with the model in eval mode (no augmentation)."""
-    net = _unwrap(model)
-    net.eval()
-    use_amp = device.type == "cuda" and amp_bf16
-    for batch in loader:
-        images = normalize(prepare_images(batch, device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outputs = net(images, batch["lengths"].to(device))
-        yield (
-            batch,
-            {k: v.float() for k, v in outputs.items() if torch.is_tensor(v) and v.is_floating_point()},
-        )
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _gather(local: Any) -> list[Any]:
+    """``local`` of every rank (just ``[local]`` without DDP); ranks may hold different amounts."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        return gathered
+    return [local]
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loss_fn: nn.Module,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[dict[str, Any]],
     device: torch.device,
     threshold: float = 0.5,
+    amp_bf16: bool = False,
 ) -> dict[str, Any]:
     """Validation loss parts, micro-F2 at ``threshold`` and at thresholds tuned on these predictions.
 
-    Under DDP each rank evaluates its own series and the results are gathered, so every rank returns the
-    same numbers. ``probs`` / ``labels`` (``[N, 5]`` numpy, valid slices only) are in the result too.
+    The forward is :func:`ichmodel.predict.eval_outputs` (bf16 autocast on CUDA only when ``amp_bf16``).
+    Under DDP each rank evaluates its own series (:func:`ichmodel.dataset.eval_batches`: no series twice)
+    and the results are gathered, so every rank returns the same numbers. ``probs`` / ``labels``
+    (``[N, 5]`` numpy, valid slices only) are in the result too.
     """
     sums: dict[str, float] = {}
     weight = 0.0
     probs, labels = [], []
-    for batch, outputs in predict_batches(model, loader, device):
-        lab = batch["labels"].to(device)
+    for batch, outputs in predict.predict_batches(model, loader, device, amp_bf16):
         valid = batch["valid"].to(device)
-        parts = loss_fn(outputs, lab, valid)
+        parts = loss_fn(outputs, batch["labels"].to(device), valid)
         n = float(valid.sum())
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
@@ -318,28 +299,27 @@ def evaluate(
         keep = valid.cpu()
         probs.append(torch.sigmoid(outputs["mc_logits"]).cpu()[keep].numpy())
         labels.append(batch["labels"][keep].numpy())
-    local = (sums, weight, probs, labels)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-    else:
-        gathered = [local]
+    gathered = _gather((sums, weight, probs, labels))
     total_weight = sum(g[1] for g in gathered)
-    keys = gathered[0][0].keys()
+    keys = {k: None for g in gathered for k in g[0]}  # ordered union: a rank may have had no series
     result: dict[str, Any] = {
         f"val_{k}": sum(g[0].get(k, 0.0) for g in gathered) / max(total_weight, 1.0) for k in keys
     }
     y_prob = np.concatenate([p for g in gathered for p in g[2]]) if total_weight else np.zeros((0, 5))
     y_true = np.concatenate([p for g in gathered for p in g[3]]) if total_weight else np.zeros((0, 5))
-    y_true = (y_true > 0.5).astype(np.int8)
+    result.update(_score(y_prob, (y_true > 0.5).astype(np.int8), threshold))
+    return result
+
+
+def _score(y_prob: np.ndarray, y_true: np.ndarray, threshold: float) -> dict[str, Any]:
+    """F2 at ``threshold`` and at per-class thresholds tuned on these predictions."""
     thresholds = M.search_thresholds(y_true, y_prob)
-    result["val_f2_at_threshold"] = M.f2_score(y_true, y_prob >= threshold)
-    result["val_f2"] = M.f2_score(y_true, y_prob >= np.asarray(thresholds))
-    for name, value in zip(
-        ("ich", "ivh", "sah", "sdh", "edh"),
-        M.per_class_f2(y_true, y_prob >= np.asarray(thresholds)),
-        strict=True,
-    ):
+    tuned = y_prob >= np.asarray(thresholds)
+    result: dict[str, Any] = {
+        "val_f2_at_threshold": M.f2_score(y_true, y_prob >= threshold),
+        "val_f2": M.f2_score(y_true, tuned),
+    }
+    for name, value in zip(CLASSES, M.per_class_f2(y_true, tuned), strict=True):
         result[f"val_f2_{name}"] = float(value)
     result["thresholds"] = [float(t) for t in thresholds]
     result["probs"], result["labels"] = y_prob, y_true
@@ -349,54 +329,195 @@ def evaluate(
 # --------------------------------------------------------------------------------------------- stages
 
 
-def checkpoint_dict(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    state: TrainState,
-    best_model: dict[str, torch.Tensor] | None,
-    cfg: Config,
+@dataclass
+class RunContext:
+    """What the stages of one :func:`fit` call share."""
+
+    cfg: Config
+    net: ICHModel  # the bare model (whose weights are saved)
+    model: nn.Module  # ``net``, DDP-wrapped under DDP
+    device: torch.device
+    train_set: SeriesDataset
+    val_set: SeriesDataset
+    rank: int
+    world: int
+    pool: TransferPoolImages | None
+    state: TrainState
+    best_model: dict[str, torch.Tensor] | None
+
+
+def state_from_checkpoint(ckpt: dict[str, Any]) -> TrainState:
+    """The training state stored at the top level of a checkpoint (``ichmodel.checkpoint``)."""
+    return TrainState(**{f.name: ckpt[f.name] for f in fields(TrainState)})
+
+
+def resume_state(net: nn.Module, resume: dict[str, Any] | None) -> tuple[TrainState, dict | None]:
+    """Load a checkpoint's weights into ``net``; returns its ``(state, best_model)`` (fresh ones without)."""
+    if resume is None:
+        return TrainState(), None
+    net.load_state_dict(resume["model"])
+    state = state_from_checkpoint(resume)
+    if state.finished:
+        logger.info(
+            "this run already finished all stages (global epoch %d): nothing to train", state.global_epoch
+        )
+    else:
+        logger.info(
+            "resuming at stage %d epoch %d (global epoch %d)",
+            state.stage + 1,
+            state.epoch,
+            state.global_epoch,
+        )
+    return state, resume["best_model"]
+
+
+def start_stage(run: RunContext, resume: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, Any]:
+    """A fresh AdamW + ``ReduceLROnPlateau`` for the current stage, or theirs from ``resume`` mid-stage.
+
+    A stage that starts afresh begins from the best weights of the last and forgets its best loss.
+    """
+    cfg, state = run.cfg, run.state
+    optimizer = torch.optim.AdamW(run.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
+    )
+    if state.stage_started and resume is not None and resume.get("optimizer"):
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+    else:
+        if run.best_model is not None:  # next stage starts from the best weights of the last
+            run.net.load_state_dict(run.best_model)
+        state.stage_started = True
+        state.best_val_loss = math.inf
+    return optimizer, scheduler
+
+
+def keep_if_best(run: RunContext, val: dict[str, Any]) -> None:
+    """Remember the weights, F2 and thresholds of the lowest validation loss of the stage."""
+    state = run.state
+    if val["val_loss"] < state.best_val_loss:
+        state.best_val_loss = float(val["val_loss"])
+        run.best_model = {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
+        state.best_f2 = float(val["val_f2"])
+        state.thresholds = val["thresholds"]
+
+
+def stage_done(cfg: Config, stage: Stage, state: TrainState, lr: float) -> bool:
+    """A stage ends when the learning rate fell below ``min_lr`` or at its epoch cap."""
+    return lr < cfg.train.min_lr or state.epoch >= stage.max_epochs
+
+
+def epoch_metrics(
+    val: dict[str, Any], train: dict[str, float], stage: Stage, state: TrainState, lr: float, seconds: float
 ) -> dict[str, Any]:
-    """A plain dict that ``torch.load(weights_only=True)`` can read back."""
-    st = asdict(state)
-    return {
-        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "best_model": best_model,
-        "config": cfg.to_dict(),
-        "stage": state.stage,
-        "epoch": state.epoch,
-        "global_epoch": state.global_epoch,
-        "best_val_loss": state.best_val_loss,
-        "best_f2": state.best_f2,
-        "thresholds": list(state.best_thresholds),
-        "state": st,
-    }
+    """The flat per-epoch record handed to ``on_epoch_end`` (and kept in ``state.history``)."""
+    metrics = {k: v for k, v in val.items() if k not in ("probs", "labels", "thresholds")}
+    metrics.update(train)
+    metrics.update(
+        stage=stage.index,
+        stage_epoch=state.epoch,
+        global_epoch=state.global_epoch,
+        lr=lr,
+        epoch_s=seconds,
+        nonfinite_steps=state.nonfinite_steps,
+        model_f2=state.best_f2,  # validation F2 of the weights this checkpoint exports
+    )
+    return metrics
 
 
-def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)
+def _log_epoch(stage: Stage, metrics: dict[str, Any]) -> None:
+    logger.info(
+        "stage %s epoch %d (global %d): train loss %.4f, val loss %.4f, val F2 %.4f, lr %.2e, %.1f slices/s",
+        stage.name,
+        metrics["stage_epoch"],
+        metrics["global_epoch"],
+        metrics.get("train_loss", float("nan")),
+        metrics["val_loss"],
+        metrics["val_f2"],
+        metrics["lr"],
+        metrics["train_slices_per_s"],
+    )
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def run_epoch(
+    run: RunContext,
+    ctx: StepContext,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train one epoch on this rank's batches, then validate on the unpadded validation split."""
+    cfg, state = run.cfg, run.state
+    seed = cfg.train.seed * 1_000_003 + state.global_epoch
+    ctx.generator = torch.Generator().manual_seed(seed * 31 + run.rank)  # augmentation and strategies
+    batches = train_batches(
+        len(run.train_set), cfg.data.batch_size, cfg.train.seed, state.global_epoch, run.rank, run.world
+    )
+    run.train_set.set_epoch(state.global_epoch)
+    train = train_one_epoch(ctx, make_loader(run.train_set, batches, cfg.data.num_workers), progress)
+    val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
+    val = evaluate(
+        run.model,
+        ctx.loss_fn,
+        make_loader(run.val_set, val_batches, cfg.data.num_workers),
+        run.device,
+        cfg.train.threshold,
+        cfg.train.amp_bf16,
+    )
+    return {"train": train, "val": val}
 
 
-def load_model(
-    path: str | Path, device: torch.device | str = "cpu"
-) -> tuple[ICHModel, Config, dict[str, Any]]:
-    """Rebuild a model for inference from a checkpoint's best weights (falls back to its last weights)."""
-    ckpt = load_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(ckpt["best_model"] or ckpt["model"])
-    model.to(device).eval()
-    return model, cfg, ckpt
+def run_stage(
+    run: RunContext,
+    plan: list[Stage],
+    resume: dict[str, Any] | None,
+    on_epoch_end: Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None] | None,
+    progress: Callable[[int, int, float], None] | None,
+) -> None:
+    """Epochs of the current stage until it ends; then the state points at the next stage."""
+    cfg, state = run.cfg, run.state
+    stage = plan[state.stage]
+    optimizer, scheduler = start_stage(run, resume)
+    loss_fn = build_loss(cfg.loss, weights_override=stage.weights)
+    ctx = StepContext(
+        run.model, loss_fn, optimizer, run.device, cfg, stage, run.pool, torch.Generator(), state
+    )
+    logger.info(
+        "stage %d/%d %s: weights %s, strategies %s",
+        stage.index + 1,
+        len(plan),
+        stage.name,
+        stage.weights,
+        stage.strategies,
+    )
+    done = False
+    while not done:
+        started = time.perf_counter()
+        result = run_epoch(run, ctx, progress)
+        scheduler.step(result["val"]["val_loss"])
+        state.epoch += 1
+        state.global_epoch += 1
+        keep_if_best(run, result["val"])
+        lr = optimizer.param_groups[0]["lr"]
+        done = stage_done(cfg, stage, state, lr)
+        seconds = time.perf_counter() - started
+        metrics = epoch_metrics(result["val"], result["train"], stage, state, lr, seconds)
+        if done:
+            _next_stage(state, plan)
+        if state.finished:
+            metrics["final_f2"] = state.best_f2
+        metrics["finished"] = state.finished
+        state.history.append({k: float(v) for k, v in metrics.items()})
+        _log_epoch(stage, metrics)
+        if on_epoch_end is not None:
+            make = partial(
+                checkpoint_dict,
+                run.model,
+                cfg,
+                state,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                best_model=run.best_model,
+            )
+            on_epoch_end(metrics, make)
 
 
 def fit(
@@ -421,133 +542,24 @@ def fit(
     net = build_model(cfg.model).to(device)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    state = TrainState()
-    best_model: dict[str, torch.Tensor] | None = None
-    if resume is not None:
-        net.load_state_dict(resume["model"])
-        state = TrainState(**resume["state"])
-        best_model = resume["best_model"]
-        if state.finished:
-            logger.info(
-                "this run already finished all stages (global epoch %d): nothing to train", state.global_epoch
-            )
-        else:
-            logger.info(
-                "resuming at stage %d epoch %d (global epoch %d)",
-                state.stage + 1,
-                state.epoch,
-                state.global_epoch,
-            )
+    state, best_model = resume_state(net, resume)
     model: nn.Module = net
     if distributed:
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-        )
-    pool = None
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=True)
     plan = stage_plan(cfg)
-    if any(s.strategies and s.max_epochs > 0 for s in plan[state.stage :]) and not state.finished:
+    pool = None
+    if not state.finished and any(s.strategies and s.max_epochs > 0 for s in plan[state.stage :]):
         pool = build_pool_images(train_set, cfg.strategy.pool_size, cfg.train.seed)
-    val_batches = epoch_batches(len(val_set), cfg.data.batch_size, 0, rank, world, shuffle=False)
-    optimizer = scheduler = None
+    run = RunContext(cfg, net, model, device, train_set, val_set, rank, world, pool, state, best_model)
     while not state.finished and state.stage < len(plan):
-        stage = plan[state.stage]
-        if stage.max_epochs == 0:
+        if plan[state.stage].max_epochs == 0:
             _next_stage(state, plan)
             continue
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
-        )
-        if state.stage_started and resume is not None and resume.get("optimizer"):
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-        else:
-            if best_model is not None:  # next stage starts from the best weights of the last
-                net.load_state_dict(best_model)
-            state.stage_started = True
-            state.best_val_loss = math.inf
-        resume = None
-        loss_fn = build_loss(cfg.loss, weights_override=stage.weights)
-        logger.info(
-            "stage %d/%d %s: weights %s, strategies %s",
-            stage.index + 1,
-            len(plan),
-            stage.name,
-            stage.weights,
-            stage.strategies,
-        )
-        while True:
-            seed = cfg.train.seed * 1_000_003 + state.global_epoch
-            generator = torch.Generator().manual_seed(seed * 31 + rank)
-            batches = epoch_batches(len(train_set), cfg.data.batch_size, seed, rank, world, shuffle=True)
-            train_set.set_epoch(state.global_epoch)
-            started = time.perf_counter()
-            train_metrics = train_one_epoch(
-                model,
-                loss_fn,
-                make_loader(train_set, batches, cfg.data.num_workers),
-                optimizer,
-                device,
-                cfg,
-                stage,
-                pool,
-                generator,
-                state,
-                progress,
-            )
-            val = evaluate(
-                model,
-                loss_fn,
-                make_loader(val_set, val_batches, cfg.data.num_workers),
-                device,
-                cfg.train.threshold,
-            )
-            scheduler.step(val["val_loss"])
-            state.epoch += 1
-            state.global_epoch += 1
-            if val["val_loss"] < state.best_val_loss:
-                state.best_val_loss = float(val["val_loss"])
-                best_model = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-                state.best_f2 = float(val["val_f2"])
-                state.best_thresholds = val["thresholds"]
-            lr = optimizer.param_groups[0]["lr"]
-            stage_done = lr < cfg.train.min_lr or state.epoch >= stage.max_epochs
-            metrics = {k: v for k, v in val.items() if k not in ("probs", "labels", "thresholds")}
-            metrics.update(train_metrics)
-            metrics.update(
-                stage=stage.index,
-                stage_epoch=state.epoch,
-                global_epoch=state.global_epoch,
-                lr=lr,
-                epoch_s=time.perf_counter() - started,
-                nonfinite_steps=state.nonfinite_steps,
-                model_f2=state.best_f2,  # validation F2 of the weights this checkpoint exports
-            )
-            if stage_done:
-                _next_stage(state, plan)
-            if state.finished:
-                metrics["final_f2"] = state.best_f2
-            metrics["finished"] = state.finished
-            state.history.append({k: float(v) for k, v in metrics.items()})
-            logger.info(
-                "stage %s epoch %d (global %d): train loss %.4f, val loss %.4f, val F2 %.4f, lr %.2e, %.1f slices/s",
-                stage.name,
-                state.epoch if not stage_done else stage.max_epochs,
-                state.global_epoch,
-                train_metrics.get("train_loss", float("nan")),
-                val["val_loss"],
-                val["val_f2"],
-                lr,
-                train_metrics["train_slices_per_s"],
-            )
-            if on_epoch_end is not None:
-                on_epoch_end(
-                    metrics, partial(checkpoint_dict, model, optimizer, scheduler, state, best_model, cfg)
-                )
-            if stage_done:
-                break
-    if best_model is not None:
-        net.load_state_dict(best_model)
+        run_stage(run, plan, resume, on_epoch_end, progress)
+        resume = None  # only the first stage run continues the checkpoint's optimizer
+    if run.best_model is not None:
+        net.load_state_dict(run.best_model)
     return net, state
 
 

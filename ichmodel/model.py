@@ -196,13 +196,19 @@ class ICHModel(nn.Module):
         if images.dim() != 5:
             raise ValueError(f"images must be [B, T, C, H, W]. Got shape {tuple(images.shape)}")
         B, T, C, H, W = images.size()  # batch, slices, channels, height, width
-        lengths = lengths.to(device=images.device, dtype=torch.long)
+        # Lengths are read on the host (checks, the packed GRU's sort, the slice index): pass them as a CPU
+        # tensor, as the loader gives them, and the forward pass reads nothing back from the device.
+        lengths = lengths.to(dtype=torch.long)
+        if lengths.device.type != "cpu":
+            lengths = lengths.cpu()  # one device → host sync; callers keep lengths on the host to avoid it
         if lengths.shape != (B,):
             raise ValueError(f"lengths must be [B]={B}. Got shape {tuple(lengths.shape)}")
         if bool((lengths < 1).any()) or bool((lengths > T).any()):
             raise ValueError(f"lengths must be in [1, {T}]. Got {lengths.tolist()}")
-        valid = torch.arange(T, device=images.device)[None, :] < lengths[:, None]  # [B, T]
-        flat_index = valid.reshape(-1).nonzero().squeeze(1)  # [N] indices into B*T
+        valid_host = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
+        flat_index = valid_host.reshape(-1).nonzero().squeeze(1)  # [N] indices into B*T, on the host
+        valid = valid_host.to(images.device, non_blocking=True)
+        flat_index = flat_index.to(images.device, non_blocking=True)
         x = images.reshape(B * T, C, H, W).index_select(0, flat_index)  # [N, C, H, W]
         N = x.size(0)
 
@@ -234,7 +240,7 @@ class ICHModel(nn.Module):
         if U > 0:
             pair_feats = feats[N:].view(U, 2, D)  # [U, 2, D]: f(z1), f(z2)
             info = pair_feats[:, 1] - pair_feats[:, 0]  # [U, D]
-            slot = transfer.slot.to(device=g.device, dtype=torch.long)  # [B, T]
+            slot = transfer.slot.to(device=g.device, dtype=torch.long, non_blocking=True)  # [B, T]
             if slot.shape != (B, T):
                 raise ValueError(f"transfer.slot must be [B, T]=[{B}, {T}]. Got {tuple(slot.shape)}")
             use = (slot >= 0) & valid  # [B, T]; slots on padding are ignored
@@ -248,7 +254,7 @@ class ICHModel(nn.Module):
             g_rnn = g_rnn * (~mask).unsqueeze(-1).to(g.dtype)
         g_rnn = self.dropout(g_rnn)
 
-        packed = pack_padded_sequence(g_rnn, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(g_rnn, lengths, batch_first=True, enforce_sorted=False)
         h, _ = self.rnn(packed)
         h, _ = pad_packed_sequence(
             h, batch_first=True, total_length=T
@@ -273,22 +279,6 @@ class ICHModel(nn.Module):
         ):
             return True
         return images.dim() == 5 and images.stride(2) == 1 and images.size(2) > 1
-
-    @torch.no_grad()
-    def predict_proba(self, images: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """MC probabilities ``sigmoid(mc_logits)`` ``[B, T, 5]`` (zero at padding), in eval mode.
-
-        The module's train/eval mode is restored afterwards.
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(images, lengths)
-        finally:
-            self.train(was_training)
-        T = images.size(1)
-        valid = torch.arange(T, device=images.device)[None, :] < lengths.to(images.device)[:, None]
-        return torch.sigmoid(out["mc_logits"].float()) * valid.unsqueeze(-1)
 
 
 def predict_future(context: torch.Tensor, predictors: nn.ModuleList | list[nn.Linear]) -> torch.Tensor:

@@ -6,16 +6,18 @@ the columns ``series_id, position, slice_id`` and one probability column per cla
 This table is what ``ichmodel.ensemble`` averages, thresholds and writes as submission files.
 
 Models run in eval mode on whole series (batches of ``batch_size`` series, padded), with bf16 autocast only
-on CUDA. Test-time augmentation (``tta=True``) also runs each series with its slice order reversed, reverses
-the outputs back and averages the two, as the RSNA 2019 winners did with their bi-directional RNNs. Several
-models are averaged by the mean of their probabilities; each batch of images is read and prepared once for
-all of them.
+on CUDA and only when asked. :func:`eval_outputs` is the one evaluation forward: validation in
+``ichmodel.engine.evaluate`` and prediction here both go through it. Test-time augmentation (``tta=True``)
+also runs each series with its slice order reversed, reverses the outputs back and averages the two, as the
+RSNA 2019 winners did with their bi-directional RNNs. Several models are averaged by the mean of their
+probabilities; each batch of images is read and prepared once for all of them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,8 +26,7 @@ from torch import nn
 
 from ichmodel.augment import normalize
 from ichmodel.constants import CLASSES, NUM_CLASSES
-from ichmodel.dataset import SeriesDataset
-from ichmodel.engine import epoch_batches, make_loader, prepare_images
+from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,54 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index)
 
 
+def autocast(device: torch.device, amp_bf16: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``amp_bf16`` is set and the device is CUDA; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and amp_bf16)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or ``model`` itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 @torch.no_grad()
+def eval_outputs(
+    model: nn.Module, images: torch.Tensor, lengths: torch.Tensor, amp_bf16: bool = False
+) -> dict[str, torch.Tensor]:
+    """The evaluation forward: the model (unwrapped from DDP) in eval mode, no gradients.
+
+    Args:
+        model: an :class:`ichmodel.model.ICHModel`, possibly DDP-wrapped; it is left in eval mode.
+        images: float ``[B, T, C, H, W]``, already normalised.
+        lengths: ``[B]`` valid slices per series (on the host, as the loader gives them, or on the device).
+        amp_bf16: bf16 autocast when ``images`` is on CUDA (see :func:`autocast`).
+
+    Returns:
+        The model's floating-point outputs as float32 (``mc_logits`` ``[B, T, 5]``, …).
+    """
+    net = unwrap(model)
+    net.eval()
+    with autocast(images.device, amp_bf16):
+        outputs = net(images, lengths)
+    return {k: v.float() for k, v in outputs.items() if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def predict_batches(
+    model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp_bf16: bool = False
+) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """Yield ``(batch, outputs)`` of :func:`eval_outputs` for each padded batch of ``loader`` (no augmentation)."""
+    for batch in loader:
+        images = normalize(prepare_images(batch, device))  # [B, T, C, H, W]
+        yield batch, eval_outputs(model, images, batch["lengths"], amp_bf16)
+
+
 def series_probs(
     model: nn.Module, images: torch.Tensor, lengths: torch.Tensor, tta: bool = False, amp_bf16: bool = True
 ) -> torch.Tensor:
     """MC probabilities ``sigmoid(mc_logits)`` of one model on one normalised, padded batch.
 
     Args:
-        model: an :class:`ichmodel.model.ICHModel` (put in eval mode by the caller).
+        model: an :class:`ichmodel.model.ICHModel` (put in eval mode here).
         images: float ``[B, T, C, H, W]``, already normalised.
         lengths: ``[B]`` valid slices per series.
         tta: also predict the reversed sequences, reverse back, and average the two.
@@ -76,12 +117,10 @@ def series_probs(
     Returns:
         float32 ``[B, T, 5]`` on the device of ``images``; values at padding are meaningless.
     """
-    use_amp = images.device.type == "cuda" and amp_bf16
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        probs = torch.sigmoid(model(images, lengths)["mc_logits"].float())  # [B, T, 5]
-        if tta:
-            flipped = model(reverse_padded(images, lengths), lengths)["mc_logits"].float()
-            probs = 0.5 * (probs + reverse_padded(torch.sigmoid(flipped), lengths))
+    probs = torch.sigmoid(eval_outputs(model, images, lengths, amp_bf16)["mc_logits"])  # [B, T, 5]
+    if tta:
+        flipped = eval_outputs(model, reverse_padded(images, lengths), lengths, amp_bf16)["mc_logits"]
+        probs = 0.5 * (probs + reverse_padded(torch.sigmoid(flipped), lengths))
     return probs
 
 
@@ -128,13 +167,13 @@ def predict_dataset(
     for model in model_list:
         model.to(device).eval()
     has_labels = bool(dataset.manifest.get("has_labels"))
-    batches = epoch_batches(len(dataset), batch_size, seed=0, rank=0, world=1, shuffle=False)
+    batches = eval_batches(len(dataset), batch_size)
     columns: dict[str, list] = {"series_id": [], "position": [], "slice_id": []}
     probs_out: list[np.ndarray] = []
     labels_out: list[np.ndarray] = []
     for batch in make_loader(dataset, batches, num_workers):
         images = normalize(prepare_images(batch, device))  # [B, T, C, H, W]
-        lengths = batch["lengths"].to(device)
+        lengths = batch["lengths"]  # [B] on the host, as the model reads it
         total = torch.zeros(images.shape[:2] + (NUM_CLASSES,), device=device)  # [B, T, 5]
         for model in model_list:
             total += series_probs(model, images, lengths, tta=tta, amp_bf16=amp_bf16)
@@ -145,22 +184,7 @@ def predict_dataset(
             columns["slice_id"].extend(batch["slice_ids"][b])
             probs_out.append(probs[b, :length].numpy())
             labels_out.append(batch["labels"][b, :length].numpy())
-    frame = pd.DataFrame(
-        {
-            "series_id": pd.Series(columns["series_id"], dtype=object),
-            "position": np.asarray(columns["position"], dtype=np.int64),
-            "slice_id": pd.Series(columns["slice_id"], dtype=object),
-        }
-    )
-    probs_all = (
-        np.concatenate(probs_out).astype(np.float32) if probs_out else np.zeros((0, NUM_CLASSES), np.float32)
-    )
-    for c, name in enumerate(PROB_COLUMNS):
-        frame[name] = probs_all[:, c]
-    if has_labels:
-        labels_all = np.concatenate(labels_out) if labels_out else np.zeros((0, NUM_CLASSES), np.float32)
-        for c, name in enumerate(LABEL_COLUMNS):
-            frame[name] = (labels_all[:, c] > 0.5).astype(np.int8)
+    frame = _prediction_frame(columns, probs_out, labels_out if has_labels else None)
     frame = frame.sort_values(["series_id", "position"], kind="stable").reset_index(drop=True)
     logger.info(
         "predicted %d slices of %d series with %d model(s)%s",
@@ -169,6 +193,28 @@ def predict_dataset(
         len(model_list),
         " + reversed-sequence TTA" if tta else "",
     )
+    return frame
+
+
+def _prediction_frame(
+    columns: dict[str, list], probs_out: list[np.ndarray], labels_out: list[np.ndarray] | None
+) -> pd.DataFrame:
+    """Key columns, per-class probabilities and (when ``labels_out`` is given) 0/1 label columns."""
+    frame = pd.DataFrame(
+        {
+            "series_id": pd.Series(columns["series_id"], dtype=object),
+            "position": np.asarray(columns["position"], dtype=np.int64),
+            "slice_id": pd.Series(columns["slice_id"], dtype=object),
+        }
+    )
+    empty = np.zeros((0, NUM_CLASSES), np.float32)
+    probs_all = np.concatenate(probs_out).astype(np.float32) if probs_out else empty
+    for c, name in enumerate(PROB_COLUMNS):
+        frame[name] = probs_all[:, c]
+    if labels_out is not None:
+        labels_all = np.concatenate(labels_out) if labels_out else empty
+        for c, name in enumerate(LABEL_COLUMNS):
+            frame[name] = (labels_all[:, c] > 0.5).astype(np.int8)
     return frame
 
 

@@ -4,7 +4,7 @@ The plan is drawn on the CPU from a ``torch.Generator`` (deterministic for a see
 model's forward pass (:meth:`ichmodel.model.ICHModel.forward`), so the backbone still runs once per step:
 
 1. once per run, :func:`build_transfer_pool` lists every eligible pair of adjacent training slices and
-   :func:`sample_pool` keeps ``pool_size`` of them whose images stay in memory;
+   the engine keeps ``pool_size`` of them whose images stay in memory;
 2. per batch, :func:`plan_strategies` picks the masked and the transferred slices and a pool pair for each;
 3. :func:`make_transfer_batch` gathers the images of the pairs actually used and :func:`transfer_labels`
    adds each pair's class to the labels of its slice.
@@ -59,16 +59,6 @@ class TransferBatch:
     slot: torch.Tensor
     pair_classes: torch.Tensor
 
-    def to(
-        self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
-    ) -> TransferBatch:
-        """Move to ``device``; ``dtype`` converts only the images."""
-        return TransferBatch(
-            pair_images=self.pair_images.to(device=device, dtype=dtype, non_blocking=non_blocking),
-            slot=self.slot.to(device=device, non_blocking=non_blocking),
-            pair_classes=self.pair_classes.to(device=device, non_blocking=non_blocking),
-        )
-
     @property
     def num_pairs(self) -> int:
         return int(self.pair_images.size(0))
@@ -81,12 +71,12 @@ class StrategyPlan:
     Attributes:
         mask: bool ``[B, T]``, slices whose g is zeroed before the GRU.
         transfer_slot: int64 ``[B, T]``: −1 = none, else an index into the (in-memory) pool.
-        generated: bool ``[B]``, series on which the strategies were applied (probability ε).
+
+    Both live on the host: the step reads them there (packing, label transfer) without a device sync.
     """
 
     mask: torch.Tensor
     transfer_slot: torch.Tensor
-    generated: torch.Tensor | None = None
 
 
 def build_transfer_pool(series_labels: Sequence[np.ndarray]) -> list[PoolPair]:
@@ -117,21 +107,6 @@ def build_transfer_pool(series_labels: Sequence[np.ndarray]) -> list[PoolPair]:
             pool.append(PoolPair(series_index=s, position=int(t), added_class=int(np.argmax(diff[t]))))
     logger.debug("Diversity-transfer pool: %d pairs from %d series", len(pool), len(series_labels))
     return pool
-
-
-def sample_pool(pool: Sequence[PoolPair], pool_size: int, generator: torch.Generator) -> list[PoolPair]:
-    """Keep ``pool_size`` pairs drawn uniformly without replacement (all of them if the pool is smaller)."""
-    if pool_size < 0:
-        raise ValueError(f"pool_size must be >= 0. Got {pool_size}")
-    if len(pool) <= pool_size:
-        return list(pool)
-    keep = torch.randperm(len(pool), generator=generator)[:pool_size].sort().values
-    return [pool[int(i)] for i in keep]
-
-
-def pool_classes(pool: Sequence[PoolPair]) -> torch.Tensor:
-    """int64 ``[P]`` added class of each pair."""
-    return torch.tensor([p.added_class for p in pool], dtype=torch.long)
 
 
 def _round_half_up(x: float) -> int:
@@ -178,7 +153,7 @@ def plan_strategies(
         raise ValueError(f"num_slices={T} is shorter than the longest series ({max(lengths_list)})")
     mask = torch.zeros(B, T, dtype=torch.bool)
     slot = torch.full((B, T), -1, dtype=torch.long)
-    generated = torch.rand(B, generator=generator) < epsilon  # [B]
+    generated = (torch.rand(B, generator=generator) < epsilon).tolist()  # [B]
     for b, m in enumerate(lengths_list):
         if not generated[b] or m == 0:
             continue
@@ -188,28 +163,31 @@ def plan_strategies(
         mask[b, order[:n1]] = True
         if n2 > 0:
             slot[b, order[n1 : n1 + n2]] = torch.randint(pool_size, (n2,), generator=generator)
-    return StrategyPlan(mask=mask, transfer_slot=slot, generated=generated)
+    return StrategyPlan(mask=mask, transfer_slot=slot)
 
 
 def transfer_labels(labels: torch.Tensor, slot: torch.Tensor, pair_classes: torch.Tensor) -> torch.Tensor:
     """Labels after diversity transfer: the pair's class is set to 1 at each transferred slice.
 
-    Works with either indexing: ``(plan.transfer_slot, pool_classes(pool))`` or
+    Works with either indexing: ``(plan.transfer_slot, classes of the pool)`` or
     ``(transfer.slot, transfer.pair_classes)``. Returns a new tensor; other entries are unchanged.
+    The transferred slices are found on the host (``slot`` and ``pair_classes`` are host tensors, drawn
+    there), so ``labels`` on a GPU gets only index copies to the device and no device → host sync.
 
     Args:
-        labels: ``[B, T, L]``.
-        slot: int64 ``[B, T]``, −1 = none.
-        pair_classes: int64 ``[P]``, the class added by each pair.
+        labels: ``[B, T, L]``, on any device.
+        slot: int64 ``[B, T]`` on the host, −1 = none.
+        pair_classes: int64 ``[P]`` on the host, the class added by each pair.
     """
     if slot.shape != labels.shape[:2]:
         raise ValueError(f"slot must be [B, T]={tuple(labels.shape[:2])}. Got {tuple(slot.shape)}")
+    if slot.device.type != "cpu" or pair_classes.device.type != "cpu":
+        raise ValueError("slot and pair_classes must be host (CPU) tensors: they are drawn on the host")
     out = labels.clone()
-    slot = slot.to(labels.device)
-    b, t = (slot >= 0).nonzero(as_tuple=True)
+    b, t = (slot >= 0).nonzero(as_tuple=True)  # host
     if b.numel():
-        cls = pair_classes.to(labels.device)[slot[b, t]]
-        out[b, t, cls] = 1
+        index = (b, t, pair_classes[slot[b, t]])
+        out[tuple(i.to(labels.device, non_blocking=True) for i in index)] = 1
     return out
 
 
@@ -224,7 +202,11 @@ def make_transfer_batch(
     Args:
         plan: from :func:`plan_strategies`.
         pool_images: ``[P, 2, C, H, W]``, (z1, z2) images of each pool pair.
-        pair_classes: int64 ``[P]``, the class each pool pair adds.
+        pair_classes: int64 ``[P]`` on the host, the class each pool pair adds.
+
+    Returns:
+        a :class:`TransferBatch` whose ``slot`` and ``pair_classes`` stay on the host (the model copies
+        ``slot`` to the device) and whose images are on ``pool_images``' device.
     """
     if pool_images.dim() != 5 or pool_images.size(1) != 2:
         raise ValueError(f"pool_images must be [P, 2, C, H, W]. Got {tuple(pool_images.shape)}")
@@ -239,9 +221,8 @@ def make_transfer_batch(
     unique, inverse = torch.unique(pool_slot[used], return_inverse=True)  # [U], [n]
     slot = torch.full_like(pool_slot, -1)
     slot[used] = inverse
-    index = unique.to(pool_images.device)
     return TransferBatch(
-        pair_images=pool_images.index_select(0, index),
+        pair_images=pool_images.index_select(0, unique.to(pool_images.device, non_blocking=True)),
         slot=slot,
-        pair_classes=pair_classes.index_select(0, unique.to(pair_classes.device)),
+        pair_classes=pair_classes.index_select(0, unique),
     )

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from ichmodel import synth
+from ichmodel.checkpoint import checkpoint_dict, save_checkpoint
 from ichmodel.config import Config
 from ichmodel.dataset import SeriesDataset, split_series
-from ichmodel.engine import TrainState, checkpoint_dict, fit, save_checkpoint
+from ichmodel.engine import TrainState, fit
 from ichmodel.model import build_model
 
 SIZE = 32  # pixels: tests stay tiny
@@ -126,7 +127,7 @@ def write_checkpoint(path: Path, shards: Path, seed: int = 0, train: bool = Fals
     else:
         torch.manual_seed(seed)
         model = build_model(cfg.model)
-        save_checkpoint(checkpoint_dict(model, None, None, TrainState(), None, cfg), path)
+        save_checkpoint(checkpoint_dict(model, cfg, TrainState()), path)
     return path
 
 

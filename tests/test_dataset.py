@@ -10,7 +10,16 @@ from torch.utils.data import DataLoader
 
 from ichmodel import preprocess as pp
 from ichmodel import readers
-from ichmodel.dataset import SeriesDataset, collate_series, split_series
+from ichmodel.dataset import (
+    SeriesDataset,
+    collate_series,
+    eval_batches,
+    make_loader,
+    prepare_images,
+    series_labels,
+    split_series,
+    train_batches,
+)
 from tests import datagen
 
 SIZE = 16
@@ -143,3 +152,56 @@ def test_split_series_is_disjoint_seeded_and_stratified(shards):
     assert len(val2) == 1 and len(train2) == 1
     with pytest.raises(ValueError, match="Got 1.5"):
         split_series(root / "train", 1.5, 0)
+
+
+def test_series_labels_match_the_dataset_without_decoding_images(shards):
+    root, _ = shards
+    ds = SeriesDataset(root / "train")
+    labels = series_labels(ds)
+    assert len(labels) == len(ds)
+    for i in range(len(ds)):
+        assert labels[i].dtype == np.int8
+        np.testing.assert_array_equal(labels[i], ds[i]["labels"].numpy().astype(np.int8))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_train_batches_give_every_rank_the_same_number_of_batches(world):
+    per_rank = [list(train_batches(11, 4, seed=1, epoch=0, rank=r, world=world)) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # DDP steps in lockstep
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert set(seen) == set(range(11))  # every series is used; the padding repeats a few
+    assert len(seen) == -(-11 // world) * world
+
+
+def test_train_batches_reshuffle_per_epoch_and_repeat_per_seed():
+    def order(seed, epoch):
+        return [i for batch in train_batches(20, 3, seed, epoch) for i in batch]
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+    assert sorted(order(0, 1)) == list(range(20))
+    with pytest.raises(ValueError, match="Got 0"):
+        train_batches(20, 0, 0, 0)
+
+
+@pytest.mark.parametrize("num_items", [7, 1, 0])
+def test_eval_batches_of_two_ranks_cover_every_series_exactly_once(num_items):
+    rank0 = eval_batches(num_items, 2, rank=0, world=2)
+    rank1 = eval_batches(num_items, 2, rank=1, world=2)
+    seen = [i for batches in (rank0, rank1) for batch in batches for i in batch]
+    assert sorted(seen) == list(range(num_items))  # no series padded in, none counted twice
+    assert all(0 < len(batch) <= 2 for batch in rank0 + rank1)
+    assert eval_batches(5, 2) == [[0, 1], [2, 3], [4]]  # one rank: every series, in order
+    with pytest.raises(ValueError, match="Got 2"):
+        eval_batches(5, 2, rank=2, world=2)
+
+
+def test_make_loader_pads_batches_and_prepare_images_scales_to_unit_range(shards):
+    root, _ = shards
+    ds = SeriesDataset(root / "train")
+    batches = list(make_loader(ds, eval_batches(len(ds), 3), num_workers=0))
+    assert [len(b["series_ids"]) for b in batches] == [3, 3, 2]
+    assert [s for b in batches for s in b["series_ids"]] == ds.series_ids
+    images = prepare_images(batches[0], torch.device("cpu"))
+    assert images.dtype == torch.float32 and images.shape == batches[0]["images"].shape
+    torch.testing.assert_close(images * 255.0, batches[0]["images"].float())

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
-import numpy as np
 import pytest
 import torch
 
+from ichmodel import predict
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, split_series
+from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, split_series
 from ichmodel.engine import (
     PRETRAIN_WEIGHTS,
+    StepContext,
     TrainState,
-    checkpoint_dict,
-    epoch_batches,
     evaluate,
     fit,
-    load_checkpoint,
-    load_model,
-    make_loader,
-    save_checkpoint,
-    series_labels,
     stage_plan,
     train_one_epoch,
 )
@@ -48,22 +44,6 @@ def test_stage_plan_follows_the_paper():
     assert plan[0].weights == plan[1].weights == {"mc": 1.0, "ac": 1.0, "lp": 0.0, "dc": 0.0, "cpc": 0.0}
     assert plan[2].weights == {"mc": 1.0, "ac": 1.0, "lp": 1.0, "dc": 1.0, "cpc": 0.25}
     assert [s.max_epochs for s in plan] == [3, 4, 5]
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_epoch_batches_give_every_rank_the_same_number_of_batches(world):
-    per_rank = [epoch_batches(10, 4, seed=1, rank=r, world=world, shuffle=True) for r in range(world)]
-    assert len({len(b) for b in per_rank}) == 1
-    seen = {i for batches in per_rank for batch in batches for i in batch}
-    assert seen == set(range(10))  # every series is used; the padding repeats some
-
-
-def test_series_labels_match_the_dataset_without_decoding_images(data):
-    _, train_set, _ = data
-    labels = series_labels(train_set)
-    assert len(labels) == len(train_set)
-    for i in (0, len(train_set) - 1):
-        np.testing.assert_array_equal(labels[i], train_set[i]["labels"].numpy().astype(np.int8))
 
 
 def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(data):
@@ -104,7 +84,7 @@ def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(d
         torch.testing.assert_close(final_model.state_dict()[key], value)
 
 
-def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(data, demo_shards):
+def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(data, demo_shards, caplog):
     cfg, train_set, _ = data
     # Validation on unlabelled series: the supervised losses are 0 every epoch, so after the first epoch
     # nothing improves; with patience 1 the third epoch halves lr to 0.75e-6 < min_lr, which ends the stage.
@@ -113,12 +93,18 @@ def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(data, d
         {"train.lr": 1.5e-6, "train.min_lr": 1e-6, "train.lr_patience": 1, "train.max_epochs": [20, 0, 0]}
     )
     seen = []
-    _, state = fit(
-        cfg, train_set, unlabelled, CPU, on_epoch_end=lambda m, _: seen.append((m["val_loss"], m["lr"]))
-    )
+    with caplog.at_level(logging.INFO, logger="ichmodel.engine"):
+        _, state = fit(
+            cfg, train_set, unlabelled, CPU, on_epoch_end=lambda m, _: seen.append((m["val_loss"], m["lr"]))
+        )
     assert state.finished
     assert [loss for loss, _ in seen] == [0.0, 0.0, 0.0]
     assert [lr for _, lr in seen] == pytest.approx([1.5e-6, 1.5e-6, 0.75e-6])
+    # The stage ended early, at its third epoch: the log says so, not the cap of 20.
+    logged = [
+        int(m.group(1)) for r in caplog.records if (m := re.match(r"stage pretrain epoch (\d+) ", r.message))
+    ]
+    assert logged == [1, 2, 3]
 
 
 def test_next_stage_starts_from_the_best_weights_of_the_last(data):
@@ -147,45 +133,29 @@ def test_non_finite_losses_are_skipped_counted_and_end_the_run_when_too_many(dat
         model.cls.weight.fill_(float("nan"))  # every loss becomes NaN
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = epoch_batches(len(train_set), 2, 0, 0, 1, shuffle=False)
-    state = TrainState()
-    result = train_one_epoch(
-        model,
-        build_loss(cfg.loss, PRETRAIN_WEIGHTS),
-        make_loader(train_set, batches, 0),
-        optimizer,
-        CPU,
-        cfg,
-        stage,
-        None,
-        torch.Generator().manual_seed(0),
-        state,
+    batches = eval_batches(len(train_set), 2)
+    loss_fn = build_loss(cfg.loss, PRETRAIN_WEIGHTS)
+    ctx = StepContext(
+        model, loss_fn, optimizer, CPU, cfg, stage, None, torch.Generator().manual_seed(0), TrainState()
     )
+    result = train_one_epoch(ctx, make_loader(train_set, batches, 0))
     assert result["train_skipped"] == len(batches) and result["train_steps"] == 0
-    assert state.nonfinite_steps == len(batches)
+    assert ctx.state.nonfinite_steps == len(batches)
     for key, value in model.named_parameters():  # no optimizer step happened (BN buffers may move)
         torch.testing.assert_close(value.detach(), before[key], equal_nan=True)
 
-    strict = cfg.with_overrides({"train.max_nonfinite_steps": 2})
+    strict = StepContext(
+        model, loss_fn, optimizer, CPU, cfg.with_overrides({"train.max_nonfinite_steps": 2}), stage, None,
+        torch.Generator().manual_seed(0), TrainState(),
+    )  # fmt: skip
     with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
-        train_one_epoch(
-            model,
-            build_loss(cfg.loss, PRETRAIN_WEIGHTS),
-            make_loader(train_set, batches, 0),
-            optimizer,
-            CPU,
-            strict,
-            stage,
-            None,
-            torch.Generator().manual_seed(0),
-            TrainState(),
-        )
+        train_one_epoch(strict, make_loader(train_set, batches, 0))
 
 
 def test_evaluate_reports_f2_with_tuned_thresholds_at_least_as_good_as_fixed(data):
     cfg, _, val_set = data
     model = build_model(cfg.model)
-    batches = epoch_batches(len(val_set), 2, 0, 0, 1, shuffle=False)
+    batches = eval_batches(len(val_set), 2)
     result = evaluate(model, build_loss(cfg.loss), make_loader(val_set, batches, 0), CPU)
     assert (
         result["probs"].shape
@@ -196,13 +166,19 @@ def test_evaluate_reports_f2_with_tuned_thresholds_at_least_as_good_as_fixed(dat
     assert math.isfinite(result["val_loss"])
 
 
-def test_checkpoint_round_trip_is_weights_only_loadable(data, tmp_path):
-    cfg, _, _ = data
-    model = build_model(cfg.model)
-    ckpt = checkpoint_dict(model, None, None, TrainState(finished=True), model.state_dict(), cfg)
-    save_checkpoint(ckpt, tmp_path / "c.pt")
-    assert not (tmp_path / "c.pt.tmp").exists()
-    loaded = load_checkpoint(tmp_path / "c.pt")
-    assert loaded["config"] == cfg.to_dict()
-    rebuilt, rebuilt_cfg, _ = load_model(tmp_path / "c.pt")
-    assert rebuilt_cfg == cfg and not rebuilt.training
+def test_validation_autocasts_only_when_train_amp_bf16_is_set(data, monkeypatch):
+    """``evaluate`` used to run bf16 on CUDA whatever ``train.amp_bf16`` said; the engine now passes it on."""
+    cfg, train_set, val_set = data
+    asked = []
+    real = predict.autocast
+
+    def recording(device, amp_bf16):
+        asked.append(amp_bf16)
+        return real(device, amp_bf16)
+
+    monkeypatch.setattr(predict, "autocast", recording)  # the evaluation forward's autocast decision
+    for amp in (False, True):
+        asked.clear()
+        one_epoch = cfg.with_overrides({"train.amp_bf16": amp, "train.max_epochs": [1, 0, 0]})
+        fit(one_epoch, train_set, val_set, CPU)
+        assert asked and set(asked) == {amp}

@@ -11,6 +11,7 @@ from ichmodel.config import ModelConfig
 from ichmodel.losses import MultitaskLoss
 from ichmodel.metrics import binarize, f2_score
 from ichmodel.model import ICHModel, build_model
+from ichmodel.predict import series_probs
 from ichmodel.strategies import TransferBatch
 
 KEYS = {
@@ -220,15 +221,6 @@ def test_pretrained_weights_and_other_channel_counts(tmp_path) -> None:
         build_model(_cfg(pretrained_weights=str(bad)))
 
 
-def test_predict_proba_restores_mode_and_zeroes_padding() -> None:
-    model = _model()
-    model.train()
-    probs = model.predict_proba(_images(), torch.tensor([5, 2, 4]))
-    assert model.training
-    assert probs.shape == (3, 5, 5) and not probs.requires_grad
-    assert (probs[1, 2:] == 0).all() and ((probs[0] > 0) & (probs[0] < 1)).all()
-
-
 # ---------------------------------------------------------------- overfitting
 
 
@@ -269,7 +261,7 @@ def test_tiny_model_overfits_eight_series() -> None:
         optimizer.zero_grad()
         parts["loss"].backward()
         optimizer.step()
-    probs = model.predict_proba(images, lengths)
+    probs = series_probs(model, images, lengths)
     y = labels[valid].numpy()
     f2 = f2_score(y, binarize(probs[valid].numpy(), 0.5))
     assert f2 > 0.95, (

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from ichmodel.augment import normalize, to_float
+from ichmodel.checkpoint import load_model
 from ichmodel.constants import CLASSES
 from ichmodel.dataset import SeriesDataset, collate_series
-from ichmodel.engine import load_model
 from ichmodel.predict import (
     KEY_COLUMNS,
     LABEL_COLUMNS,
+    eval_outputs,
     predict_dataset,
     prediction_arrays,
     reverse_padded,
@@ -65,11 +66,12 @@ def test_predictions_cover_every_slice_with_the_shards_labels_and_match_the_mode
     assert got_labels is not None and ((probs >= 0) & (probs <= 1)).all()
     # One series through the model directly (batch of 1, no padding) gives the same numbers.
     item = dataset[2]
-    direct = model.predict_proba(
-        normalize(to_float(item["images"][None])), torch.tensor([len(item["slice_ids"])])
+    direct = series_probs(
+        model, normalize(to_float(item["images"][None])), torch.tensor([len(item["slice_ids"])])
     )[0]
     rows = frame[frame["series_id"] == item["series_id"]]
-    np.testing.assert_allclose(rows[list(CLASSES)].to_numpy(), direct.numpy(), atol=1e-5)
+    # Probabilities lie in [0, 1]; batch of 1 vs batch of 8 may pick other CPU kernels: 1e-4 of that scale.
+    np.testing.assert_allclose(rows[list(CLASSES)].to_numpy(), direct.numpy(), rtol=0, atol=1e-4)
 
 
 def test_unlabelled_shards_give_no_label_columns(model_and_data):
@@ -87,7 +89,7 @@ def test_averaging_identical_models_equals_the_single_model(model_and_data):
     copies = [load_model(ckpt)[0] for _ in range(2)]
     averaged = predict_dataset(copies, dataset, batch_size=2)
     np.testing.assert_allclose(
-        averaged[list(CLASSES)].to_numpy(), single[list(CLASSES)].to_numpy(), atol=1e-6
+        averaged[list(CLASSES)].to_numpy(), single[list(CLASSES)].to_numpy(), rtol=0, atol=1e-4
     )
 
 
@@ -99,20 +101,35 @@ def test_tta_averages_forward_and_reversed_sequences(model_and_data):
     item = dataset[0]
     images = normalize(to_float(item["images"][None]))  # [1, T, C, H, W]
     length = torch.tensor([images.shape[1]])
-    forward = model.predict_proba(images, length)[0]
-    backward = model.predict_proba(images.flip(1), length)[0].flip(0)
+    forward = series_probs(model, images, length)[0]
+    backward = series_probs(model, images.flip(1), length)[0].flip(0)
     rows = tta[tta["series_id"] == item["series_id"]][list(CLASSES)].to_numpy()
-    np.testing.assert_allclose(rows, ((forward + backward) / 2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(rows, ((forward + backward) / 2).numpy(), rtol=0, atol=1e-4)
     assert not np.allclose(tta[list(CLASSES)].to_numpy(), plain[list(CLASSES)].to_numpy(), atol=1e-4)
     # In a padded batch each series is reversed within its own length: padding does not leak in.
     short = {**item, "images": item["images"][:5], "labels": item["labels"][:5]}
     batch = collate_series([item, short])
-    batch_probs = series_probs(model.eval(), normalize(to_float(batch["images"])), batch["lengths"], tta=True)
-    np.testing.assert_allclose(batch_probs[0].numpy(), rows, atol=1e-5)
+    batch_probs = series_probs(model, normalize(to_float(batch["images"])), batch["lengths"], tta=True)
+    np.testing.assert_allclose(batch_probs[0].numpy(), rows, rtol=0, atol=1e-4)
     short_images = normalize(to_float(short["images"][None]))
-    fwd = model.predict_proba(short_images, torch.tensor([5]))[0]
-    bwd = model.predict_proba(short_images.flip(1), torch.tensor([5]))[0].flip(0)
-    np.testing.assert_allclose(batch_probs[1, :5].numpy(), ((fwd + bwd) / 2).numpy(), atol=1e-5)
+    fwd = series_probs(model, short_images, torch.tensor([5]))[0]
+    bwd = series_probs(model, short_images.flip(1), torch.tensor([5]))[0].flip(0)
+    np.testing.assert_allclose(batch_probs[1, :5].numpy(), ((fwd + bwd) / 2).numpy(), rtol=0, atol=1e-4)
+
+
+def test_eval_outputs_run_in_eval_mode_without_gradients(model_and_data):
+    model, (train_shards, _), _ = model_and_data
+    batch = collate_series([small_dataset(train_shards, 2)[i] for i in range(2)])
+    images = normalize(to_float(batch["images"]))
+    model.train()
+    outputs = eval_outputs(model, images, batch["lengths"])
+    assert not model.training  # dropout off: the same batch gives the same numbers
+    assert all(v.dtype == torch.float32 and not v.requires_grad for v in outputs.values())
+    torch.testing.assert_close(
+        eval_outputs(model, images, batch["lengths"])["mc_logits"], outputs["mc_logits"]
+    )
+    probs = series_probs(model, images, batch["lengths"])
+    torch.testing.assert_close(probs, torch.sigmoid(outputs["mc_logits"]))
 
 
 def test_predict_dataset_rejects_bad_arguments(model_and_data):
