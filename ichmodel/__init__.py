@@ -6,6 +6,7 @@ readers → preprocess (Parquet shards) → dataset → model → losses → eng
 
 from __future__ import annotations
 
+from ichmodel.checkpoint import load_checkpoint, load_model
 from ichmodel.config import (
     AugmentConfig,
     Config,
@@ -17,15 +18,13 @@ from ichmodel.config import (
 )
 from ichmodel.constants import CLASSES, NUM_CLASSES
 from ichmodel.dataset import SeriesDataset, collate_series, split_series
-from ichmodel.engine import evaluate, fit, load_checkpoint, load_model, stage_plan, train_one_epoch
+from ichmodel.engine import evaluate, fit, stage_plan, train_one_epoch
 from ichmodel.ensemble import (
     EnsembleSpec,
-    SubmissionError,
     average_predictions,
     choose_thresholds,
     score_predictions,
     select_trials,
-    validate_submission,
 )
 from ichmodel.losses import MultitaskLoss, asymmetric_loss, build_loss, info_nce_loss
 from ichmodel.metrics import f2_score, per_class_f2, rsna_weighted_log_loss, search_thresholds
@@ -40,6 +39,7 @@ from ichmodel.strategies import (
     plan_strategies,
     transfer_labels,
 )
+from ichmodel.submission import SubmissionError, validate_submission, write_submission
 
 __all__ = [
     "CLASSES",
@@ -87,4 +87,5 @@ __all__ = [
     "train_one_epoch",
     "transfer_labels",
     "validate_submission",
+    "write_submission",
 ]

@@ -1,9 +1,12 @@
-"""A small HTML report of an ensemble: PNG figures (matplotlib, Agg backend) and one ``index.html``.
+"""A small HTML report of an ensemble: PNG figures (matplotlib) and one ``index.html``.
 
 Figures: validation micro-F2 of each single model against the ensemble, per-class F2 bars, F2 against the
 threshold for every class with the chosen thresholds marked, and, when the search's ``optuna.db`` exists,
 the F2 of every Optuna trial and the parameter importances (``optuna.importance.get_param_importances``,
 only with at least two completed trials). A figure that cannot be made is left out with a note in the page.
+
+Figures are plain :class:`matplotlib.figure.Figure` objects saved to PNG (the Agg renderer): no pyplot state
+and no backend switch, so importing or calling this module leaves the caller's matplotlib backend alone.
 """
 
 from __future__ import annotations
@@ -14,15 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ichmodel import metrics as M  # noqa: E402
-from ichmodel.constants import CLASSES  # noqa: E402
+from ichmodel import metrics as M
+from ichmodel.constants import CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class ModelScore:
 
 def plot_model_f2(scores: Sequence[ModelScore], path: str | Path) -> Path:
     """Bar chart of validation micro-F2, one bar per model; the last entry (the ensemble) is highlighted."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(scores) + 2), 3.6))
+    fig, ax = _figure((max(4.0, 1.1 * len(scores) + 2), 3.6))
     names = [s.name for s in scores]
     values = [s.micro_f2 for s in scores]
     colors = ["#8da0cb"] * (len(scores) - 1) + ["#fc8d62"]
@@ -59,7 +60,7 @@ def plot_model_f2(scores: Sequence[ModelScore], path: str | Path) -> Path:
 
 def plot_per_class_f2(scores: Sequence[ModelScore], path: str | Path) -> Path:
     """Grouped bars of per-class F2 (classes on the x axis, one bar per model / the ensemble)."""
-    fig, ax = plt.subplots(figsize=(7.0, 3.6))
+    fig, ax = _figure((7.0, 3.6))
     width = 0.8 / max(len(scores), 1)
     x = np.arange(len(CLASSES))
     for i, score in enumerate(scores):
@@ -81,7 +82,7 @@ def plot_threshold_curves(
     """
     curves = M.threshold_curve(y_true, probs)
     grid = curves["threshold"]
-    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    fig, ax = _figure((7.0, 4.0))
     for c, name in enumerate(CLASSES):
         (line,) = ax.plot(grid, curves[name], label=name)
         t = float(thresholds[c])
@@ -122,7 +123,7 @@ def plot_optuna_study(optuna_db: str | Path, out_dir: str | Path) -> tuple[list[
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not done:
         return [], [f"study {names[0]!r} has no completed trial"]
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    fig, ax = _figure((6.0, 3.6))
     numbers = [t.number for t in done]
     values = [float(t.value) for t in done]
     ax.plot(numbers, values, "o", label="trial")
@@ -150,7 +151,7 @@ def plot_optuna_study(optuna_db: str | Path, out_dir: str | Path) -> tuple[list[
         notes.append("parameter importance: no parameters")
         return written, notes
     names_sorted = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6.0, 0.35 * len(names_sorted) + 1.5))
+    fig, ax = _figure((6.0, 0.35 * len(names_sorted) + 1.5))
     ax.barh(names_sorted, [importances[n] for n in names_sorted], color="#66c2a5")
     ax.set_xlabel("importance (fANOVA)")
     ax.set_title("Hyperparameter importance")
@@ -251,10 +252,15 @@ img{{max-width:640px}}</style></head><body>
 """
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _figure(figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """A figure with one axes, outside pyplot (nothing global to close or switch)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -6,8 +6,8 @@ Examples (from the repository root):
     python ray_jobs/ensemble.py --experiment runs/search --top-k 5 --test shards/test --out sub --tta --gpus-per-model 1
     ray job submit --working-dir . -- python ray_jobs/ensemble.py --experiment /shared/runs/search ...
 
-Reads EXPERIMENT/trials.csv (written by ray_jobs/tune.py), keeps the K best trials that finished and have a
-checkpoint, and predicts the validation series (the same split as training, from the checkpoint's config)
+Reads EXPERIMENT/trials.csv (written by ray_jobs/tune.py), keeps the K best trials (by model_f2) that
+finished and have a checkpoint, and predicts the validation series (the same split as training, from the checkpoint's config)
 and the --test shards with one Ray task per model (--gpus-per-model GPUs each; bf16 on GPU). Probabilities
 are averaged over models; per-class thresholds are tuned on the averaged validation predictions (each
 single model's printed F2 uses its own thresholds tuned on the same validation series).
@@ -15,8 +15,8 @@ single model's printed F2 uses its own thresholds tuned on the same validation s
 Writes into --out: submission.csv (course leaderboard ID,prediction; DLCV input), test_per_slice.csv
 (dirname,ID,ich,...,edh 0/1), submission_rsna.csv (Kaggle ID,Label; RSNA input), test_probs.parquet,
 the same files for validation (val_*), ensemble.json (models, thresholds, image size and windows; read by
-ray_jobs/predict.py) and report/index.html. Every CSV is checked against the shards before it is renamed
-into place. --test may be left out when the training shards have a sibling test/ folder (the demo's layout).
+ray_jobs/predict.py) and report/index.html. Every CSV is checked against the slices of the shards it
+predicts (for validation: the validation series) before it is renamed into place. --test may be left out when the training shards have a sibling test/ folder (the demo's layout).
 """
 
 from __future__ import annotations
@@ -33,15 +33,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ichmodel import ensemble as E  # noqa: E402
+from ichmodel import submission as S  # noqa: E402
+from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.constants import CLASSES  # noqa: E402
 from ichmodel.dataset import split_series  # noqa: E402
-from ichmodel.engine import load_checkpoint  # noqa: E402
 from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
 from ichmodel.predict import prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
-from ray_jobs.common import fetch, init_ray, is_uri, setup_logging  # noqa: E402
+from ray_jobs.cli import init_ray, setup_logging  # noqa: E402
+from ray_jobs.storage import fetch, is_uri  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.ensemble")
 
@@ -82,20 +84,26 @@ def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
 
     Raises:
         FileNotFoundError: when the URI holds no trials.csv.
+        ValueError: when trials.csv is not a valid trials table, e.g. a trial id or checkpoint file name that
+            could name a file outside ``cache`` (the storage's content is not trusted).
     """
     uri = uri.rstrip("/")
     if not fetch(f"{uri}/trials.csv", cache / "trials.csv"):
         raise FileNotFoundError(f"No trials table at {uri}/trials.csv; run ray_jobs/tune.py first")
     fetch(f"{uri}/optuna.db", cache / "optuna.db")
-    table = pd.read_csv(cache / "trials.csv", dtype={"trial_id": str, "checkpoint": str, "status": str})
+    try:
+        table = E.read_trials(cache / "trials.csv")  # best first; checks every trial id
+    except ValueError as exc:
+        raise ValueError(f"{exc} (downloaded from {uri}/trials.csv)") from None
     keep, fetched = [], 0  # rows of the local table: the fetched trials, and the ones tried that could not be
-    for i in table.sort_values("best_f2", ascending=False, na_position="last").index:
-        source = table.at[i, "checkpoint"]
+    for i, row in table.iterrows():
+        source = row["checkpoint"]
         if fetched == top_k:
             break
-        if table.at[i, "status"] == "ERROR" or not isinstance(source, str) or not is_uri(source):
+        if E.is_failed(row) or not isinstance(source, str) or not is_uri(source):
             continue  # select_trials would skip it too
-        local = cache / "checkpoints" / str(table.at[i, "trial_id"]) / source.rsplit("/", 1)[-1]
+        name = E.check_file_name(source.rsplit("/", 1)[-1], f"checkpoint file name in {uri}/trials.csv")
+        local = cache / "checkpoints" / row["trial_id"] / name
         logger.info("downloading %s", source)
         if local.is_file() or fetch(source, local):
             table.at[i, "checkpoint"], fetched = str(local.resolve()), fetched + 1
@@ -115,8 +123,8 @@ def predict_fn(
     """Ray task body: one model's prediction tables for each shard folder (``series[i]``: ids or all)."""
     import torch
 
+    from ichmodel.checkpoint import load_model
     from ichmodel.dataset import SeriesDataset
-    from ichmodel.engine import load_model
     from ichmodel.predict import predict_dataset
 
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -157,25 +165,53 @@ def resolve_data(checkpoints: list[str], test: str | None) -> tuple[Config, str,
     return cfg, test, val_ids
 
 
+#: Every split gets ``<split>_probs.parquet`` and ``<split>_per_slice.csv``; some shard formats add a
+#: competition file: ``(split, format) → (submission kind, file name)``.
+COMPETITION_FILES: dict[tuple[str, str], tuple[str, str]] = {
+    ("val", "dlcv"): ("leaderboard", "val_leaderboard.csv"),
+    ("test", "dlcv"): ("leaderboard", "submission.csv"),
+    ("test", "rsna"): ("rsna", "submission_rsna.csv"),
+}
+
+
 def write_outputs(
-    out: Path, val, test, thresholds: np.ndarray, train_format: str, test_shards: str
+    out: Path,
+    val: pd.DataFrame,
+    test: pd.DataFrame,
+    thresholds: np.ndarray,
+    train_shards: str,
+    val_ids: list[str],
+    test_shards: str,
 ) -> list[Path]:
-    """Validation and test files (see the module docstring); each CSV checked against its shards."""
-    test_format = load_manifest(test_shards)["format"]
-    expected = E.expected_slices(test_shards)
-    written = [
-        E.write_probabilities(val, out / "val_probs.parquet"),
-        E.write_per_slice_csv(val, thresholds, out / "val_per_slice.csv"),
-        E.write_probabilities(test, out / "test_probs.parquet"),
-        E.write_per_slice_csv(test, thresholds, out / "test_per_slice.csv", expected),
-    ]
-    if train_format == "dlcv":
-        written.append(E.write_leaderboard_csv(val, thresholds, out / "val_leaderboard.csv"))
-    if test_format == "dlcv":
-        written.append(E.write_leaderboard_csv(test, thresholds, out / "submission.csv", expected))
-    if test_format == "rsna":
-        written.append(E.write_rsna_csv(test, out / "submission_rsna.csv", expected))
+    """Validation and test files (see the module docstring and :data:`COMPETITION_FILES`).
+
+    Each CSV is checked against the slices it must cover, read from the shards: the ``val_ids`` series of
+    ``train_shards`` for ``val``, every slice of ``test_shards`` for ``test``.
+
+    Raises:
+        SubmissionError: when a file does not cover exactly those slices (or is malformed otherwise).
+    """
+    written = []
+    for split, frame, shards, series in (
+        ("val", val, train_shards, val_ids),
+        ("test", test, test_shards, None),
+    ):
+        written.append(S.write_probabilities(frame, out / f"{split}_probs.parquet"))
+        expected = S.expected_slices(shards, series)
+        shard_format = load_manifest(shards)["format"]
+        files = [("per_slice", f"{split}_per_slice.csv")]
+        if (split, shard_format) in COMPETITION_FILES:
+            files.append(COMPETITION_FILES[split, shard_format])
+        for kind, name in files:
+            written.append(S.write_submission(frame, kind, out / name, expected, thresholds))
     return written
+
+
+def score_model(name: str, val: pd.DataFrame) -> ModelScore:
+    """Validation F2 of a model's (or the ensemble's) predictions at thresholds tuned on them."""
+    thresholds = E.choose_thresholds(val)
+    score = E.score_predictions(val, thresholds)
+    return ModelScore(name, score["micro_f2"], score["per_class"], thresholds.tolist())
 
 
 def main(args: argparse.Namespace) -> int:
@@ -215,18 +251,13 @@ def main(args: argparse.Namespace) -> int:
         return 1
     val = E.average_predictions([r[0] for r in results])
     test = E.average_predictions([r[1] for r in results])
-    thresholds = E.choose_thresholds(val)
-    scores = []
-    for trial_id, (single_val, _) in zip(chosen["trial_id"], results, strict=True):
-        s = E.score_predictions(single_val, E.choose_thresholds(single_val))
-        scores.append(ModelScore(f"trial {trial_id}", s["micro_f2"], s["per_class"]))
-    ens = E.score_predictions(val, thresholds)
-    scores.append(
-        ModelScore(f"ensemble of {len(checkpoints)}", ens["micro_f2"], ens["per_class"], thresholds.tolist())
-    )
+    scores = [score_model(f"trial {t}", r[0]) for t, r in zip(chosen["trial_id"], results, strict=True)]
+    ens = score_model(f"ensemble of {len(checkpoints)}", val)
+    scores.append(ens)
+    thresholds = np.asarray(ens.thresholds)
     try:
-        written = write_outputs(out, val, test, thresholds, train_manifest["format"], test_shards)
-    except E.SubmissionError as exc:
+        written = write_outputs(out, val, test, thresholds, cfg.data.shards, val_ids, test_shards)
+    except S.SubmissionError as exc:
         logger.error("submission check failed, nothing written under that name: %s", exc)
         return 1
     spec = E.EnsembleSpec(
@@ -236,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
         windows=train_manifest["windows"],
         format=train_manifest["format"],
         tta=args.tta,
-        val_f2=ens["micro_f2"],
+        val_f2=ens.micro_f2,
         single_f2=[s.micro_f2 for s in scores[:-1]],
         trial_ids=chosen["trial_id"].tolist(),
     )
@@ -257,7 +288,7 @@ def main(args: argparse.Namespace) -> int:
     for s in scores[:-1]:
         print(f"{s.name:<28}{s.micro_f2:>14.6f}")
     print(f"{'single best':<28}{max(s.micro_f2 for s in scores[:-1]):>14.6f}")
-    print(f"ensemble validation micro-F2: {ens['micro_f2']:.6f}")
+    print(f"ensemble validation micro-F2: {ens.micro_f2:.6f}")
     print(f"ensemble validation RSNA weighted log loss: {log_loss:.4f}")
     print("thresholds: " + ", ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, thresholds, strict=True)))
     print("files:")

@@ -31,15 +31,16 @@ import logging  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ichmodel import ensemble as E  # noqa: E402
+from ichmodel import submission as S  # noqa: E402
+from ichmodel.checkpoint import load_checkpoint, load_model  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.constants import CLASSES  # noqa: E402
 from ichmodel.dataset import SeriesDataset  # noqa: E402
-from ichmodel.engine import load_checkpoint, load_model  # noqa: E402
 from ichmodel.predict import predict_dataset, summarize_series  # noqa: E402
 from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from ichmodel.readers import read_dicom_folder  # noqa: E402
 from ichmodel.shards import MANIFEST_NAME, SKIPPED_NAME, load_manifest  # noqa: E402
-from ray_jobs.common import parse_window, setup_logging  # noqa: E402
+from ray_jobs.cli import parse_window, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.predict")
 
@@ -145,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     models = [load_model(p, args.device)[0] for p in checkpoints]
     tta = tta if args.tta is None else args.tta
     frame = predict_dataset(models, dataset, batch_size=args.batch_size, device=args.device, tta=tta)
-    E.write_per_slice_csv(frame, thresholds, out / "per_slice.csv", E.expected_slices(shards))
+    S.write_submission(frame, "per_slice", out / "per_slice.csv", S.expected_slices(shards), thresholds)
     frame.to_csv(out / "probabilities.csv", index=False, float_format="%.6f")
     summary = summarize_series(frame, thresholds)
     first = frame.groupby("series_id", sort=True)["slice_id"].first()

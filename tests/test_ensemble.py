@@ -1,19 +1,18 @@
-"""``ichmodel.ensemble``: trial selection, averaging, thresholds, submission writers and their checks."""
+"""``ichmodel.ensemble``: trial selection, averaging, thresholds, scores and ``ensemble.json``."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import fbeta_score
 
 from ichmodel import ensemble as E
+from ichmodel.checkpoint import load_model
 from ichmodel.constants import CLASSES
-from ichmodel.dataset import SeriesDataset
-from ichmodel.engine import load_model
 from ichmodel.metrics import search_thresholds
 from ichmodel.predict import LABEL_COLUMNS, predict_dataset
 from tests.datagen import small_dataset, write_checkpoint
@@ -43,7 +42,7 @@ def test_select_trials_skips_errors_and_missing_checkpoints(tmp_path):
         ("c", 0.60, str(tmp_path / "c" / "checkpoint.pt"), "OK"),
         ("none", 0.90, "", "OK"),
     ]
-    pd.DataFrame(rows, columns=["trial_id", "best_f2", "checkpoint", "status"]).to_csv(
+    pd.DataFrame(rows, columns=["trial_id", "model_f2", "checkpoint", "status"]).to_csv(
         tmp_path / "trials.csv", index=False
     )
     chosen = E.select_trials(tmp_path / "trials.csv", 2)
@@ -56,7 +55,7 @@ def test_select_trials_skips_errors_and_missing_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="top_k must be >= 1. Got 0"):
         E.select_trials(tmp_path / "trials.csv", 0)
 
-    pd.DataFrame(rows[:2], columns=["trial_id", "best_f2", "checkpoint", "status"]).to_csv(
+    pd.DataFrame(rows[:2], columns=["trial_id", "model_f2", "checkpoint", "status"]).to_csv(
         tmp_path / "bad.csv", index=False
     )
     with pytest.raises(
@@ -111,102 +110,36 @@ def test_thresholds_and_scores_agree_with_search_thresholds_and_sklearn():
         E.choose_thresholds(frame.drop(columns=list(LABEL_COLUMNS)))
 
 
-def test_writers_produce_the_documented_formats(tmp_path):
-    probs = [[0.9, 0.1, 0.2, 0.6, 0.05], [0.3, 0.7, 0.1, 0.1, 0.8]]
-    labels = [[1, 0, 0, 1, 0], [0, 1, 0, 0, 0]]
-    frame = table(["e00b013d9_14.jpg", "e00b013d9_2.jpg"], probs, labels, series=["ID_e00b013d9"] * 2)
-    th = [0.5, 0.5, 0.5, 0.5, 0.5]
-
-    lb = pd.read_csv(E.write_leaderboard_csv(frame, th, tmp_path / "lb.csv"))
-    assert list(lb.columns) == ["ID", "prediction"] and len(lb) == 10
-    assert lb["ID"].tolist()[:5] == [
-        "e00b013d9_14_ich",
-        "e00b013d9_14_ivh",
-        "e00b013d9_14_sah",
-        "e00b013d9_14_sdh",
-        "e00b013d9_14_edh",
-    ]
-    assert lb["prediction"].tolist() == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
-    # The leaderboard file scores as the course did: one F2 over all N × 5 decisions.
-    assert fbeta_score(np.ravel(labels), lb["prediction"], beta=2) == pytest.approx(
-        E.score_predictions(frame, th)["micro_f2"]
+def test_select_trials_reads_a_table_with_the_older_best_f2_column(tmp_path, caplog):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"x")
+    rows = [("a", 0.5, "a/checkpoint.pt", "OK"), ("b", 0.7, "b/checkpoint.pt", "OK")]
+    pd.DataFrame(rows, columns=["trial_id", "best_f2", "checkpoint", "status"]).to_csv(
+        tmp_path / "trials.csv", index=False
     )
-
-    ps = tmp_path / "ps.csv"
-    E.write_per_slice_csv(frame, th, ps)
-    assert ps.read_text().splitlines() == [
-        "dirname,ID,ich,ivh,sah,sdh,edh",
-        "ID_e00b013d9,e00b013d9_14.jpg,1,0,0,1,0",
-        "ID_e00b013d9,e00b013d9_2.jpg,0,1,0,0,1",
-    ]
-
-    rsna = table(["ID_63eb1e259", "ID_2669954a7"], probs)
-    kaggle = pd.read_csv(E.write_rsna_csv(rsna, tmp_path / "rsna.csv"))
-    assert list(kaggle.columns) == ["ID", "Label"] and len(kaggle) == 12
-    got = dict(zip(kaggle["ID"], kaggle["Label"], strict=True))
-    assert got["ID_63eb1e259_subdural"] == pytest.approx(0.6)
-    assert got["ID_63eb1e259_intraparenchymal"] == pytest.approx(0.9)
-    assert got["ID_2669954a7_epidural"] == pytest.approx(0.8)
-    assert got["ID_2669954a7_any"] == pytest.approx(0.8) and got["ID_63eb1e259_any"] == pytest.approx(0.9)
-    assert kaggle["ID"].tolist()[:6] == [f"ID_63eb1e259_{s}" for s in E.RSNA_ORDER]
-
-    back = pq.read_table(E.write_probabilities(frame, tmp_path / "p.parquet")).to_pandas()
-    pd.testing.assert_frame_equal(back, frame)
+    with caplog.at_level("INFO", logger="ichmodel.ensemble"):
+        chosen = E.select_trials(tmp_path / "trials.csv", 2)
+    assert chosen["trial_id"].tolist() == ["b", "a"] and chosen["model_f2"].tolist() == [0.7, 0.5]
+    assert "names its F2 column 'best_f2'" in caplog.text
+    pd.DataFrame(rows, columns=["trial_id", "f2", "checkpoint", "status"]).to_csv(
+        tmp_path / "trials.csv", index=False
+    )
+    with pytest.raises(ValueError, match=r"lacks columns \['model_f2'\]"):
+        E.select_trials(tmp_path / "trials.csv", 2)
 
 
-def _leftovers(folder):
-    return sorted(p.name for p in folder.iterdir())
-
-
-def test_a_missing_slice_is_caught_and_leaves_no_file(tmp_path):
-    frame = table(["a_0.jpg", "a_1.jpg"], [[0.9] * 5, [0.1] * 5])
-    expected = ["a_0.jpg", "a_1.jpg", "a_2.jpg"]
-    with pytest.raises(E.SubmissionError, match=r"5 expected id\(s\) missing, e.g. \['a_2_edh'"):
-        E.write_leaderboard_csv(frame, [0.5] * 5, tmp_path / "sub.csv", expected)
-    with pytest.raises(E.SubmissionError, match=r"1 expected id\(s\) missing, e.g. \['a_2.jpg'\]"):
-        E.write_per_slice_csv(frame, [0.5] * 5, tmp_path / "ps.csv", expected)
-    assert _leftovers(tmp_path) == []
-
-
-def test_a_duplicate_slice_is_caught_and_an_older_good_file_survives(tmp_path):
-    good = table(["a_0.jpg", "a_1.jpg"], [[0.9] * 5, [0.1] * 5])
-    E.write_leaderboard_csv(good, [0.5] * 5, tmp_path / "sub.csv")
-    before = (tmp_path / "sub.csv").read_bytes()
-    doubled = table(["a_0.jpg", "a_1.jpg", "a_1.jpg"], [[0.9] * 5, [0.1] * 5, [0.1] * 5])
-    with pytest.raises(E.SubmissionError, match=r"5 duplicate id\(s\), e.g. \['a_1_ich'"):
-        E.write_leaderboard_csv(doubled, [0.5] * 5, tmp_path / "sub.csv", ["a_0.jpg", "a_1.jpg"])
-    assert (tmp_path / "sub.csv").read_bytes() == before
-    assert _leftovers(tmp_path) == ["sub.csv"]
-
-
-def test_validate_submission_catches_header_values_and_extra_ids(tmp_path):
-    path = tmp_path / "sub.csv"
-    path.write_text("Id,Prediction\na_0_ich,1\n")
-    with pytest.raises(
-        E.SubmissionError, match=r"header is \['Id', 'Prediction'\], expected \['ID', 'prediction'\]"
-    ):
-        E.validate_submission(path, "leaderboard", ["a_0_ich"])
-    path.write_text("dirname,ID,ivh,ich,sah,sdh,edh\nd,a_0.jpg,0,0,0,0,0\n")  # columns out of order
-    with pytest.raises(E.SubmissionError, match="header is"):
-        E.validate_submission(path, "per_slice", ["a_0.jpg"])
-    path.write_text("ID,prediction\na_0_ich,2\na_0_ivh,0.5\nz_9_ich,1\n")
-    with pytest.raises(E.SubmissionError) as info:
-        E.validate_submission(path, "leaderboard", ["a_0_ich", "a_0_ivh"])
-    assert "not 0/1" in str(info.value) and "unexpected id(s), e.g. ['z_9_ich']" in str(info.value)
-    path.write_text("ID,Label\nID_a_any,1.5\nID_a_subdural,\n")
-    with pytest.raises(E.SubmissionError, match=r"2 value\(s\) not probabilities in \[0, 1\]"):
-        E.validate_submission(path, "rsna", ["ID_a_any", "ID_a_subdural"])
-    path.write_text("ID,Label\nID_a_any,1\nID_a_subdural,0.25\n")
-    assert E.validate_submission(path, "rsna", ["ID_a_any", "ID_a_subdural"]) == 2
-    assert issubclass(E.SubmissionError, ValueError)
-
-
-def test_expected_slices_read_from_the_shards(demo_shards):
-    expected = E.expected_slices(demo_shards[1])
-    dataset = SeriesDataset(demo_shards[1])
-    assert len(expected) == dataset.manifest["num_slices"]
-    assert set(expected["slice_id"]) == {s for i in range(len(dataset)) for s in dataset[i]["slice_ids"]}
-    assert E.slice_stem("e00b013d9_14.jpg") == "e00b013d9_14" and E.slice_stem("ID_0a1b2c") == "ID_0a1b2c"
+@pytest.mark.parametrize("bad", ["../../evil", "..", ".", "a/b", "", "x y"])
+def test_a_trial_id_that_cannot_name_a_file_is_refused(tmp_path, bad):
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    rows = [("ok-1.a_b", 0.5, "checkpoint.pt"), (bad, 0.9, "checkpoint.pt")]
+    pd.DataFrame(rows, columns=["trial_id", "model_f2", "checkpoint"]).to_csv(
+        tmp_path / "trials.csv", index=False
+    )
+    message = f"Invalid trial_id in {tmp_path / 'trials.csv'}: {bad!r} cannot name a file"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        E.select_trials(tmp_path / "trials.csv", 2)
+    assert E.check_file_name("train_3f2a.1-b", "trial_id") == "train_3f2a.1-b"
 
 
 def test_ensemble_spec_round_trip(tmp_path):

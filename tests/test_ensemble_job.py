@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import fbeta_score
 
+from ichmodel import submission as S
+from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
 from ichmodel.dataset import split_series
-from ichmodel.engine import load_checkpoint
+from ichmodel.predict import PROB_COLUMNS
 from ray_jobs import ensemble as job
 from tests.datagen import write_checkpoint
 
@@ -32,15 +34,15 @@ def experiment(demo_shards, tmp_path_factory):
         rows.append(
             {
                 "trial_id": f"t{i}",
-                "best_f2": load_checkpoint(ckpt)["best_f2"],
-                "best_val_loss": 0.1,
+                "model_f2": load_checkpoint(ckpt)["best_f2"],
+                "last_val_loss": 0.1,
                 "epochs": 1,
                 "checkpoint": str(ckpt),
                 "status": "OK",
                 "loss.alpha": 1.0,
             }
         )
-    rows.append({**rows[0], "trial_id": "broken", "best_f2": 1.0, "status": "ERROR"})
+    rows.append({**rows[0], "trial_id": "broken", "model_f2": 1.0, "status": "ERROR"})
     pd.DataFrame(rows).to_csv(root / "trials.csv", index=False)
     return root
 
@@ -139,7 +141,7 @@ def test_test_shards_are_required_when_there_is_no_sibling_folder(demo_shards, e
 
 def test_a_search_on_storage_is_fetched_best_first_and_then_ensembled_like_a_local_one(experiment, tmp_path):
     """``--experiment s3://...`` goes through pyarrow.fs; a ``file://`` URI takes the same path here."""
-    from ray_jobs.common import fetch, write_bytes
+    from ray_jobs.storage import fetch, write_bytes
 
     remote = tmp_path / "bucket" / "search"
     table = pd.read_csv(experiment / "trials.csv", dtype={"trial_id": str})
@@ -164,3 +166,51 @@ def test_a_search_on_storage_is_fetched_best_first_and_then_ensembled_like_a_loc
     assert list(chosen["trial_id"]) == ["t0"]
     with pytest.raises(FileNotFoundError, match="No trials table"):
         job.fetch_experiment(f"file://{tmp_path}/nothing", tmp_path / "cache2", top_k=1)
+
+
+def _predictions(slices: pd.DataFrame) -> pd.DataFrame:
+    """A prediction table by hand for these slices (every probability 0.5)."""
+    frame = slices.copy()
+    for name in PROB_COLUMNS:
+        frame[name] = 0.5
+    return frame
+
+
+def test_a_validation_file_missing_a_slice_is_refused(demo_shards, tmp_path):
+    """The validation CSVs are checked against the validation series' slices in the shards, not against the
+    frame being written (a check of a frame against itself cannot find a missing slice)."""
+    train, test = (str(d) for d in demo_shards)
+    _, val_ids = split_series(train, 0.25, 0)
+    val = _predictions(S.expected_slices(train, val_ids))
+    test_frame = _predictions(S.expected_slices(test))
+    written = job.write_outputs(tmp_path / "ok", val, test_frame, [0.5] * 5, train, val_ids, test)
+    assert sorted(p.name for p in written) == sorted(
+        ["val_probs.parquet", "val_per_slice.csv", "val_leaderboard.csv"]
+        + ["test_probs.parquet", "test_per_slice.csv", "submission.csv"]
+    )
+    lost = val["slice_id"].iloc[3]
+    with pytest.raises(
+        S.SubmissionError, match=rf"^val_per_slice.csv: 1 expected id\(s\) missing, e.g. \['{lost}'\]"
+    ):
+        job.write_outputs(tmp_path / "bad", val.drop(index=3), test_frame, [0.5] * 5, train, val_ids, test)
+    assert not (tmp_path / "bad" / "val_per_slice.csv").exists()
+
+
+def test_a_trial_id_from_storage_cannot_write_outside_the_cache(experiment, tmp_path):
+    """trials.csv on a bucket is not trusted: its trial ids name folders of the download cache."""
+    from ray_jobs.storage import write_bytes
+
+    remote = tmp_path / "bucket" / "search"
+    checkpoint = f"file://{remote}/train-t0/checkpoint.pt"
+    write_bytes(checkpoint, (experiment / "train-t0" / "checkpoint.pt").read_bytes())
+    table = pd.DataFrame(
+        [{"trial_id": "../../evil", "model_f2": 0.9, "checkpoint": checkpoint, "status": "OK"}]
+    )
+    write_bytes(f"file://{remote}/trials.csv", table.to_csv(index=False).encode())
+    cache = tmp_path / "out" / "experiment"
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid trial_id in .*trials.csv: '\.\./\.\./evil' cannot name a file.*downloaded from file://",
+    ):
+        job.fetch_experiment(f"file://{remote}", cache, top_k=1)
+    assert not (tmp_path / "out" / "evil").exists() and not (cache / "checkpoints").exists()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import matplotlib.image as mpimg
 import numpy as np
 import optuna
@@ -10,6 +14,7 @@ import pytest
 from ichmodel.constants import CLASSES
 from ichmodel.metrics import search_thresholds
 from ichmodel.report import ModelScore, make_report, plot_optuna_study
+from tests.conftest import REPO_ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -87,3 +92,24 @@ def test_make_report_rejects_mismatched_arrays(validation, tmp_path):
         make_report(tmp_path, scores, y_true, probs[:, :4], thresholds)
     with pytest.raises(ValueError, match="at least one score"):
         make_report(tmp_path, [], y_true, probs, thresholds)
+
+
+def test_importing_and_using_the_report_leaves_the_matplotlib_backend_alone(tmp_path):
+    """A library import must not switch the caller's backend (it once ran ``matplotlib.use("Agg")``)."""
+    code = f"""
+import sys, matplotlib
+matplotlib.use("svg")  # the caller's choice, not Agg
+import numpy as np
+from ichmodel.report import ModelScore, make_report
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+y = np.eye(5, dtype=np.int8)
+make_report({str(tmp_path)!r}, [ModelScore("m", 1.0)], y, y * 0.9, [0.5] * 5)
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _is_png(tmp_path / "threshold_curves.png")
