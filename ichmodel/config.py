@@ -4,22 +4,55 @@ YAML files, command lines and search spaces only *override* these values, by dot
 (``"loss.alpha"``, ``"strategy.p1"``, ``"train.lr"``). The resolved config is saved as a plain dict
 beside every checkpoint (:meth:`Config.to_dict`) and rebuilt with :meth:`Config.from_dict`.
 
+Each section coerces a value to its field's type (``"0.5"`` → 0.5, ``[5, 5, 10]`` → ``(5, 5, 10)``,
+``"false"`` → False) and rejects what does not convert exactly (``2.5`` for an integer, ``"flase"`` for a
+flag); every error names the field by its dotted name: ``train.lr must be > 0. Got -1.0``.
+
 Where the paper and the authors' code disagree, the choice is stated on the field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ichmodel.constants import NUM_CLASSES
+from ichmodel.io import atomic_write_text
+
+#: The words a flag accepts (case-insensitive), besides True/False and the integers 1/0.
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+class _Section:
+    """Base of the config sections: coerce every field to the type of its default, then :meth:`validate`.
+
+    A section's dotted prefix is its class name without ``Config``, lower-cased (``TrainConfig`` → ``train``),
+    the name of its field in :class:`Config`.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            value = _coerce(self.dotted(f.name), getattr(self, f.name), default)
+            object.__setattr__(self, f.name, value)  # frozen: the dataclass way to set in __post_init__
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value is out of its range."""
+
+    @classmethod
+    def dotted(cls, name: str) -> str:
+        return f"{cls.__name__.removesuffix('Config').lower()}.{name}"
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """Backbone → bi-GRU → heads (paper section 1)."""
 
     #: Path to a local torchvision ResNet18 ``state_dict`` (e.g. ImageNet weights); ``None`` = random init.
@@ -35,14 +68,13 @@ class ModelConfig:
     #: a third of their cost, and the backbone then learns from the batch's own slices only.
     transfer_grad: bool = True
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_positive(self, "in_channels", "feature_dim", "rnn_hidden", "num_classes", "cpc_steps")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1). Got {self.dropout}")
+        _check_range(self, "dropout", 0, 1, high_open=True)
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     """Weights of L = αL1 + βL2 + γL3 + μL4 + νL5 for the fine-tuning stage, and ASL's parameters.
 
     The two pretraining stages use α = β = 1 and γ = μ = ν = 0 (paper section 3.3), whatever is set here.
@@ -60,11 +92,36 @@ class LossConfig:
     gamma_pos: float = 1.0
     gamma_neg: float = 4.0
     clip: float = 0.05
+    #: Common factor on LP, DC and CPC: L = αL1 + βL2 + s·(γL3 + μL4 + νL5). At random init their backbone
+    #: gradients per unit weight are 1.1-4× MC's (ichmodel.diagnostics); 0.25 keeps MC the leading term.
+    aux_scale: float = 0.25
+    #: CPC scores: "cosine" (cosine similarity / cpc_temperature) or "dot" (raw dot products of unnormalised
+    #: features, the earlier scoring, whose gradient was 33-42× MC's).
+    cpc_score: str = "cosine"
+    cpc_temperature: float = 0.1
+    #: LP's label-count classes 0..5: "none", "balanced" (inverse frequency in the batch, as the authors
+    #: weighted LP's classes) or six comma-separated weights, e.g. "1,2,4,8,8,8".
+    lp_class_weights: str = "balanced"
+    #: Weight of the authors' extra term 1 − soft F2 of sigmoid(mc_logits) (not in the paper); 0 = off.
+    soft_f2: float = 0.0
 
-    def __post_init__(self) -> None:
-        _check_non_negative(self, "alpha", "beta", "gamma", "mu", "nu", "gamma_pos", "gamma_neg", "clip")
-        if self.clip >= 1.0:
-            raise ValueError(f"loss.clip must be < 1. Got {self.clip}")
+    def validate(self) -> None:
+        _check_non_negative(self, "alpha", "beta", "gamma", "mu", "nu", "gamma_pos", "gamma_neg")
+        _check_range(self, "clip", 0, 1, high_open=True)
+        _check_non_negative(self, "aux_scale", "soft_f2")
+        _check_positive(self, "cpc_temperature")
+        if self.cpc_score not in ("cosine", "dot"):
+            raise ValueError(f"loss.cpc_score must be 'cosine' or 'dot'. Got {self.cpc_score!r}")
+        if self.lp_class_weights not in ("none", "balanced"):
+            try:
+                weights = [float(w) for w in self.lp_class_weights.split(",")]
+            except ValueError:
+                weights = []
+            if len(weights) != NUM_CLASSES + 1 or not all(0 <= w < float("inf") for w in weights):
+                raise ValueError(
+                    "loss.lp_class_weights must be 'none', 'balanced' or "
+                    f"{NUM_CLASSES + 1} comma-separated weights >= 0. Got {self.lp_class_weights!r}"
+                )
 
     def weights(self) -> dict[str, float]:
         """Task weights keyed by the loss-part names ``mc, ac, lp, dc, cpc``."""
@@ -72,7 +129,7 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
+class StrategyConfig(_Section):
     """Masking (section 2.7) and diversity transfer (section 2.8)."""
 
     p1: float = 0.15  # fraction of slices whose g is zeroed before the GRU
@@ -81,28 +138,33 @@ class StrategyConfig:
     #: Diversity-transfer pairs whose images are kept in memory (sampled once from the full pool).
     pool_size: int = 512
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("p1", "p2", "epsilon"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"strategy.{name} must be in [0, 1]. Got {value}")
+            _check_range(self, name, 0, 1)
         _check_non_negative(self, "pool_size")
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(_Section):
     """Image augmentation, the same draw for every slice of a series (section 3.1)."""
 
     flip_prob: float = 0.5
-    rotate_degrees: float = 15.0
+    rotate_degrees: float = 15.0  # angle drawn from [-rotate_degrees, rotate_degrees]
     brightness: float = 0.1  # additive, fraction of the range
-    contrast: float = 0.1  # multiplicative, ±fraction
-    crop_scale_min: float = 0.85  # multiscale crop: side kept, as a fraction, then resized back
+    contrast: float = 0.1  # multiplicative, factor drawn from [1 - contrast, 1 + contrast]
+    crop_scale_min: float = 0.85  # multiscale crop: side kept, drawn from [crop_scale_min, 1], resized back
     enabled: bool = True
+
+    def validate(self) -> None:
+        _check_range(self, "flip_prob", 0, 1)
+        _check_range(self, "rotate_degrees", 0, 180)
+        _check_range(self, "brightness", 0, 1)
+        _check_range(self, "contrast", 0, 1)  # a factor range that stays ordered and non-negative
+        _check_range(self, "crop_scale_min", 0, 1, low_open=True)  # [crop_scale_min, 1] is an ordered range
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where the preprocessed shards are and how they are split and batched."""
 
     shards: str = ""  # folder written by ``ray_jobs/preprocess.py`` (holds manifest.json)
@@ -112,15 +174,14 @@ class DataConfig:
     max_slices: int = 0  # crop longer series to a random window of this many slices in training; 0 = all
     num_workers: int = 0  # DataLoader worker processes
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1). Got {self.val_fraction}")
+    def validate(self) -> None:
+        _check_range(self, "val_fraction", 0, 1, low_open=True, high_open=True)
         _check_positive(self, "batch_size")
         _check_non_negative(self, "max_slices", "num_workers")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation and the three-stage plan (section 3.3)."""
 
     lr: float = 1e-3
@@ -136,12 +197,15 @@ class TrainConfig:
     channels_last: bool = True
     threshold: float = 0.5  # decision threshold for F2 reported during training
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _check_positive(self, "lr", "lr_patience", "min_lr", "max_nonfinite_steps")
-        if not 0.0 < self.lr_factor < 1.0:
-            raise ValueError(f"train.lr_factor must be in (0, 1). Got {self.lr_factor}")
-        if len(self.max_epochs) != 3 or any(int(e) < 0 for e in self.max_epochs):
-            raise ValueError(f"train.max_epochs needs three non-negative epoch caps. Got {self.max_epochs}")
+        _check_non_negative(self, "weight_decay")
+        _check_range(self, "lr_factor", 0, 1, low_open=True, high_open=True)
+        _check_range(self, "threshold", 0, 1)
+        if len(self.max_epochs) != 3 or any(e < 0 for e in self.max_epochs):
+            raise ValueError(
+                f"{self.dotted('max_epochs')} needs three non-negative epoch caps. Got {self.max_epochs}"
+            )
 
 
 @dataclass(frozen=True)
@@ -160,78 +224,128 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Rebuild from :meth:`to_dict` output; unknown sections or fields raise ``ValueError``."""
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(sections)
+        """Rebuild from :meth:`to_dict` output (or part of it); unknown sections or fields raise ``ValueError``."""
+        sections = {f.name: type(getattr(cls(), f.name)) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(sections))
         if unknown:
-            raise ValueError(f"Unknown config sections {sorted(unknown)}; known: {sorted(sections)}")
-        built = {}
-        for f in dataclasses.fields(cls):
-            section_cls = type(getattr(cls(), f.name))
-            built[f.name] = _build_section(section_cls, values.get(f.name, {}), f.name)
-        return cls(**built)
+            raise ValueError(f"Unknown config section {', '.join(unknown)}; known: {sorted(sections)}")
+        return cls(**{name: _build_section(section_cls, values.get(name, {}), name)
+                      for name, section_cls in sections.items()})  # fmt: skip
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """Return a copy with dotted-name overrides applied, e.g. ``{"loss.alpha": 0.5}``."""
         tree = self.to_dict()
         for key, value in overrides.items():
             section, _, name = key.partition(".")
-            if section not in tree or not name:
-                raise ValueError(f"Override {key!r} must be 'section.field' with section in {sorted(tree)}")
-            if name not in tree[section]:
-                raise ValueError(
-                    f"Unknown field {name!r} in section {section!r}; known: {sorted(tree[section])}"
-                )
-            tree[section][name] = value
+            if not section or not name:
+                raise ValueError(f"An override is named 'section.field' (e.g. loss.alpha). Got {key!r}")
+            tree.setdefault(section, {})[name] = value
         return Config.from_dict(tree)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
         """Read a JSON or YAML file holding a (possibly partial) config tree."""
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-        return cls.from_dict(values)
+        return cls().with_overrides(load_overrides(path))
 
 
-def _build_section(section_cls: type, values: dict[str, Any], name: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(section_cls)}
-    unknown = set(values) - set(known)
+def load_overrides(path: str | Path) -> dict[str, Any]:
+    """The dotted-name overrides that a JSON or YAML config tree holds: ``loss: {nu: 0.5}`` → ``{"loss.nu": 0.5}``.
+
+    Raises:
+        ValueError: when the file does not hold a mapping of sections, each a mapping of fields.
+    """
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        tree = yaml.safe_load(text) or {}
+    else:
+        tree = json.loads(text)
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path} must hold a mapping of config sections. Got {type(tree).__name__}")
+    overrides = {}
+    for section, fields in tree.items():
+        if not isinstance(fields, dict):
+            raise ValueError(
+                f"Config section {section!r} in {path} must be a mapping of fields. Got {fields!r}"
+            )
+        overrides.update({f"{section}.{name}": value for name, value in fields.items()})
+    return overrides
+
+
+def _build_section(section_cls: type[_Section], values: dict[str, Any], name: str) -> _Section:
+    if not isinstance(values, dict):
+        raise ValueError(f"Config section {name!r} must be a mapping of fields. Got {values!r}")
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
-            f"Unknown fields {sorted(unknown)} in config section {name!r}; known: {sorted(known)}"
-        )
-    kwargs = {}
-    for key, value in values.items():
-        default = getattr(section_cls(), key)
-        if isinstance(default, tuple) and value is not None:
-            value = tuple(value)
-        elif isinstance(default, bool):
-            value = bool(value)
-        elif isinstance(default, int) and not isinstance(default, bool) and value is not None:
-            value = int(value)
-        elif isinstance(default, float) and value is not None:
-            value = float(value)
-        kwargs[key] = value
-    return section_cls(**kwargs)
+        names = ", ".join(f"{name}.{field_name}" for field_name in unknown)
+        raise ValueError(f"Unknown config field {names}; known in {name}: {sorted(known)}")
+    return section_cls(**values)
 
 
-def _check_positive(obj: object, *names: str) -> None:
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the field's ``default``, converted only where nothing is lost.
+
+    Raises:
+        ValueError: naming the field (``name``, dotted) and the value that does not convert.
+    """
+    if default is None:  # an optional path
+        return None if value is None else _coerce(name, value, "")
+    if isinstance(default, bool):
+        word = str(value).strip().lower() if isinstance(value, str | int) else None
+        if word in BOOL_WORDS:  # True/False themselves are 1/0 here
+            return BOOL_WORDS[word]
+        raise ValueError(f"{name} must be a boolean (true/false, 1/0, yes/no). Got {value!r}")
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name} must be a list. Got {value!r}")
+        return tuple(_coerce(name, v, default[0]) for v in value)
+    if isinstance(default, str):
+        if not isinstance(value, str | os.PathLike):
+            raise ValueError(f"{name} must be a string. Got {value!r}")
+        return str(value)
+    return _coerce_number(name, value, type(default))
+
+
+def _coerce_number(name: str, value: Any, kind: type) -> int | float:
+    """``value`` as an ``int`` (integral values only: 3, 3.0, "3") or a ``float`` (any real, "1e-3")."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # not a number: the error below names the field
+            value = float(value) if kind is float else int(value.strip())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if kind is float:
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    what = "a number" if kind is float else "an integer"
+    raise ValueError(f"{name} must be {what}. Got {value!r}")
+
+
+def _check_positive(section: _Section, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
+        value = getattr(section, name)
         if not value > 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be > 0. Got {value}")
+            raise ValueError(f"{section.dotted(name)} must be > 0. Got {value}")
 
 
-def _check_non_negative(obj: object, *names: str) -> None:
+def _check_non_negative(section: _Section, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
+        value = getattr(section, name)
         if not value >= 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be >= 0. Got {value}")
+            raise ValueError(f"{section.dotted(name)} must be >= 0. Got {value}")
+
+
+def _check_range(
+    section: _Section, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """``low <= value <= high``, with ``<`` on a side marked open; the message writes the interval."""
+    value = getattr(section, name)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{section.dotted(name)} must be in {interval}. Got {value}")

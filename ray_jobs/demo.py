@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 from ichmodel import synth  # noqa: E402
 from ray_jobs import ensemble, preprocess, tune  # noqa: E402
-from ray_jobs.common import REPO_ROOT, init_ray, setup_logging  # noqa: E402
+from ray_jobs.cli import REPO_ROOT, init_ray, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.demo")
 

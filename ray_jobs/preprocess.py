@@ -31,7 +31,7 @@ from ichmodel.preprocess import (
     write_shard,
 )  # noqa: E402
 from ichmodel.readers import read_input  # noqa: E402
-from ray_jobs.common import init_ray, parse_window, setup_logging  # noqa: E402
+from ray_jobs.cli import init_ray, parse_window, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.preprocess")
 

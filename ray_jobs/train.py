@@ -24,17 +24,21 @@ import json  # noqa: E402
 import logging  # noqa: E402
 
 from ichmodel.config import Config  # noqa: E402
-from ray_jobs.common import (  # noqa: E402
-    CHECKPOINT_FILE,
+from ichmodel.demo_data import ensure_demo_data  # noqa: E402
+from ray_jobs.cli import (  # noqa: E402
+    DEMO_ROOT,
     REPO_ROOT,
-    build_trainer,
-    ensure_demo_data,
+    add_config_arguments,
+    build_config,
     init_ray,
-    parse_overrides,
     setup_logging,
 )
+from ray_jobs.storage import absolute  # noqa: E402
+from ray_jobs.worker import CHECKPOINT_FILE, build_trainer  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.train")
+#: Epoch caps on the generated demo data, unless --epochs, --set or --config say otherwise.
+DEMO_EPOCHS = "2,2,2"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,16 +47,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--data", default=None, help="preprocessed training shards (default: generated demo data)"
+    default_caps = ",".join(str(e) for e in Config().train.max_epochs)
+    add_config_arguments(
+        parser,
+        epochs_help=f"epoch caps of the three stages (default {default_caps} with --data, {DEMO_EPOCHS} on the "
+        "demo data; --config or --set train.max_epochs replaces the default). A stage also ends early when "
+        "its learning rate falls below train.min_lr",
     )
-    parser.add_argument(
-        "--config", default=None, help="YAML/JSON file with config overrides (see ichmodel/config.py)"
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one field"
-    )
-    parser.add_argument("--epochs", default=None, help="epoch caps of the three stages, e.g. 2,2,2")
     parser.add_argument("--name", default="train", help="run name; the same name resumes (default: train)")
     parser.add_argument(
         "--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI for results"
@@ -67,28 +68,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_config(args: argparse.Namespace) -> Config:
-    cfg = Config.load(args.config) if args.config else Config()
-    overrides = parse_overrides(args.set)
-    if args.epochs:
-        overrides["train.max_epochs"] = [int(e) for e in args.epochs.split(",")]
-    if args.data is None:
-        train_shards, _ = ensure_demo_data()
-        overrides.setdefault("data.shards", str(train_shards))
-        overrides.setdefault("train.max_epochs", [2, 2, 2])
-    else:
-        overrides["data.shards"] = str(Path(args.data).resolve()) if "://" not in args.data else args.data
-    return cfg.with_overrides(overrides)
+def run_config(args: argparse.Namespace) -> Config:
+    """The run's config (:func:`ray_jobs.cli.build_config`); without ``--data``, on generated demo data."""
+    if args.data is not None:
+        return build_config(args)
+    train_shards, _ = ensure_demo_data(DEMO_ROOT)
+    return build_config(args, {"data.shards": str(train_shards), "train.max_epochs": DEMO_EPOCHS.split(",")})
 
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     try:
-        cfg = build_config(args)
+        cfg = run_config(args)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+    storage = absolute(args.storage)
     init_ray()
     loop_config = {"config": cfg.to_dict(), "overrides": {}}
     if args.fail_at_epoch is not None:

@@ -12,8 +12,8 @@ Search: OptunaSearch (TPE, seeded) proposes a config from --space; ASHA stops we
 validation micro-F2, with the global epoch as its time attribute. Each trial trains with
 --workers-per-trial DDP workers; a failed trial is retried from its last checkpoint.
 
-Results land in STORAGE/NAME: trials.csv (sorted by F2; read by ray_jobs/ensemble.py), one folder per trial
-(TensorBoard: tensorboard --logdir STORAGE/NAME), the Train runs with their checkpoints, and optuna.db
+Results land in STORAGE/NAME: trials.csv (sorted by model_f2; read by ray_jobs/ensemble.py), one folder per
+trial (TensorBoard: tensorboard --logdir STORAGE/NAME), the Train runs with their checkpoints, and optuna.db
 (optuna-dashboard sqlite:///STORAGE/NAME/optuna.db) for a local storage.
 """
 
@@ -31,22 +31,24 @@ import os  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ichmodel.config import Config  # noqa: E402
-from ray_jobs.common import (  # noqa: E402
-    CHECKPOINT_FILE,
+from ichmodel.demo_data import ensure_demo_data  # noqa: E402
+from ray_jobs.cli import (  # noqa: E402
+    DEMO_ROOT,
     REPO_ROOT,
-    build_trainer,
-    ensure_demo_data,
-    finished_run_report,
+    add_config_arguments,
+    build_config,
     init_ray,
-    is_uri,
-    parse_overrides,
     setup_logging,
-    write_bytes,
 )
+from ray_jobs.storage import absolute, is_uri, write_bytes  # noqa: E402
+from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report  # noqa: E402
 from search_spaces import load_space  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.tune")
 METRIC = "val_f2"
+#: Epoch caps of the three stages unless --epochs, --set or --config say otherwise: a first real search on
+#: --data (ASHA then stops the weak trials after the first stage), the generated demo, the smoke test.
+EPOCHS = {"data": "5,5,10", "demo": "1,1,2", "smoke": "1,1,1"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,20 +57,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--data", default=None, help="preprocessed training shards (default: generated demo data)"
+    add_config_arguments(
+        parser,
+        epochs_help=f"epoch caps of the three stages (default {EPOCHS['data']} with --data, {EPOCHS['demo']} "
+        f"on the demo data, {EPOCHS['smoke']} with --smoke-test; --config or --set train.max_epochs "
+        "replaces the default)",
     )
     parser.add_argument(
         "--space", default="default", help="search space: a module of search_spaces/ or a .py file"
-    )
-    parser.add_argument(
-        "--config", default=None, help="YAML/JSON base config (overrides of ichmodel/config.py)"
-    )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="fixed override"
-    )
-    parser.add_argument(
-        "--epochs", default=None, help="epoch caps of the three stages (default 2,2,3; demo 1,1,2)"
     )
     parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default 4)")
     parser.add_argument(
@@ -105,24 +101,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def base_config(args: argparse.Namespace) -> Config:
-    """The fixed part of every trial's config (the search overrides it)."""
-    cfg = Config.load(args.config) if args.config else Config()
-    overrides = parse_overrides(args.set)
+    """The fixed part of every trial's config (the search overrides it): :func:`ray_jobs.cli.build_config`
+    with this job's epoch caps (:data:`EPOCHS`) and, without ``--data``, generated demo data."""
+    kind = "smoke" if args.smoke_test else "data" if args.data is not None else "demo"
+    defaults = {"train.max_epochs": EPOCHS[kind].split(",")}
     if args.data is None:
-        if args.smoke_test:
-            train_shards, _ = ensure_demo_data(
-                REPO_ROOT / "runs" / "smoke_data", patients=8, test_patients=3, size=32
-            )
-        else:
-            train_shards, _ = ensure_demo_data()
-        overrides["data.shards"] = str(train_shards)
-        overrides.setdefault("data.val_fraction", 0.25)
-    else:
-        overrides["data.shards"] = args.data if "://" in args.data else str(Path(args.data).resolve())
-    epochs = args.epochs or ("1,1,1" if args.smoke_test else "1,1,2" if args.data is None else None)
-    if epochs:
-        overrides["train.max_epochs"] = [int(e) for e in epochs.split(",")]
-    return cfg.with_overrides(overrides)
+        defaults.update({"data.shards": str(demo_shards(args.smoke_test)), "data.val_fraction": 0.25})
+    return build_config(args, defaults)
+
+
+def demo_shards(smoke_test: bool) -> Path:
+    """Training shards of the generated demo data (tiny for ``--smoke-test``), made on first use."""
+    if smoke_test:
+        return ensure_demo_data(REPO_ROOT / "runs" / "smoke_data", patients=8, test_patients=3, size=32)[0]
+    return ensure_demo_data(DEMO_ROOT)[0]
 
 
 def check_space(space_fn, cfg: Config) -> None:
@@ -270,7 +262,10 @@ def _optuna_storage(url: str | None):
 
 
 def trials_table(results, storage: str = "") -> pd.DataFrame:
-    """One row per trial: id, F2 of its exported weights, epochs, checkpoint, status and its parameters.
+    """One row per trial, best ``model_f2`` first: id, F2s, epochs, checkpoint, status and its parameters.
+
+    ``model_f2`` is the validation F2 of the weights the trial's checkpoint exports (its stage's best epoch);
+    ``last_val_f2`` and ``last_val_loss`` are those of the last epoch it ran.
 
     With a URI ``storage`` (``s3://...``) the checkpoint column holds full URIs (Ray reports them without
     the scheme), which ray_jobs/ensemble.py downloads.
@@ -286,9 +281,9 @@ def trials_table(results, storage: str = "") -> pd.DataFrame:
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or Path(result.path).name,
-                "best_f2": metrics.get("model_f2", float("nan")),
+                "model_f2": metrics.get("model_f2", float("nan")),  # of the weights the checkpoint exports
                 "last_val_f2": metrics.get(METRIC, float("nan")),
-                "best_val_loss": metrics.get("val_loss", float("nan")),
+                "last_val_loss": metrics.get("val_loss", float("nan")),
                 "epochs": metrics.get("global_epoch", 0),
                 "finished": bool(metrics.get("finished", False)),
                 "checkpoint": f"{str(checkpoint).rstrip('/')}/{CHECKPOINT_FILE}" if checkpoint else "",
@@ -299,7 +294,7 @@ def trials_table(results, storage: str = "") -> pd.DataFrame:
         )
     table = pd.DataFrame(rows)
     if not table.empty:
-        table = table.sort_values("best_f2", ascending=False, na_position="last").reset_index(drop=True)
+        table = table.sort_values("model_f2", ascending=False, na_position="last").reset_index(drop=True)
     return table
 
 
@@ -312,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    storage = args.storage if is_uri(args.storage) else str(Path(args.storage).resolve())
+    storage = absolute(args.storage)
     os.environ.setdefault(
         "TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"
     )  # metrics arrive through Train's callback

@@ -4,6 +4,8 @@ retry, resume."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import subprocess
 import time
@@ -12,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ichmodel.engine import load_checkpoint, load_model
-from ray_jobs.common import CHECKPOINT_FILE, finished_run_report, recorded_result
+from ichmodel.checkpoint import load_checkpoint, load_model
+from ichmodel.predict import series_probs
+from ray_jobs.worker import CHECKPOINT_FILE, finished_run_report, recorded_result
 from tests.conftest import job_args
 
 pytestmark = pytest.mark.ray
@@ -49,7 +52,7 @@ def test_two_worker_ddp_run_completes_all_stages(ray_head, shards_64, tmp_path):
     assert summary["finished"] is True
     assert (summary["stage"], summary["global_epoch"]) == (2, 3)
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)  # plain, safe to load
-    assert [h["stage"] for h in ckpt["state"]["history"]] == [0.0, 1.0, 2.0]
+    assert [h["stage"] for h in ckpt["history"]] == [0.0, 1.0, 2.0]
     assert set(ckpt) >= {
         "model",
         "optimizer",
@@ -62,7 +65,7 @@ def test_two_worker_ddp_run_completes_all_stages(ray_head, shards_64, tmp_path):
     }
     model, cfg, _ = load_model(summary["checkpoint"])
     assert cfg.train.max_epochs == (1, 1, 1)
-    probs = model.predict_proba(torch.rand(1, 3, 3, 64, 64), torch.tensor([3]))
+    probs = series_probs(model, torch.rand(1, 3, 3, 64, 64), torch.tensor([3]))
     assert probs.shape == (1, 3, 5) and bool(((probs >= 0) & (probs <= 1)).all())
 
 
@@ -74,7 +77,7 @@ def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_r
     )
     assert (tmp_path / ".flaky.failed-once").exists(), "the injected failure did not happen"
     assert summary["finished"] is True and (summary["stage"], summary["global_epoch"]) == (2, 3)
-    history = load_checkpoint(summary["checkpoint"])["state"]["history"]
+    history = load_checkpoint(summary["checkpoint"])["history"]
     # Resumed after epoch 2, not restarted: each global epoch appears once.
     assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0]
 
@@ -100,11 +103,65 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64,
     rerun = _train(ray_head, shards_64, tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
     summary = _summary(rerun)
     assert summary["finished"] is True and summary["global_epoch"] == 4
-    history = load_checkpoint(summary["checkpoint"])["state"]["history"]
+    history = load_checkpoint(summary["checkpoint"])["history"]
     assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
     # The epochs done before the kill are the killed run's own records (timings included), not a rerun.
-    assert history[: killed["global_epoch"]] == killed["state"]["history"]
+    assert history[: killed["global_epoch"]] == killed["history"]
     # What a restored Tune trial reports instead of rerunning: the finished run's last report and checkpoint.
     done = finished_run_report(str(tmp_path / "again"))
     assert done is not None and done["finished"] and done["global_epoch"] == 4
     assert Path(done["checkpoint_path"]) == Path(summary["checkpoint"]).parent
+
+
+def test_a_flag_set_on_the_command_line_is_parsed_strictly(tmp_path):
+    """``--set train.amp_bf16=fasle`` turned bf16 on (``bool("fasle")``); ``=false`` must turn it off."""
+    from ray_jobs import train
+
+    parser = train.get_args_parser()
+    data = ["--data", str(tmp_path)]
+    assert (
+        train.run_config(parser.parse_args([*data, "--set", "train.amp_bf16=false"])).train.amp_bf16 is False
+    )
+    assert train.run_config(parser.parse_args([*data, "--set", "train.amp_bf16=No"])).train.amp_bf16 is False
+    assert train.run_config(parser.parse_args([*data, "--set", "augment.enabled=0"])).augment.enabled is False
+    for bad in ("train.amp_bf16=fasle", "train.amp_bf16=2"):
+        with pytest.raises(ValueError, match=r"train\.amp_bf16 must be a boolean"):
+            train.run_config(parser.parse_args([*data, "--set", bad]))
+    with pytest.raises(ValueError, match=r"data\.batch_size must be an integer\. Got 2\.5"):
+        train.run_config(parser.parse_args([*data, "--set", "data.batch_size=2.5"]))
+    with pytest.raises(ValueError, match=r"train\.max_epochs must be an integer\. Got 'x'"):
+        train.run_config(parser.parse_args([*data, "--epochs", "1,x,1"]))
+
+
+@pytest.mark.parametrize(("with_data", "stated_as"), [(True, "with --data"), (False, "on the demo data")])
+def test_the_run_gets_the_epoch_caps_that_the_help_states(monkeypatch, tmp_path, with_data, stated_as):
+    from ray_jobs import train
+
+    monkeypatch.setattr(train, "ensure_demo_data", lambda root: (tmp_path / "demo", None))  # not generated
+    parser = train.get_args_parser()
+    (text,) = [a.help for a in parser._actions if "--epochs" in a.option_strings]
+    caps = dict((where, tuple(map(int, c.split(",")))) for c, where in
+                re.findall(r"(\d+,\d+,\d+) (with --data|on the demo data)", text))  # fmt: skip
+    cfg = train.run_config(parser.parse_args(["--data", str(tmp_path)] if with_data else []))
+    assert cfg.train.max_epochs == caps[stated_as]
+    assert cfg.data.shards == str(tmp_path if with_data else tmp_path / "demo")
+
+
+def test_train_worker_logs_are_quieted_whatever_ray_names_their_loggers(monkeypatch):
+    """Ray 2.60 names ``context``'s logger by its file path, the usual way by module name: both are reached
+    (``logging.getLogger(context.__file__)`` only reached the first)."""
+    from ray.train.v2._internal.execution import context, storage
+
+    from ray_jobs.worker import quiet_train_worker_logs
+
+    by_file, by_name = logging.getLogger(context.__file__), logging.getLogger(context.__name__)
+    levels = {logger: logger.level for logger in (by_file, by_name, storage.logger)}
+    try:
+        for logger in (by_file, by_name):
+            monkeypatch.setattr(context, "logger", logger)
+            quiet_train_worker_logs()
+            assert logger.getEffectiveLevel() == logging.WARNING
+        assert storage.logger.getEffectiveLevel() == logging.WARNING
+    finally:
+        for logger, level in levels.items():
+            logger.setLevel(level)

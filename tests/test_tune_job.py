@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ray_jobs.common import finished_run_report
+from ray_jobs.worker import finished_run_report
 from tests.conftest import job_args
 
 pytestmark = pytest.mark.ray
@@ -50,7 +51,7 @@ def test_ray_job_submit_runs_the_smoke_search(ray_head, tmp_path):
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     table = pd.read_csv(tmp_path / "smoke" / "trials.csv")
     assert len(table) == 2 and (table["status"] == "OK").all()
-    assert table["best_f2"].is_monotonic_decreasing  # sorted, best first
+    assert table["model_f2"].is_monotonic_decreasing  # sorted, best first
     assert all(Path(p).is_file() for p in table["checkpoint"])
     assert {"loss.alpha", "strategy.p1", "loss.gamma_neg"} <= set(table.columns)
     assert list((tmp_path / "smoke").glob("*/events.out.tfevents.*")), "no TensorBoard event files"
@@ -76,9 +77,9 @@ def _finished_train_runs(experiment: Path) -> dict[str, dict]:
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, demo_shards, tmp_path):
-    args = job_args(
-        "tune", demo_shards[0], tmp_path, "interrupted", "--num-samples", "2", "--max-concurrent", "1"
-    )
+    # --grace-epochs 3 (= all epochs): ASHA stops no trial early, whatever their F2, so both can finish.
+    args = job_args("tune", demo_shards[0], tmp_path, "interrupted", "--num-samples", "2", "--max-concurrent", "1",
+                    "--grace-epochs", "3")  # fmt: skip
     # Tune saves its experiment state at the start and then at most every TUNE_GLOBAL_CHECKPOINT_S; an hour
     # makes the kill always hit the worst case: a state saved before the first trial's Train run ended.
     driver = subprocess.Popen(
@@ -105,7 +106,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, 
     # The finished trial did not train again: its Train run still ends in the same record and checkpoint.
     assert _finished_train_runs(experiment)[done_trial] == done
     row = table.set_index("trial_id").loc[done_trial]
-    assert row["best_f2"] == done["model_f2"] and row["epochs"] == done["global_epoch"]
+    assert row["model_f2"] == done["model_f2"] and row["epochs"] == done["global_epoch"]
     assert (
         row["checkpoint"] == f"{done['checkpoint_path']}/checkpoint.pt" and Path(row["checkpoint"]).is_file()
     )
@@ -137,7 +138,7 @@ def test_a_failing_trial_is_retried_and_the_search_completes(ray_head, demo_shar
         ("no_such_space", "built-in spaces"),
         ("{tmp}/syntax.py", "failed to import"),
         ("{tmp}/nofn.py", "must define a function space"),
-        ("{tmp}/unknown.py", "Unknown field"),
+        ("{tmp}/unknown.py", "Unknown config field loss.alhpa"),
     ],
 )
 def test_bad_space_file_gives_a_clear_error(demo_shards, tmp_path, space, message):
@@ -162,11 +163,12 @@ def test_trials_table_ranks_trials_and_keeps_the_storage_scheme_on_checkpoints()
 
     from ray_jobs.tune import trials_table
 
-    def result(trial, f2, path, error=None):  # the fields of a ray.tune.Result that the table reads
+    def result(trial, f2, path, error=None, val_loss=0.5):  # the fields of a ray.tune.Result the table reads
         metrics = {
             "trial_id": trial,
-            "model_f2": f2,
-            "val_f2": f2,
+            "model_f2": f2,  # of the exported weights (the stage's best epoch)
+            "val_f2": f2 / 2,  # of the last epoch
+            "val_loss": val_loss,  # of the last epoch
             "checkpoint_path": path,
             "global_epoch": 3,
         }
@@ -175,7 +177,7 @@ def test_trials_table_ranks_trials_and_keeps_the_storage_scheme_on_checkpoints()
         )
 
     results = [
-        result("a", 0.2, "bucket/runs/a/ckpt"),
+        result("a", 0.2, "bucket/runs/a/ckpt", val_loss=0.3),
         result("b", 0.7, None),
         result("c", 0.5, "b/c", "boom"),
     ]
@@ -187,6 +189,11 @@ def test_trials_table_ranks_trials_and_keeps_the_storage_scheme_on_checkpoints()
         "s3://bucket/runs/a/ckpt/checkpoint.pt",
     ]
     assert "loss.alpha" in table.columns and "other" not in table.columns
+    # Each column is named for what it holds: the exported model's F2, the last epoch's F2 and loss.
+    assert {"model_f2", "last_val_f2", "last_val_loss"} <= set(table.columns)
+    assert not {"best_f2", "best_val_loss"} & set(table.columns)
+    a = table.set_index("trial_id").loc["a"]
+    assert (a["model_f2"], a["last_val_f2"], a["last_val_loss"]) == (0.2, 0.1, 0.3)
     local = trials_table(results[:1], "/data/runs")
     assert local.loc[0, "checkpoint"] == "bucket/runs/a/ckpt/checkpoint.pt"
 
@@ -201,3 +208,50 @@ def test_default_concurrency_is_what_the_cluster_holds_now():
     args.gpus_per_trial = 1.0
     assert default_max_concurrent({"CPU": 16.0, "GPU": 5.0}, args) == 2
     assert default_max_concurrent({"CPU": 16.0}, args) is None  # GPU nodes not up yet: the autoscaler decides
+
+
+def _stated_caps(parser) -> dict[str, tuple[int, int, int]]:
+    """The epoch caps that ``--epochs``' help states: ``{"--data": (5, 5, 10), "demo": ..., ...}``."""
+    (text,) = [a.help for a in parser._actions if "--epochs" in a.option_strings]
+    found = re.findall(r"(\d+,\d+,\d+) (with --data|on the demo data|with --smoke-test)", text)
+    return {where: tuple(int(e) for e in caps.split(",")) for caps, where in found}
+
+
+@pytest.mark.parametrize(
+    ("argv", "stated_as"),
+    [
+        (["--data", "shards/dlcv"], "with --data"),
+        ([], "on the demo data"),
+        (["--smoke-test"], "with --smoke-test"),
+    ],
+)
+def test_trials_get_the_epoch_caps_that_the_help_states(monkeypatch, tmp_path, argv, stated_as):
+    """The help said 2,2,3 while --data ran the config's 30,30,30 (hours per trial on real data)."""
+    from ray_jobs import tune
+
+    monkeypatch.setattr(tune, "demo_shards", lambda smoke_test: tmp_path / "demo")  # not generated here
+    parser = tune.get_args_parser()
+    caps = _stated_caps(parser)
+    assert set(caps) == {"with --data", "on the demo data", "with --smoke-test"}
+    assert caps["with --data"] == (5, 5, 10)  # a first real search: minutes per trial, not hours
+    assert tune.base_config(parser.parse_args(argv)).train.max_epochs == caps[stated_as]
+
+
+def test_epoch_caps_from_the_command_line_or_a_config_file_replace_the_jobs_default(tmp_path):
+    from ray_jobs import tune
+
+    parser = tune.get_args_parser()
+    (tmp_path / "c.yaml").write_text("train:\n  max_epochs: [3, 3, 6]\n")
+    data = ["--data", str(tmp_path)]
+    assert tune.base_config(
+        parser.parse_args([*data, "--config", str(tmp_path / "c.yaml")])
+    ).train.max_epochs == (
+        3,
+        3,
+        6,
+    )
+    with_set = parser.parse_args([*data, "--set", "train.max_epochs=[4,4,8]"])
+    assert tune.base_config(with_set).train.max_epochs == (4, 4, 8)
+    with_both = parser.parse_args([*data, "--set", "train.max_epochs=[4,4,8]", "--epochs", "2,2,2"])
+    assert tune.base_config(with_both).train.max_epochs == (2, 2, 2)
+    assert tune.base_config(with_both).data.shards == str(tmp_path.resolve())

@@ -1,0 +1,36 @@
+"""The embedded demo: synthetic DLCV-layout head CT (``ichmodel.synth``), preprocessed into shards once."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ichmodel import synth
+from ichmodel.preprocess import PreprocessOptions, preprocess
+from ichmodel.readers import read_dlcv
+from ichmodel.shards import MANIFEST_NAME
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_demo_data(
+    root: str | Path, patients: int = 24, test_patients: int = 8, size: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
+    """Generate ``patients`` + ``test_patients`` synthetic series under ``root`` and preprocess them, once.
+
+    Returns ``(train_shards, test_shards)``: ``root/shards/train`` and ``root/shards/test``. Re-running
+    reuses what is there (the raw files in ``root/Blood_data`` and each finished shard folder).
+    """
+    root = Path(root)
+    raw, train_shards, test_shards = root / "Blood_data", root / "shards" / "train", root / "shards" / "test"
+    if (train_shards / MANIFEST_NAME).is_file() and (test_shards / MANIFEST_NAME).is_file():
+        return train_shards, test_shards
+    logger.info(
+        "generating demo data: %d + %d synthetic series at %d px in %s", patients, test_patients, size, raw
+    )
+    if not (raw / "train.csv").is_file():
+        synth.write_dlcv_dataset(raw, patients, (12, 20), size, seed, test_patients)
+    options = PreprocessOptions(size=size)
+    preprocess(read_dlcv(raw / "train", raw / "train.csv"), train_shards, options)
+    preprocess(read_dlcv(raw / "test"), test_shards, options)
+    return train_shards, test_shards

@@ -1,0 +1,169 @@
+"""Ray Train glue: the per-worker training function, the ``TorchTrainer`` that runs it, and its run record.
+
+Three layers, as in Ray's Train + Tune examples: :func:`train_fn_per_worker` (one DDP worker) ← a
+``TorchTrainer`` from :func:`build_trainer` (one run, ``ray_jobs/train.py``) ← a Tune trial
+(``ray_jobs/tune.py``). The library (``ichmodel``) does the training; this module only connects it to Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ray_jobs.cli import setup_logging
+
+CHECKPOINT_FILE = "checkpoint.pt"  # in each checkpoint folder Train reports, beside config.json
+
+#: The metrics first in each report, in this order: Tune's status table shows them as its columns.
+REPORT_COLUMNS = ("global_epoch", "stage", "val_f2", "model_f2", "val_loss", "train_loss", "lr")
+
+
+def train_fn_per_worker(loop_config: dict) -> None:
+    """Ray Train worker: build data and model from the config, run the stages, report every epoch.
+
+    ``loop_config`` keys: ``config`` (a ``Config.to_dict()`` tree), ``overrides`` (dotted names, e.g. from
+    a Tune trial), and for tests ``fail_at_epoch`` + ``fail_marker``: raise once after that global epoch,
+    to exercise Train's retry from the last checkpoint.
+    Rank 0 writes the checkpoint; every rank reports the same metrics (validation is gathered).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from ichmodel.checkpoint import load_checkpoint, save_checkpoint
+    from ichmodel.config import Config
+    from ichmodel.dataset import SeriesDataset, split_series
+    from ichmodel.engine import fit
+
+    setup_logging()
+    quiet_train_worker_logs()
+    cfg = Config.from_dict(loop_config["config"]).with_overrides(loop_config.get("overrides") or {})
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    train_ids, val_ids = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
+    train_set = SeriesDataset(cfg.data.shards, train_ids, max_slices=cfg.data.max_slices, seed=cfg.train.seed)
+    val_set = SeriesDataset(cfg.data.shards, val_ids)
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+
+    fail_at = loop_config.get("fail_at_epoch")
+    fail_marker = loop_config.get("fail_marker")
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def on_epoch_end(metrics: dict, make_checkpoint) -> None:
+        metrics = {k: metrics[k] for k in REPORT_COLUMNS if k in metrics} | {
+            k: v for k, v in metrics.items() if isinstance(v, int | float | bool) and k not in REPORT_COLUMNS
+        }
+        metrics["node_id"] = node_id  # where rank 0 ran: shows trial placement on a cluster
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
+                cfg.save(Path(folder) / "config.json")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if fail_at is not None and metrics["global_epoch"] == fail_at and not Path(fail_marker).exists():
+            Path(fail_marker).touch()
+            raise RuntimeError(f"injected failure after global epoch {fail_at} (test hook)")
+
+    fit(cfg, train_set, val_set, device, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def quiet_train_worker_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO; our own per-epoch line says the same, once.
+
+    No public API does just this: ``ray.train.LoggingConfig(log_level=...)`` raises the level of every
+    ``ray.train.*`` logger of the run at once (it would also hide the worker-group start lines one waits on
+    while the autoscaler boots a GPU node), and it does not reach ``context``'s logger, which Ray 2.60 names
+    by the module's file path. So the two modules' own ``logger`` objects are set, whatever their names.
+    """
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # a Ray without Train V2's internals: keep its logs
+        return
+    for module in (context, storage):
+        logger = getattr(module, "logger", None)
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(logging.WARNING)
+
+
+def build_trainer(
+    loop_config: dict,
+    *,
+    name: str,
+    storage_path: str,
+    num_workers: int,
+    use_gpu: bool,
+    max_failures: int = 1,
+    callbacks: list | None = None,
+    resources_per_worker: dict | None = None,
+):
+    """A ``TorchTrainer`` that runs :func:`train_fn_per_worker` with DDP over ``num_workers`` workers.
+
+    The fixed ``name`` makes a re-run (or a retried Tune trial) resume from the last checkpoint in
+    ``storage_path/name``.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def recorded_result(run_path: str):
+    """Ray Train's own record of the run at ``run_path`` (local path or URI) as a ``ray.train.Result``.
+
+    None while there is nothing to read: no run there yet, no record yet, or one being written. Its
+    ``checkpoint`` is the one a rerun with the same name resumes from (None before the first).
+    """
+    import ray.train
+
+    # Reading the record logs a long INFO note meant for a run being resumed; this only looks.
+    with _logger_level("ray.train", logging.WARNING):
+        try:
+            return ray.train.Result.from_path(run_path)
+        except Exception:  # whatever the reason, the caller just trains (or waits)
+            return None
+
+
+def finished_run_report(run_path: str) -> dict | None:
+    """The last report of the Train run at ``run_path`` if that run already finished every stage, else None.
+
+    It comes from :func:`recorded_result` and carries ``checkpoint_path``, as a report relayed by
+    ``TuneReportCallback`` does. A Tune trial restored from an experiment state saved just before its Train
+    run ended would otherwise rerun that run, get no new report, and keep a stale result.
+    """
+    result = recorded_result(run_path)
+    if result is None or result.checkpoint is None or not (result.metrics or {}).get("finished"):
+        return None
+    return {**result.metrics, "checkpoint_path": result.checkpoint.path}
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """Raise the logger ``name`` (and the children that inherit its level) to ``level`` for the block."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
