@@ -6,9 +6,13 @@ Rows are slices, columns the five classes in :data:`ichmodel.constants.CLASSES` 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ichmodel.constants import CLASSES, NUM_CLASSES
+
+logger = logging.getLogger(__name__)
 
 #: Default threshold grid for :func:`search_thresholds` and :func:`threshold_curve`.
 DEFAULT_GRID: np.ndarray = np.round(np.arange(0.02, 0.99, 0.02), 2)
@@ -82,14 +86,24 @@ def search_thresholds(
     start: float = 0.5,
     max_rounds: int = 5,
     beta: float = 2.0,
+    fallback: float | np.ndarray | None = None,
+    min_positives: int = 3,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-class thresholds ``[L]`` that maximise micro-F2 on validation data, by coordinate ascent.
 
     Starting from ``start`` for every class, each round visits the classes in order and moves that class's
-    threshold to the grid value with the best micro-F2 given the others (only a strict improvement moves it),
-    until a round changes nothing or ``max_rounds`` is reached. The result therefore scores at least as well
-    as ``start`` everywhere. Micro-F2 couples the classes through the pooled counts, hence the rounds.
+    threshold to the best grid value given the others (only a strict improvement moves it), until a round
+    changes nothing or ``max_rounds`` is reached. The result therefore scores at least as well as ``start``
+    everywhere. Micro-F2 couples the classes through the pooled counts, hence the rounds.
     (The authors' code used per-class quantiles; this tunes the leaderboard's metric directly.)
+
+    Small validation sets make many thresholds tie; a tie goes to the middle of the longest run of best grid
+    values (not its lowest value, which sat on the probabilities' edge and failed on new data). A class with
+    no positive in ``y_true`` is not searched: it gets ``fallback`` (a float or ``[L]``, e.g. derived from the
+    training prevalence), or ``start`` without one. A class with fewer than ``min_positives`` positives
+    (positive series when ``groups``, the series id of each row, is given; else slices) is logged as a warning:
+    its threshold rests on too little evidence. See :func:`scarce_classes`.
     """
     y_true, probs = _check_pair(y_true, probs, "probs")
     if y_true.ndim != 2:
@@ -97,20 +111,33 @@ def search_thresholds(
     grid = DEFAULT_GRID if grid is None else np.asarray(grid, dtype=np.float64)
     t = y_true.astype(bool)
     L = t.shape[1]
-    counts = [_class_counts(t[:, c], probs[:, c].astype(np.float64), grid) for c in range(L)]
     thresholds = np.full(L, float(start))
-    current = [_class_counts(t[:, c], probs[:, c].astype(np.float64), np.array([start])) for c in range(L)]
-    cur = np.array(
-        [[c[0][0], c[1][0], c[2][0]] for c in current]
-    )  # [L, 3] tp, fp, fn at the current thresholds
-    best = float(_fbeta(*cur.sum(0), beta))
+    no_positive = ~t.any(0)
+    if fallback is not None:
+        fallback = np.broadcast_to(np.asarray(fallback, dtype=np.float64), (L,))
+        if not np.all((fallback > 0) & (fallback < 1)):
+            raise ValueError(f"fallback thresholds must be in (0, 1). Got {fallback.tolist()}")
+        thresholds[no_positive] = fallback[no_positive]
+    for name, count in scarce_classes(y_true, min_positives, groups).items():
+        logger.warning(
+            "class %s has %d positive %s in validation (< %d): its threshold %s",
+            name,
+            count,
+            "series" if groups is not None else "slices",
+            min_positives,
+            "is the fallback" if count == 0 else "rests on little evidence",
+        )
+    p = probs.astype(np.float64)
+    counts = [_class_counts(t[:, c], p[:, c], grid) for c in range(L)]
+    cur = np.array([[x[0] for x in _class_counts(t[:, c], p[:, c], thresholds[c : c + 1])] for c in range(L)])
+    best = float(_fbeta(*cur.sum(0), beta))  # cur: [L, 3] tp, fp, fn at the current thresholds
     for _ in range(max_rounds):
         changed = False
-        for c in range(L):
+        for c in np.flatnonzero(~no_positive):
             rest = cur.sum(0) - cur[c]  # [3]
             tp, fp, fn = counts[c]
             scores = _fbeta(rest[0] + tp, rest[1] + fp, rest[2] + fn, beta)  # [G]
-            i = int(np.argmax(scores))
+            i = _middle_of_best(scores)
             if scores[i] > best + 1e-12:
                 best = float(scores[i])
                 thresholds[c] = grid[i]
@@ -119,6 +146,35 @@ def search_thresholds(
         if not changed:
             break
     return thresholds
+
+
+def _middle_of_best(scores: np.ndarray, tol: float = 1e-12) -> int:
+    """Index of the middle of the longest run of maximal ``scores`` (the first such run on equal lengths)."""
+    is_best = np.concatenate([[False], scores >= scores.max() - tol, [False]])
+    edges = np.flatnonzero(np.diff(is_best.astype(np.int8)))  # run starts and ends (exclusive), paired
+    starts, ends = edges[0::2], edges[1::2]
+    longest = int(np.argmax(ends - starts))
+    return int((starts[longest] + ends[longest] - 1) // 2)
+
+
+def scarce_classes(
+    y_true: np.ndarray, min_positives: int = 3, groups: np.ndarray | None = None
+) -> dict[str, int]:
+    """Classes with fewer than ``min_positives`` positives: ``{name: count}``.
+
+    Counts positive series when ``groups`` (the series id of each row) is given, else positive slices.
+    """
+    t = np.asarray(y_true).astype(bool)
+    L = t.shape[1]
+    names = CLASSES if L == NUM_CLASSES else tuple(f"class{c}" for c in range(L))
+    if groups is None:
+        counts = t.sum(0)
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != (t.shape[0],):
+            raise ValueError(f"groups must be [N]={t.shape[0]}. Got shape {groups.shape}")
+        counts = np.array([np.unique(groups[t[:, c]]).size for c in range(L)])
+    return {names[c]: int(counts[c]) for c in range(L) if counts[c] < min_positives}
 
 
 def threshold_curve(

@@ -12,11 +12,12 @@ from ichmodel.losses import (
     TASKS,
     MultitaskLoss,
     asymmetric_loss,
+    balanced_count_weights,
     build_loss,
     distance_loss,
-    info_nce_from_predictions,
     info_nce_loss,
     label_count_loss,
+    soft_f2_loss,
 )
 from ichmodel.model import DistanceHead, build_model
 from ichmodel.strategies import make_transfer_batch, plan_strategies, transfer_labels
@@ -83,6 +84,52 @@ def test_label_count_loss_golden() -> None:
         label_count_loss(torch.zeros(2, 5), targets)
 
 
+def test_label_count_class_weights_golden() -> None:
+    # Rows: counts 2, 0, 0, 0 with uniform logits: every CE is log 6, so any weighting gives log 6.
+    targets = torch.tensor([[1.0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    assert label_count_loss(torch.zeros(4, 6), targets, class_weights="balanced").item() == pytest.approx(
+        math.log(6)
+    )
+    # Row 0 (count 2) has CE 20, the three count-0 rows 0: plain mean 20/4; balanced weights
+    # n / (K·n_c) = 4/2 = 2 for count 2 and 4/6 for count 0: (2·20) / (2 + 3·2/3) = 10.
+    logits = torch.full((4, 6), -10.0)
+    logits[:, 0] = 10.0
+    assert label_count_loss(logits, targets).item() == pytest.approx(5.0, rel=1e-3)
+    assert label_count_loss(logits, targets, class_weights="balanced").item() == pytest.approx(10.0, rel=1e-3)
+    weights = torch.tensor([1.0, 1, 3, 1, 1, 1])  # fixed weights: (3·20) / (3 + 3) = 10
+    assert label_count_loss(logits, targets, class_weights=weights).item() == pytest.approx(10.0, rel=1e-3)
+    # A masked row changes neither the weights nor the mean.
+    mask = torch.tensor([True, True, True, False])
+    assert label_count_loss(logits, targets, mask, "balanced").item() == pytest.approx(
+        label_count_loss(logits[:3], targets[:3], class_weights="balanced").item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match=r"\[6\]"):
+        label_count_loss(logits, targets, class_weights=torch.ones(5))
+
+
+def test_balanced_count_weights_are_capped_and_zero_for_absent_classes() -> None:
+    count = torch.tensor([0] * 99 + [5])
+    w = balanced_count_weights(count, None, 6)
+    assert w[0].item() == pytest.approx(100 / (2 * 99))
+    assert w[5].item() == 10.0  # 100 / 2 = 50, capped
+    assert w[1:5].tolist() == [0.0] * 4
+
+
+def test_soft_f2_golden_and_identities() -> None:
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    # Confident and right: 0; nothing predicted: 1.
+    assert soft_f2_loss(torch.tensor([[20.0, -20.0], [-20.0, -20.0]]), targets).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert soft_f2_loss(torch.full((2, 2), -30.0), targets).item() == pytest.approx(1.0, abs=1e-6)
+    # p = 0.5 everywhere: tp = 0.5, fp = 1.5, fn = 0.5: F2 = 2.5 / (2.5 + 2 + 1.5) = 5/12.
+    assert soft_f2_loss(torch.zeros(2, 2), targets).item() == pytest.approx(1 - 5 / 12, rel=1e-6)
+    # The mask drops row 1: tp = 0.5, fp = 0.5, fn = 0.5: F2 = 2.5 / (2.5 + 2 + 0.5).
+    got = soft_f2_loss(torch.zeros(2, 2), targets, torch.tensor([True, False]))
+    assert got.item() == pytest.approx(0.5, rel=1e-6)
+    assert soft_f2_loss(torch.zeros(2, 2), targets, torch.zeros(2, dtype=torch.bool)).item() == 0.0
+
+
 def test_distance_closer_embedding_gives_higher_probability_and_lower_loss() -> None:
     torch.manual_seed(0)
     head = DistanceHead(feature_dim=8, num_classes=5)
@@ -110,24 +157,46 @@ def test_distance_closer_embedding_gives_higher_probability_and_lower_loss() -> 
 
 def test_info_nce_is_log_b_when_all_scores_are_equal() -> None:
     B, T, K, D = 4, 6, 3, 5
-    predictors = nn.ModuleList(nn.Linear(7, D) for _ in range(K))
-    for p in predictors:
-        nn.init.zeros_(p.weight)
-        nn.init.zeros_(p.bias)
-    loss = info_nce_loss(torch.randn(B, T, 7), torch.randn(B, T, D), predictors, torch.full((B,), T))
-    assert loss.item() == pytest.approx(math.log(B), rel=1e-6)
+    targets = torch.randn(B, T, D)
+    assert info_nce_loss(torch.zeros(B, T, K, D), targets, torch.full((B,), T), None).item() == pytest.approx(
+        math.log(B), rel=1e-6
+    )
+    # Cosine scores: one prediction direction for every anchor and identical targets give equal scores too.
+    same = torch.randn(D).expand(B, T, D)
+    pred = torch.randn(D).expand(B, T, K, D)
+    assert info_nce_loss(pred, same, torch.full((B,), T), 0.1).item() == pytest.approx(math.log(B), rel=1e-6)
 
 
 def test_info_nce_golden_value() -> None:
     # B = 2, T = 2, K = 1, D = 1: predictions a = [1, 2] at t = 0, targets v = [1, −1] at t = 1.
-    # S = [[1, −1], [2, −2]]; row 0: log(1 + e^−2); row 1 (positive −2): log(1 + e^4).
+    # Dot scores S = [[1, −1], [2, −2]]; row 0: log(1 + e^−2); row 1 (positive −2): log(1 + e^4).
     pred = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 2, 1, 1).clone()
     targets = torch.tensor([[0.0, 1.0], [0.0, -1.0]]).view(2, 2, 1)
     expected = (math.log1p(math.exp(-2)) + math.log1p(math.exp(4))) / 2
-    got = info_nce_from_predictions(pred, targets, torch.tensor([2, 2]))
+    got = info_nce_loss(pred, targets, torch.tensor([2, 2]), temperature=None)
     assert got.item() == pytest.approx(expected, rel=1e-6)
+    # Cosine at temperature 0.5: S = [[1, −1], [1, −1]] / 0.5 = [[2, −2], [2, −2]].
+    expected = (math.log1p(math.exp(-4)) + math.log1p(math.exp(4))) / 2
+    assert info_nce_loss(pred, targets, torch.tensor([2, 2]), 0.5).item() == pytest.approx(expected, rel=1e-6)
     # Series 1 with one slice: its anchor and its candidate vanish, leaving series 0 alone: loss 0.
-    assert info_nce_from_predictions(pred, targets, torch.tensor([2, 1])).item() == 0.0
+    assert info_nce_loss(pred, targets, torch.tensor([2, 1])).item() == 0.0
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce_loss(pred, targets, torch.tensor([2, 2]), 0.0)
+
+
+def test_cosine_info_nce_ignores_feature_norms_and_bounds_the_gradient() -> None:
+    """Defect: raw dot products grew with the feature norm (~29), so CPC's gradient swamped MC's."""
+    torch.manual_seed(0)
+    B, T, K, D = 4, 6, 3, 8
+    pred = torch.randn(B, T, K, D)
+    targets = torch.randn(B, T, D, requires_grad=True)
+    lengths = torch.full((B,), T)
+    base = info_nce_loss(pred, targets, lengths, 0.1)
+    scaled = info_nce_loss(pred * 30, targets * 30, lengths, 0.1)
+    assert scaled.item() == pytest.approx(base.item(), rel=1e-5)
+    (grad_cos,) = torch.autograd.grad(info_nce_loss(pred * 30, targets * 30, lengths, 0.1), targets)
+    (grad_dot,) = torch.autograd.grad(info_nce_loss(pred * 30, targets * 30, lengths, None), targets)
+    assert grad_dot.norm() > 10 * grad_cos.norm()
 
 
 def test_info_nce_ignores_padding_and_steps_past_the_end() -> None:
@@ -136,14 +205,14 @@ def test_info_nce_ignores_padding_and_steps_past_the_end() -> None:
     lengths = torch.tensor([5, 3, 4])
     pred = torch.randn(B, T, K, D)
     targets = torch.randn(B, T, D)
-    base = info_nce_from_predictions(pred, targets, lengths)
+    base = info_nce_loss(pred, targets, lengths, None)
     # Garbage in padding and 3 more padded slices change nothing.
     pred2 = torch.cat([pred, torch.randn(B, 3, K, D) * 100], dim=1)
     targets2 = torch.cat([targets, torch.randn(B, 3, D) * 100], dim=1)
     for b, m in enumerate(lengths.tolist()):
         pred2[b, m:] = 1e3
         targets2[b, m:] = -1e3
-    again = info_nce_from_predictions(pred2, targets2, lengths)
+    again = info_nce_loss(pred2, targets2, lengths, None)
     assert again.item() == pytest.approx(base.item(), rel=1e-5)
     # Brute force over anchors.
     total, n = 0.0, 0
@@ -157,6 +226,19 @@ def test_info_nce_ignores_padding_and_steps_past_the_end() -> None:
                 total += -torch.log_softmax(scores, 0)[cands.index(b)].item()
                 n += 1
     assert base.item() == pytest.approx(total / n, rel=1e-5)
+    # The same brute force with cosine scores over the temperature.
+    total = 0.0
+    for b in range(B):
+        for t in range(T):
+            for k in range(1, K + 1):
+                if t + k >= lengths[b]:
+                    continue
+                cands = [c for c in range(B) if t + k < lengths[c]]
+                scores = torch.stack(
+                    [F.cosine_similarity(pred[b, t, k - 1], targets[c, t + k], 0) / 0.2 for c in cands]
+                )
+                total += -torch.log_softmax(scores, 0)[cands.index(b)].item()
+    assert info_nce_loss(pred, targets, lengths, 0.2).item() == pytest.approx(total / n, rel=1e-5)
 
 
 # ---------------------------------------------------------------- MultitaskLoss
@@ -177,6 +259,20 @@ def test_build_loss_reads_config_and_override() -> None:
     loss = build_loss(LossConfig(mu=0.5, gamma_pos=2.0), {"lp": 0.0})
     assert loss.weights == {"mc": 1.0, "ac": 1.0, "lp": 0.0, "dc": 0.5, "cpc": 1.0}
     assert loss.gamma_pos == 2.0 and loss.gamma_neg == 4.0 and loss.clip == 0.05
+    assert loss.aux_scale == 0.25 and loss.cpc_temperature == 0.1 and loss.lp_class_weights == "balanced"
+    assert loss.term_weights == {"mc": 1.0, "ac": 1.0, "dc": 0.125, "cpc": 0.25}
+    dot = build_loss(LossConfig(cpc_score="dot", lp_class_weights="1,1,2,2,3,3", soft_f2=0.5))
+    assert dot.cpc_temperature is None and dot.lp_class_weights.tolist() == [1, 1, 2, 2, 3, 3]
+    assert dot.term_weights["f2"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("cpc_score", "dots"), ("cpc_temperature", 0.0), ("lp_class_weights", "1,2"), ("aux_scale", -1.0)],
+)
+def test_loss_config_rejects_bad_new_fields(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        LossConfig(**{field: value})
 
 
 def _tiny_model(seed: int = 0):
@@ -204,8 +300,14 @@ def test_multitask_total_is_the_weighted_sum_and_zero_weight_is_zero() -> None:
     assert set(parts) == {"loss", *TASKS}
     assert parts["lp"].item() == 0.0
     assert all(parts[k].item() > 0 for k in ("mc", "ac", "dc", "cpc"))
-    total = sum(weights[k] * parts[k] for k in TASKS)
+    scale = {"mc": 1.0, "ac": 1.0, "lp": 0.25, "dc": 0.25, "cpc": 0.25}  # aux_scale on LP, DC, CPC
+    total = sum(weights[k] * scale[k] * parts[k] for k in TASKS)
     assert parts["loss"].item() == pytest.approx(total.item(), rel=1e-6)
+    # With the soft-F2 term on, its part is reported and added with its weight.
+    with_f2 = MultitaskLoss(weights, aux_scale=1.0, soft_f2=2.0)(out, labels, valid)
+    assert set(with_f2) == {"loss", *TASKS, "f2"} and 0 < with_f2["f2"].item() < 1
+    total = sum(weights[k] * with_f2[k] for k in TASKS) + 2.0 * with_f2["f2"]
+    assert with_f2["loss"].item() == pytest.approx(total.item(), rel=1e-6)
 
 
 def test_padding_never_leaks_into_any_loss() -> None:

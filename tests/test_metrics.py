@@ -10,6 +10,7 @@ from ichmodel.metrics import (
     f2_score,
     per_class_f2,
     rsna_weighted_log_loss,
+    scarce_classes,
     search_thresholds,
     threshold_curve,
 )
@@ -88,6 +89,49 @@ def test_search_thresholds_keeps_start_when_nothing_helps() -> None:
     th = search_thresholds(y, probs)
     assert f2_score(y, binarize(probs, th)) == 1.0
     assert np.allclose(th, 0.5)
+
+
+def test_search_thresholds_breaks_ties_at_the_middle_of_the_best_range() -> None:
+    """Defect: ties went to the lowest grid value, on the edge of the validation probabilities."""
+    y = np.zeros((6, 5), dtype=int)
+    y[0, 3] = 1
+    probs = np.full((6, 5), 0.1)
+    probs[0, 3] = 0.45  # every threshold in (0.1, 0.45] is perfect: grid 0.12 .. 0.44
+    th = search_thresholds(y, probs)
+    assert th[3] == pytest.approx(0.28)
+    assert f2_score(y, binarize(probs, th)) == 1.0
+
+
+def test_search_thresholds_falls_back_for_a_class_without_positives() -> None:
+    """Defect: a class with no validation positive was tuned on its negatives alone (pushed to an edge)."""
+    y = np.zeros((6, 5), dtype=int)
+    y[:3, 0] = 1
+    probs = np.full((6, 5), 0.2)
+    probs[:3, 0] = 0.8
+    probs[:, 1] = 0.65  # no positive for class 1: searching would move it above 0.65
+    th = search_thresholds(y, probs)
+    assert th[1] == 0.5 and np.all(th[1:] == 0.5)
+    th = search_thresholds(y, probs, fallback=np.array([0.5, 0.3, 0.2, 0.1, 0.25]))
+    assert th[1:].tolist() == [0.3, 0.2, 0.1, 0.25]
+    assert search_thresholds(y, probs, fallback=0.4)[4] == 0.4
+    with pytest.raises(ValueError, match="fallback"):
+        search_thresholds(y, probs, fallback=0.0)
+
+
+def test_search_thresholds_warns_on_scarce_classes(caplog: pytest.LogCaptureFixture) -> None:
+    y = np.zeros((8, 5), dtype=int)
+    y[:4, 0] = 1  # 4 positive slices, in 2 series
+    y[5, 2] = 1
+    groups = np.array(["a", "a", "b", "b", "c", "c", "d", "d"])
+    assert scarce_classes(y, 3) == {"ivh": 0, "sah": 1, "sdh": 0, "edh": 0}
+    assert scarce_classes(y, 3, groups) == {"ich": 2, "ivh": 0, "sah": 1, "sdh": 0, "edh": 0}
+    with caplog.at_level("WARNING", logger="ichmodel.metrics"):
+        search_thresholds(y, np.full((8, 5), 0.3), min_positives=3, groups=groups)
+    assert "class ich has 2 positive series" in caplog.text and "class sah has 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ichmodel.metrics"):
+        search_thresholds(y, np.full((8, 5), 0.3), min_positives=0)
+    assert not caplog.text
 
 
 def test_threshold_curve_matches_direct_scores() -> None:
