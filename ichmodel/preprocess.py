@@ -19,11 +19,15 @@ with the same options (and rewritten otherwise). :func:`write_outputs` then writ
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import io as pyio
 import json
 import logging
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ichmodel import io
 from ichmodel.constants import CLASSES, DEFAULT_WINDOWS, DLCV_WINDOW, NUM_CLASSES
 from ichmodel.decode import apply_windows, load_dicom_pixels, load_dlcv_image
-from ichmodel.io import atomic_path, atomic_write_text
 from ichmodel.readers import ReadResult, SeriesRecord, SkipRecord
 from ichmodel.shards import MANIFEST_NAME, META_KEY, SHARD_PATTERN, SHARD_SCHEMA, SKIPPED_NAME
 
@@ -304,17 +308,18 @@ def _series_table(series_id: str, records: list, images: np.ndarray) -> pa.Table
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_finished(path: Path, fingerprint: str) -> ShardResult | None:
+def _read_finished(location: str, fingerprint: str) -> ShardResult | None:
     """The result recorded in an existing shard's footer, if it was written for ``fingerprint``."""
     try:
-        meta = pq.ParquetFile(path).metadata
+        with io.open_input_file(location) as f:
+            meta = pq.ParquetFile(f).metadata
         info = json.loads(meta.metadata[META_KEY])
     except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
         return None
     if info.get("fingerprint") != fingerprint:
         return None
     return ShardResult(
-        path.name,
+        location.rsplit("/", 1)[-1].split("?", 1)[0],
         int(meta.num_rows),
         info["series"],
         [SkipRecord(p, r) for p, r in info["skipped"]],
@@ -322,34 +327,60 @@ def _read_finished(path: Path, fingerprint: str) -> ShardResult | None:
     )
 
 
+@contextmanager
+def _local_inputs(task: ShardTask) -> Iterator[tuple[ShardTask, dict[str, str]]]:
+    """``task`` with every slice stored at a URI downloaded into a temporary folder of this process.
+
+    Yields the local task and ``{local path: URI}`` to name skipped slices by their URIs. A slice that
+    cannot be downloaded keeps its URI, and its decoder reports it as unreadable.
+    """
+    if not any(io.is_uri(sl.path) for s in task.series for sl in s.slices):
+        yield task, {}
+        return
+    with tempfile.TemporaryDirectory(prefix="ich-inputs-") as folder:
+        names: dict[str, str] = {}
+        series = []
+        for s in task.series:
+            slices = []
+            for i, sl in enumerate(s.slices):
+                local = str(Path(folder, f"{len(series)}-{i}-{Path(sl.path.split('?', 1)[0]).name}"))
+                if io.is_uri(sl.path) and io.download(sl.path, local):
+                    names[local] = sl.path
+                    sl = dataclasses.replace(sl, path=local)
+                slices.append(sl)
+            series.append(dataclasses.replace(s, slices=tuple(slices)))
+        yield dataclasses.replace(task, series=tuple(series)), names
+
+
 def write_shard(task: ShardTask, out_dir: str | Path, options: PreprocessOptions) -> ShardResult:
     """Decode the series of ``task`` and write them to ``out_dir/task.file``, one row group per series.
 
-    Skips the work when that file exists and was written for the same series and options. The file is
-    written under a temporary name and renamed, so it is either complete or absent. A shard whose series
-    were all skipped is still written (with no rows) so a re-run knows it is done.
+    ``out_dir`` and the slice paths may be storage URIs (:mod:`ichmodel.io`); slices at URIs are downloaded
+    into a temporary folder first. Skips the work when the shard exists and was written for the same series
+    and options. The file is written whole (:func:`ichmodel.io.atomic_write`), so it is either complete or
+    absent. A shard whose series were all skipped is still written (with no rows) so a re-run knows it is
+    done.
     """
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / task.file
+    location = io.join(out_dir, task.file)
     fingerprint = task.fingerprint(options)
-    if path.exists():
-        done = _read_finished(path, fingerprint)
+    if io.exists(location):
+        done = _read_finished(location, fingerprint)
         if done is not None:
-            logger.info("%s is complete; skipping", path)
+            logger.info("%s is complete; skipping", location)
             return done
-        logger.info("%s was written for other inputs or options; rewriting", path)
+        logger.info("%s was written for other inputs or options; rewriting", location)
     result = ShardResult(task.file)
     tables = []
-    for series in task.series:
-        table, skipped = process_series(series, options)
-        result.skipped.extend(skipped)
-        if table is not None:
-            result.series.append(
-                {"series_id": series.series_id, "row_group": len(tables), "num_slices": table.num_rows}
-            )
-            tables.append(table)
+    with _local_inputs(task) as (local_task, uris):
+        for series in local_task.series:
+            table, skipped = process_series(series, options)
+            result.skipped.extend(SkipRecord(uris.get(s.path, s.path), s.reason) for s in skipped)
+            if table is not None:
+                result.series.append(
+                    {"series_id": series.series_id, "row_group": len(tables), "num_slices": table.num_rows}
+                )
+                tables.append(table)
     result.num_rows = sum(t.num_rows for t in tables)
     info = {
         "fingerprint": fingerprint,
@@ -357,20 +388,21 @@ def write_shard(task: ShardTask, out_dir: str | Path, options: PreprocessOptions
         "skipped": [[s.path, s.reason] for s in result.skipped],
     }
     schema = SHARD_SCHEMA.with_metadata({META_KEY: json.dumps(info).encode()})
-    with (
-        atomic_path(path) as tmp,
-        pq.ParquetWriter(
-            tmp,
-            schema,
-            compression="zstd",
-            use_dictionary=["series_id"],
-            write_statistics=["series_id", "position"],
-        ) as writer,
-    ):
-        for table in tables:
-            writer.write_table(table, row_group_size=table.num_rows)
+    io.atomic_write(location, lambda tmp: _write_parquet(tmp, schema, tables))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _write_parquet(path: Path, schema: pa.Schema, tables: list[pa.Table]) -> None:
+    with pq.ParquetWriter(
+        path,
+        schema,
+        compression="zstd",
+        use_dictionary=["series_id"],
+        write_statistics=["series_id", "position"],
+    ) as writer:
+        for table in tables:
+            writer.write_table(table, row_group_size=table.num_rows)
 
 
 def write_outputs(
@@ -380,10 +412,9 @@ def write_outputs(
     results: Iterable[ShardResult],
 ) -> dict:
     """Write ``manifest.json`` and ``skipped.csv`` (``path,reason``: reader skips, then slice skips) and
-    return the manifest. Shards with no rows are left out of the manifest.
+    return the manifest. Shards with no rows are left out of the manifest. ``out_dir`` may be a storage URI;
+    the manifest is written last, so a folder with a manifest is complete.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = sorted(results, key=lambda r: r.file)
     skipped = list(read_result.skipped) + [s for r in results for s in r.skipped]
     windows = [list(w) for w in options.windows]
@@ -401,14 +432,15 @@ def write_outputs(
         "num_skipped": len(skipped),
         "shards": shards,
     }
-    with open(out_dir / SKIPPED_NAME, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason"])
-        writer.writerows([s.path, s.reason] for s in skipped)
-    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    text = pyio.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "reason"])
+    writer.writerows([s.path, s.reason] for s in skipped)
+    io.atomic_write_text(io.join(out_dir, SKIPPED_NAME), text.getvalue())
+    io.atomic_write_text(io.join(out_dir, MANIFEST_NAME), json.dumps(manifest, indent=1))
     logger.info(
         "Wrote %s: %d series, %d slices in %d shards, %d skipped",
-        out_dir / MANIFEST_NAME,
+        io.join(out_dir, MANIFEST_NAME),
         manifest["num_series"],
         manifest["num_slices"],
         len(shards),

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from ichmodel import io
 from ichmodel.constants import NUM_CLASSES
 
 MANIFEST_NAME = "manifest.json"
@@ -34,15 +36,28 @@ SHARD_SCHEMA = pa.schema(
 
 
 def load_manifest(shard_dir: str | Path) -> dict:
-    """Read ``shard_dir/manifest.json``.
+    """Read ``shard_dir/manifest.json`` (a folder or a storage URI, see :mod:`ichmodel.io`).
 
     Raises:
         FileNotFoundError: naming the folder when there is no manifest.
     """
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No {MANIFEST_NAME} in {shard_dir}; run ray_jobs/preprocess.py first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(io.read_text(io.join(shard_dir, MANIFEST_NAME)))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"No {MANIFEST_NAME} in {shard_dir}; run ray_jobs/preprocess.py first"
+        ) from None
+
+
+def open_shard(shard_dir: str | Path, file: str) -> pq.ParquetFile:
+    """One shard of a folder or storage URI, opened for reading row groups."""
+    return pq.ParquetFile(io.open_input_file(io.join(shard_dir, file)))
+
+
+def read_shard_table(shard_dir: str | Path, file: str, columns: list[str]) -> pa.Table:
+    """The ``columns`` of one whole shard of a folder or storage URI."""
+    with io.open_input_file(io.join(shard_dir, file)) as f:
+        return pq.read_table(f, columns=columns)
 
 
 def series_index(manifest: dict) -> dict[str, tuple[str, int, int]]:

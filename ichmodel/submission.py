@@ -40,7 +40,7 @@ from ichmodel.constants import (
 )
 from ichmodel.io import atomic_path, atomic_write
 from ichmodel.predict import KEY_COLUMNS, prediction_arrays
-from ichmodel.shards import load_manifest
+from ichmodel.shards import load_manifest, read_shard_table
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def expected_slices(shard_dir: str | Path, series_ids: Sequence[str] | None = No
     """
     manifest = load_manifest(shard_dir)
     parts = [
-        pq.read_table(Path(shard_dir) / s["file"], columns=list(KEY_COLUMNS)).to_pandas()
-        for s in manifest["shards"]
+        read_shard_table(shard_dir, s["file"], list(KEY_COLUMNS)).to_pandas() for s in manifest["shards"]
     ]
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in KEY_COLUMNS})

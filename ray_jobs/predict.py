@@ -15,7 +15,8 @@ used are listed with the reason (OUT/shards/skipped.csv).
 Writes OUT/per_slice.csv (dirname,ID,ich,ivh,sah,sdh,edh 0/1 at the ensemble's thresholds; dirname is the
 series UID, ID the file path), OUT/probabilities.csv (per-slice probabilities) and OUT/series_summary.csv
 (per series: slices, highest probability and positive slices per class), and prints the summary.
-Runs in this process (no Ray cluster needed); --device cuda uses a GPU with bf16.
+Runs in this process (no Ray cluster needed); --device cuda uses a GPU with bf16. --checkpoint, --ensemble,
+--input (shards) and --out may be storage URIs (s3://, gs://, file://); so may the models in ensemble.json.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import io as pyio  # noqa: E402
 import logging  # noqa: E402
+import tempfile  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
@@ -40,6 +43,7 @@ from ichmodel.predict import predict_dataset, summarize_series  # noqa: E402
 from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from ichmodel.readers import read_dicom_folder  # noqa: E402
 from ichmodel.shards import MANIFEST_NAME, SKIPPED_NAME, load_manifest  # noqa: E402
+from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import parse_window, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.predict")
@@ -91,11 +95,13 @@ def load_predictor(args: argparse.Namespace) -> tuple[list[str], list[float], in
         FileNotFoundError: when the ensemble.json or checkpoint is missing.
     """
     if args.ensemble:
-        spec = E.EnsembleSpec.load(args.ensemble)
-        return spec.models, spec.thresholds, spec.size, spec.windows, spec.tta
-    if not Path(args.checkpoint).is_file():
+        spec = E.EnsembleSpec.load(local_copy(args.ensemble, E.ENSEMBLE_SPEC_NAME, args.cache))
+        models = [local_copy(m, None, args.cache) for m in spec.models]
+        return models, spec.thresholds, spec.size, spec.windows, spec.tta
+    checkpoint = local_copy(args.checkpoint, None, args.cache)
+    if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"No checkpoint at {args.checkpoint}")
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     cfg = Config.from_dict(ckpt["config"])
     size = windows = None
     try:
@@ -103,23 +109,45 @@ def load_predictor(args: argparse.Namespace) -> tuple[list[str], list[float], in
         size, windows = manifest["size"], manifest["windows"]
     except FileNotFoundError:
         logger.warning("training shards %r are not here: pass --size and --window", cfg.data.shards)
-    return [args.checkpoint], list(ckpt["thresholds"]), size, windows, False
+    return [checkpoint], list(ckpt["thresholds"]), size, windows, False
 
 
-def prepare_shards(args: argparse.Namespace, size: int | None, windows: list | None) -> Path:
+def local_copy(location: str, spec_name: str | None, cache: Path) -> str:
+    """``location`` itself when it is a local path, else a download of it into ``cache``.
+
+    ``spec_name``: the file to take when ``location`` is a folder (ensemble.json).
+
+    Raises:
+        FileNotFoundError: naming the URI when nothing is stored there.
+    """
+    if not storage.is_uri(location):
+        return location
+    if spec_name and not storage.is_file(location):
+        location = storage.join(location, spec_name)
+    local = cache / f"{len(list(cache.glob('*')))}-{location.split('?', 1)[0].rsplit('/', 1)[-1]}"
+    if not storage.download(location, local):
+        raise FileNotFoundError(f"No file at {location}")
+    return str(local)
+
+
+def prepare_shards(args: argparse.Namespace, size: int | None, windows: list | None) -> Path | str:
     """The shard folder to predict: --input itself if it is one, else DICOM preprocessed into OUT/shards.
 
     Raises:
         ValueError: when the image size or windows are unknown.
     """
-    if (Path(args.input) / MANIFEST_NAME).is_file():
-        return Path(args.input)
+    if storage.is_file(storage.join(args.input, MANIFEST_NAME)):
+        return args.input if storage.is_uri(args.input) else Path(args.input)
     size, windows = args.size or size, args.window or windows
     if size is None or not windows:
         raise ValueError(f"Unknown image size {size} or windows {windows}: pass --size and --window")
     options = PreprocessOptions(
         size=int(size), windows=tuple(tuple(w) for w in windows), min_slices=args.min_slices
     )
+    if storage.is_uri(args.input):
+        raise ValueError(
+            f"--input {args.input}: DICOM folders are read from local disk; copy them here first"
+        )
     shards = Path(args.out) / "shards"
     preprocess(read_dicom_folder(args.input), shards, options)
     return shards
@@ -127,6 +155,22 @@ def prepare_shards(args: argparse.Namespace, size: int | None, windows: list | N
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    with tempfile.TemporaryDirectory(prefix="ich-predict-") as folder:
+        target = args.out
+        if storage.is_uri(target):  # write here, then copy the finished folder
+            args.out = str(Path(folder, "out"))
+        args.cache = Path(folder, "downloads")
+        args.cache.mkdir()
+        code = run(args)
+        args.out = target
+        if code == 0 and storage.is_uri(target):
+            storage.copy_folder(Path(folder, "out"), target)
+            print(f"copied to {target}")
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    """The prediction job writing into the local folder ``args.out``; returns the exit code."""
     out = Path(args.out)
     try:
         checkpoints, thresholds, size, windows, tta = load_predictor(args)
@@ -134,9 +178,14 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    skipped = pd.read_csv(shards / SKIPPED_NAME) if (shards / SKIPPED_NAME).is_file() else pd.DataFrame()
+    skipped_csv = storage.join(shards, SKIPPED_NAME)
+    skipped = (
+        pd.read_csv(pyio.StringIO(storage.read_text(skipped_csv)))
+        if storage.is_file(skipped_csv)
+        else pd.DataFrame()
+    )
     if len(skipped):
-        print(f"skipped {len(skipped)} file(s) (see {shards / SKIPPED_NAME}):")
+        print(f"skipped {len(skipped)} file(s) (see {skipped_csv}):")
         for row in skipped.itertuples():
             print(f"  {row.path}: {row.reason}")
     dataset = SeriesDataset(shards)

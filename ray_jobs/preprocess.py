@@ -5,6 +5,12 @@ Examples (from the repository root):
     python ray_jobs/preprocess.py --format dlcv --input Blood_data/train --labels Blood_data/train.csv --out shards/dlcv --size 256
     python ray_jobs/preprocess.py --format rsna --input rsna/stage_2_train --labels rsna/stage_2_train.csv --out shards/rsna
     python ray_jobs/preprocess.py --format dicom --input new_studies/ --out shards/new --size 256
+    python ray_jobs/preprocess.py --format dlcv --input s3://bucket/Blood_data/train \
+        --labels s3://bucket/Blood_data/train.csv --out s3://bucket/shards/dlcv --size 256
+
+Every path may be a storage URI (s3://, gs://, file://). Input on a URI is listed through the storage; for
+rsna/dicom the driver downloads it to read the headers (in one process), and each shard task downloads the
+slices it needs. On a cluster, a local --input/--labels/--out must be a folder every node shares (checked).
 
 Joins the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else starts a local Ray. Re-running with
 the same arguments reuses finished shards. Exits non-zero only when nothing usable is left.
@@ -18,7 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from ichmodel.constants import DEFAULT_WINDOWS  # noqa: E402
@@ -30,7 +38,8 @@ from ichmodel.preprocess import (
     write_outputs,
     write_shard,
 )  # noqa: E402
-from ichmodel.readers import read_input  # noqa: E402
+from ichmodel.readers import ReadResult, SkipRecord, read_input  # noqa: E402
+from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import init_ray, parse_window, setup_logging  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.preprocess")
@@ -57,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(stage_2_train/ + stage_2_train.csv) also works without --labels",
     )
     parser.add_argument("--labels", default=None, help="label CSV (dlcv: train.csv, rsna: stage_2_train.csv)")
-    parser.add_argument("--out", required=True, help="output folder for the shards")
+    parser.add_argument("--out", required=True, help="output folder or URI (s3://...) for the shards")
     parser.add_argument(
         "--size", type=int, default=256, help="side of the square output images (default 256)"
     )
@@ -91,14 +100,59 @@ def ray_map_fn(num_cpus: int | None):
     return map_fn
 
 
+def mirror_input(uri: str, folder: Path, contents: bool) -> Path:
+    """List the files under ``uri`` through the storage and mirror them under ``folder``.
+
+    With ``contents`` False only CSVs are downloaded and the other files are empty placeholders (enough to
+    list a DLCV layout); their slices are fetched later by the shard tasks. Returns ``folder``.
+
+    Raises:
+        FileNotFoundError: when nothing is stored under ``uri``.
+    """
+    names = storage.list_files(uri)
+    if not names:
+        raise FileNotFoundError(f"No files under {uri}")
+    for name in names:
+        local = folder / name
+        if contents or name.lower().endswith(".csv"):
+            storage.download(storage.join(uri, name), local)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.touch()
+    logger.info("listed %d files under %s", len(names), uri)
+    return folder
+
+
+def read_remote_input(fmt: str, uri: str, labels: str | None, folder: Path) -> ReadResult:
+    """:func:`read_input` on a mirror of ``uri`` (and ``labels``), with every path turned back into a URI."""
+    root = mirror_input(uri, folder / "input", contents=fmt != "dlcv")
+    if labels is not None and storage.is_uri(labels):
+        local_labels = folder / "labels" / labels.split("?", 1)[0].rsplit("/", 1)[-1]
+        if not storage.download(labels, local_labels):
+            raise FileNotFoundError(f"No label file at {labels}")
+        labels = str(local_labels)
+    found = read_input(fmt, str(root), labels)  # headers read in this process: the mirror is only here
+
+    def to_uri(path: str) -> str:
+        rel = Path(path).relative_to(root) if Path(path).is_relative_to(root) else None
+        return storage.join(uri, rel.as_posix()) if rel is not None else path
+
+    found.series = [
+        dataclasses.replace(s, slices=tuple(dataclasses.replace(sl, path=to_uri(sl.path)) for sl in s.slices))
+        for s in found.series
+    ]
+    found.skipped = [SkipRecord(to_uri(s.path), s.reason) for s in found.skipped]
+    return found
+
+
 def run_shards(
-    tasks: list[ShardTask], out: Path, options: PreprocessOptions, num_cpus: int | None
+    tasks: list[ShardTask], out: str, options: PreprocessOptions, num_cpus: int | None
 ) -> list[ShardResult]:
     """Run :func:`write_shard` for every task as a Ray task, logging progress as shards finish."""
     ray = init_ray(num_cpus)
 
     def write_shard_on_node(task: ShardTask) -> tuple[str, ShardResult]:
-        return ray.get_runtime_context().get_node_id(), write_shard(task, str(out), options)
+        return ray.get_runtime_context().get_node_id(), write_shard(task, out, options)
 
     # SPREAD: on a cluster, shards go to every node rather than filling the head first.
     remote = ray.remote(write_shard_on_node).options(scheduling_strategy="SPREAD")
@@ -120,16 +174,40 @@ def run_shards(
     return results
 
 
+def check_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    """``{option: absolute path or URI}`` of --input, --labels, --out, each checked for a submitted job
+    (:func:`ray_jobs.storage.check_not_in_job_dir`) and, on a cluster, for being shared by every node.
+
+    Raises:
+        ValueError: naming the option and the path.
+    """
+    paths = {"--input": args.input, "--labels": args.labels, "--out": args.out}
+    for option, location in paths.items():
+        storage.check_not_in_job_dir(option, location)
+    paths = {k: None if v is None else storage.absolute(v) for k, v in paths.items()}
+    storage.check_shared(paths, init_ray(args.num_cpus))
+    return paths
+
+
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    try:
-        options = PreprocessOptions(size=args.size, windows=tuple(args.windows), min_slices=args.min_slices)
-        found = read_input(args.format, args.input, args.labels, map_fn=ray_map_fn(args.num_cpus))
-        tasks = plan_shards(found.series, args.shard_series)
-    except (ValueError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return 2
-    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="ich-preprocess-") as folder:
+        try:
+            paths = check_paths(args)
+            options = PreprocessOptions(
+                size=args.size, windows=tuple(args.windows), min_slices=args.min_slices
+            )
+            if storage.is_uri(paths["--input"]):
+                found = read_remote_input(args.format, paths["--input"], paths["--labels"], Path(folder))
+            else:
+                found = read_input(
+                    args.format, paths["--input"], paths["--labels"], map_fn=ray_map_fn(args.num_cpus)
+                )
+            tasks = plan_shards(found.series, args.shard_series)
+        except (ValueError, FileNotFoundError) as exc:
+            logger.error("%s", exc)
+            return 2
+    out = paths["--out"]
     logger.info(
         "%d series, %d slices in %d shards → %s", len(found.series), found.num_slices, len(tasks), out
     )
@@ -137,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = write_outputs(out, found, options, results)
     print(
         f"series: {manifest['num_series']}, slices: {manifest['num_slices']}, skipped: {manifest['num_skipped']} "
-        f"(see {out / 'skipped.csv'}); manifest: {out / 'manifest.json'}"
+        f"(see {storage.join(out, 'skipped.csv')}); manifest: {storage.join(out, 'manifest.json')}"
     )
     if manifest["num_series"] == 0:
         logger.error("Nothing usable in %s: every input was skipped", args.input)

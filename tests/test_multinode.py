@@ -48,6 +48,7 @@ class TwoNodes:
     client_env: dict[str, str]  # like a user's shell: the token from a file, no token in the environment
     head_node: str = ""  # node ids
     worker_node: str = ""
+    private: Path | None = None  # a folder the worker node sees as its own empty tmpfs: local, not shared
 
     def state(self) -> dict:
         """Nodes and actors (dead ones too) as the head's state API reports them."""
@@ -56,9 +57,17 @@ class TwoNodes:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def join_node(head: RayHead, env: dict[str, str], temp_dir: Path) -> None:
-    """A second Ray node on this machine: every port it opens chosen free, so nothing collides with the head."""
+def join_node(head: RayHead, env: dict[str, str], temp_dir: Path, private: Path) -> None:
+    """A second Ray node on this machine: every port it opens chosen free, so nothing collides with the head.
+
+    The node runs in its own mount namespace where ``private`` is a fresh tmpfs: a folder there is local to
+    each node, as on a cluster without a shared filesystem.
+    """
+    private.mkdir(parents=True, exist_ok=True)
+    namespace = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                 f'mount -t tmpfs tmpfs "{private}" && exec "$@"', "sh"]  # fmt: skip
     cmd = [
+        *namespace,
         f"{VENV_BIN}/ray", "start", f"--address={head.address}", "--num-cpus=1", '--resources={"worker_node": 1}',
         f"--temp-dir={temp_dir}", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
         f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
@@ -83,8 +92,8 @@ def two_nodes():
     }
     try:
         head = start_head(env, temp_dir / "head", num_cpus=1, resources='{"driver": 4}')
-        join_node(head, file_env, temp_dir / "worker")
-        cluster = TwoNodes(head, dict(file_env, RAY_ADDRESS=head.address))
+        join_node(head, file_env, temp_dir / "worker", temp_dir / "private")
+        cluster = TwoNodes(head, dict(file_env, RAY_ADDRESS=head.address), private=temp_dir / "private")
         deadline = time.time() + 90
         while time.time() < deadline:
             alive = [n for n in cluster.state()["nodes"] if n["alive"]]
@@ -158,3 +167,16 @@ def test_trials_train_on_both_nodes_and_their_drivers_stay_on_the_head(two_nodes
     trainers = {a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"}
     assert drivers == {two_nodes.head_node}
     assert trainers == {two_nodes.head_node, two_nodes.worker_node}
+
+
+def test_a_local_out_that_a_node_does_not_share_stops_the_job_early(two_nodes, tmp_path):
+    datagen.dlcv(tmp_path / "in", patients=2, slices=(4, 5), seed=1)
+    out = two_nodes.private / "shards"  # the head sees a folder here; the worker node its own empty tmpfs
+    proc = two_nodes.head.run(
+        [sys.executable, "ray_jobs/preprocess.py", "--format", "dlcv", "--input", str(tmp_path / "in" / "train"),
+         "--labels", str(tmp_path / "in" / "train.csv"), "--out", str(out), "--size", "32"],
+        timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"--out {out}" in proc.stderr and "do not share" in proc.stderr, proc.stderr[-3000:]
+    assert not list(out.glob("shard-*.parquet"))  # stopped before any work

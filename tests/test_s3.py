@@ -1,0 +1,134 @@
+"""Every job path on object storage: preprocess → tune --smoke-test → ensemble against a local S3 server.
+
+The server is moto's (``ThreadedMotoServer`` on 127.0.0.1, a free port), never AWS: the jobs get a dummy key
+and ``AWS_ENDPOINT_URL`` in their environment, which ``ray_jobs.cli.init_ray`` forwards to the workers.
+Nothing is written to local disk by the jobs but temporary files: inputs, shards, the experiment and the
+submission all live in the bucket.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+
+from ichmodel import io as store
+from ichmodel.dataset import SeriesDataset, series_labels
+from tests import datagen
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.ray
+BUCKET = "ich-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """``(environment for the jobs, s3://bucket)`` of a moto S3 server running for this module."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                           access_key="testing", secret_key="testing", allow_bucket_creation=True)  # fmt: skip
+    fs.create_dir(BUCKET)
+    try:
+        yield env, f"s3://{BUCKET}", fs
+    finally:
+        server.stop()
+
+
+def test_uris_keep_their_query_and_name_the_same_server(s3, monkeypatch):
+    env, bucket, fs = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    port = env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+    uri = f"{bucket}/q?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    assert store.join(uri, "a", "b.txt") == f"{bucket}/q/a/b.txt?" + uri.split("?", 1)[1]
+    assert store.parent(store.join(uri, "a", "b.txt")) == store.join(uri, "a")
+    store.atomic_write_text(store.join(uri, "a", "b.txt"), "hello")
+    assert fs.open_input_stream(f"{BUCKET}/q/a/b.txt").read() == b"hello"
+    assert store.read_text(f"{bucket}/q/a/b.txt") == "hello"  # the same object through AWS_ENDPOINT_URL
+    assert store.list_files(store.join(uri, "a")) == ["b.txt"] and store.list_files(f"{bucket}/none") == []
+    with pytest.raises(FileNotFoundError, match=f"No file at {bucket}/q/missing"):
+        store.read_bytes(f"{bucket}/q/missing")
+
+
+def _run(ray_head, env, script: str, *args: str, timeout: float = 300):
+    proc = subprocess.run([sys.executable, f"ray_jobs/{script}.py", *args], cwd=REPO_ROOT, env=ray_head.env | env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, f"{script}: " + proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_preprocess_tune_and_ensemble_with_every_path_on_s3(ray_head, s3, tmp_path, monkeypatch):
+    env, bucket, fs = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    raw = tmp_path / "raw"
+    datagen.dlcv(raw, patients=8, slices=(4, 6), seed=5, test_patients=2)
+    store.copy_folder(raw, f"{bucket}/raw")
+    for split, extra in (("train", ["--labels", f"{bucket}/raw/train.csv"]), ("test", [])):
+        _run(ray_head, env, "preprocess", "--format", "dlcv", "--input", f"{bucket}/raw/{split}", *extra,
+             "--out", f"{bucket}/shards/{split}", "--size", "32", "--shard-series", "4")  # fmt: skip
+    manifest = json.loads(store.read_text(f"{bucket}/shards/train/manifest.json"))
+    assert manifest["num_series"] == 8 and manifest["has_labels"]
+    assert sorted(store.list_files(f"{bucket}/shards/train")) == [
+        "manifest.json", "shard-00000.parquet", "shard-00001.parquet", "skipped.csv"
+    ]  # fmt: skip
+    train = SeriesDataset(f"{bucket}/shards/train")  # the library reads the bucket itself
+    assert len(train) == 8 and train[0]["images"].shape[1:] == (3, 32, 32)
+    assert sum(int((labels >= 0).all()) for labels in series_labels(train)) == 8
+
+    _run(ray_head, env, "tune", "--smoke-test", "--data", f"{bucket}/shards/train", "--set",
+         "data.val_fraction=0.25", "--num-samples", "1", "--storage", f"{bucket}/runs", "--name", "s3",
+         timeout=400)  # fmt: skip
+    trials = pd.read_csv(io.StringIO(store.read_text(f"{bucket}/runs/s3/trials.csv")))
+    assert len(trials) == 1 and trials["status"].tolist() == ["OK"]
+    assert trials["checkpoint"][0].startswith(f"{bucket}/runs/s3/") and store.is_file(trials["checkpoint"][0])
+
+    out = tmp_path / "local_out"
+    proc = _run(ray_head, env, "ensemble", "--experiment", f"{bucket}/runs/s3", "--top-k", "1", "--test",
+                f"{bucket}/shards/test", "--out", f"{bucket}/sub")  # fmt: skip
+    assert not out.exists() and f"copied to {bucket}/sub" in proc.stdout
+    spec = json.loads(store.read_text(f"{bucket}/sub/ensemble.json"))
+    assert spec["models"] == [trials["checkpoint"][0]]  # the URI: the spec works from any machine
+    submission = pd.read_csv(io.StringIO(store.read_text(f"{bucket}/sub/submission.csv")))
+    test_slices = sum(
+        s["num_rows"] for s in json.loads(store.read_text(f"{bucket}/shards/test/manifest.json"))["shards"]
+    )
+    assert len(submission) == 5 * test_slices and set(submission["prediction"]) <= {0, 1}
+    assert store.is_file(f"{bucket}/sub/report/index.html")
+
+
+def test_a_path_in_a_submitted_jobs_working_dir_is_refused(tmp_path, monkeypatch):
+    """Ray runs a ``--working-dir`` job in a temporary copy: a relative --storage would vanish with it."""
+    from ray_jobs import storage
+
+    job_dir = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_x"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    storage.check_not_in_job_dir("--storage", "runs")  # not a submitted job: fine
+    monkeypatch.setenv(
+        storage.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}})
+    )
+    with pytest.raises(
+        ValueError, match=r"--storage runs resolves to .*_ray_pkg_x/runs, inside this job's temporary"
+    ):
+        storage.check_not_in_job_dir("--storage", "runs")
+    storage.check_not_in_job_dir("--storage", str(tmp_path / "shared"))  # absolute, outside: fine
+    storage.check_not_in_job_dir("--storage", "s3://bucket/runs")
