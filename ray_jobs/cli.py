@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from ichmodel.config import Config, load_overrides
-from ray_jobs.storage import absolute
+from ray_jobs.storage import absolute, storage_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "runs" / "demo_data"  # ichmodel.demo_data.ensure_demo_data(DEMO_ROOT) for the jobs
@@ -30,7 +31,12 @@ def setup_logging(verbose: bool = False) -> None:
 def init_ray(num_cpus: int | None = None):
     """Join the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local one.
 
-    A local start never attaches to some other head that happens to run on this machine.
+    A local start never attaches to some other head that happens to run on this machine, and everything it
+    starts talks to it alone: Train's placement-group cleaner (an actor) queries Ray's state API without an
+    address, which otherwise searches the machine and fails on finding two instances ("Found multiple active
+    Ray instances"); so ``RAY_API_SERVER_ADDRESS`` (this instance's dashboard) is set for the workers and the
+    driver, and ``RAY_ADDRESS`` for what the driver starts afterwards. A local start also starts a watchdog
+    (:func:`start_reaper`): Ray's agents outlive a driver killed with ``kill -9``, the watchdog ends them.
     The repository root is put on the workers' ``PYTHONPATH`` so ``ray_jobs`` and ``ichmodel`` import
     there even without an installed package.
     """
@@ -43,17 +49,91 @@ def init_ray(num_cpus: int | None = None):
             "PYTHONPATH": _pythonpath(),
             # Train's workers may wait for the autoscaler to boot a GPU node, which takes minutes, not 60 s.
             TRAIN_START_TIMEOUT: os.environ.get(TRAIN_START_TIMEOUT, "900"),
+            **storage_env(),  # an S3-compatible endpoint set for the driver (AWS_ENDPOINT_URL) reaches the workers
         }
     }
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # The dashboard serves the state API that Train's placement-group cleaner polls: without it a failed
-        # run's CPU reservation can outlive it and stall the next trial.
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
-                 dashboard_port=_free_port())  # fmt: skip
+        return ray
+    # The dashboard serves the state API that Train's placement-group cleaner polls: without it a failed
+    # run's CPU reservation can outlive it and stall the next trial.
+    dashboard_port = _free_port()
+    api_server = f"http://127.0.0.1:{dashboard_port}"
+    os.environ[API_SERVER_ENV] = runtime_env["env_vars"][API_SERVER_ENV] = api_server
+    os.environ[LOCAL_RAY_MARKER] = str(os.getpid())  # inherited by every process this Ray starts
+    ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
+             dashboard_port=dashboard_port)  # fmt: skip
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # The session folder of this (one-node) instance, from its object store's socket path.
+    start_reaper(os.getpid(), str(Path(ray.nodes()[0]["ObjectStoreSocketName"]).parent.parent))
     return ray
+
+
+#: In the environment of every process of a Ray that a job started locally: the pid of that job's driver.
+LOCAL_RAY_MARKER = "ICH_LOCAL_RAY_DRIVER"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+#: The watchdog (stdlib only, run with ``python -c``): once the driver ``argv[1]`` is gone, SIGTERM then SIGKILL
+#: every process of its Ray: those whose environment holds ``argv[2]`` (``LOCAL_RAY_MARKER=<driver pid>``) or
+#: whose command line or open files name the session folder ``argv[3]``. The last matters: Ray's agents
+#: rename themselves with setproctitle, which overwrites their command line and environment.
+_REAPER = r"""
+import os, signal, sys, time
+driver, marker, session = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3].rstrip("/") + "/"
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+def of_this_ray(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if marker in f.read().split(b"\0"):
+                return True
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if session.encode() in f.read():
+                return True
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(session):
+                return True
+    except OSError:
+        pass
+    return False
+def marked():
+    return [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != os.getpid() and of_this_ray(n)]
+while alive(driver):
+    time.sleep(1)
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+    for pid in marked():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.time() + wait
+    while marked() and time.time() < deadline:
+        time.sleep(0.2)
+"""
+
+
+def start_reaper(driver_pid: int, session_dir: str) -> None:
+    """Start the watchdog that ends this driver's local Ray once the driver is gone (Linux; elsewhere nothing).
+
+    Ray ties its GCS and raylet to the driver that started them, but not the dashboard and runtime-env agents
+    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``), which the raylet starts: after ``kill -9`` of the
+    driver they keep running. The watchdog is its own session, so a signal to the driver's group spares it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    env = {k: v for k, v in os.environ.items() if k != LOCAL_RAY_MARKER}
+    subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(driver_pid), f"{LOCAL_RAY_MARKER}={driver_pid}", session_dir],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _free_port() -> int:

@@ -9,7 +9,9 @@ Examples (from the repository root):
 
 Runs the paper's three stages (pretrain; pretrain + masking/diversity transfer; fine-tune with all five
 tasks). Rank 0 checkpoints every epoch to STORAGE/NAME; re-running with the same --name resumes at the same
-stage and epoch, and a failed worker is restarted from the last checkpoint (--max-failures).
+stage and epoch, and a failed worker is restarted from the last checkpoint (--max-failures). The run records
+its arguments and config in STORAGE/NAME/job_args.json: `--name N --storage S --resume` continues it as recorded
+(a value given that differs from the record is an error); a rerun without --resume must give the same values.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from ray_jobs.cli import (  # noqa: E402
     init_ray,
     setup_logging,
 )
-from ray_jobs.storage import absolute  # noqa: E402
+from ray_jobs.experiment import parse_job_args, read_job_record, resume_job_args, write_job_record  # noqa: E402
+from ray_jobs.storage import absolute, check_job_paths, join  # noqa: E402
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.train")
@@ -58,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI for results"
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue run --name with its recorded arguments"
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="DDP workers (default 2)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast")
     parser.add_argument(
@@ -77,14 +83,30 @@ def run_config(args: argparse.Namespace) -> Config:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Train (or continue) the run; ``args`` from :func:`parse_args` (or a plain ``parse_args``, where every
+    value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
+    storage = absolute(args.storage)
+    run_dir = join(storage, args.name)
     try:
-        cfg = run_config(args)
+        if not args.resume and read_job_record(run_dir) is not None:
+            # Train continues a run of the same name: every value must be the recorded one (nothing mixed).
+            args.given = set(vars(args))
+        if args.resume or read_job_record(run_dir) is not None:
+            args, recorded = resume_job_args(args, get_args_parser(), run_dir, "train")
+            cfg = Config.from_dict(recorded)
+        else:
+            cfg = run_config(args)
+            write_job_record(run_dir, "train", args, cfg.to_dict())
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    storage = absolute(args.storage)
-    init_ray()
+    ray = init_ray()
+    try:  # a submitted job's cwd is temporary; other nodes must see the same folders
+        check_job_paths({"--storage": args.storage, "--data": args.data and cfg.data.shards}, ray)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
     loop_config = {"config": cfg.to_dict(), "overrides": {}}
     if args.fail_at_epoch is not None:
         loop_config.update(
@@ -117,5 +139,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
+    return parse_job_args(get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(parse_args()))

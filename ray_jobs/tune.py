@@ -6,11 +6,17 @@ Examples (from the repository root):
     python ray_jobs/tune.py --smoke-test             # the smallest end-to-end search (CI)
     ray job submit --working-dir . -- python ray_jobs/tune.py --data /shared/shards/dlcv \\
         --num-samples 64 --max-concurrent 8 --workers-per-trial 2 --gpus-per-trial 1 --storage s3://bucket/runs
-    python ray_jobs/tune.py --name my-search --resume   # continue an interrupted search
+    python ray_jobs/tune.py --name my-search --storage runs --resume   # continue an interrupted search
 
 Search: OptunaSearch (TPE, seeded) proposes a config from --space; ASHA stops weak trials early on
 validation micro-F2, with the global epoch as its time attribute. Each trial trains with
 --workers-per-trial DDP workers; a failed trial is retried from its last checkpoint.
+
+Resuming needs only --name and --storage: the search's arguments and config are recorded in
+STORAGE/NAME/job_args.json before any trial starts and restored (a value given again must be the recorded
+one). The Optuna study (optuna.db), ASHA's rungs (asha_state.pkl) and trials.csv live in the experiment
+folder, found where it is now: a copied or moved experiment resumes on its own study. trials.csv is
+rewritten as each trial ends, so ray_jobs/ensemble.py works on a running or interrupted search.
 
 Results land in STORAGE/NAME: trials.csv (sorted by model_f2; read by ray_jobs/ensemble.py), one folder per
 trial (TensorBoard: tensorboard --logdir STORAGE/NAME), the Train runs with their checkpoints, and optuna.db
@@ -40,12 +46,24 @@ from ray_jobs.cli import (  # noqa: E402
     init_ray,
     setup_logging,
 )
-from ray_jobs.storage import absolute, is_uri, write_bytes  # noqa: E402
+from ray_jobs.experiment import (  # noqa: E402
+    TRIALS_FILE,
+    ExperimentASHA,
+    ExperimentOptunaSearch,
+    TrialsTableCallback,
+    attach_experiment,
+    parse_job_args,
+    resume_job_args,
+    write_job_record,
+)
+from ray_jobs.storage import absolute, check_job_paths, is_uri, join, write_bytes  # noqa: E402
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report  # noqa: E402
 from search_spaces import load_space  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.tune")
-METRIC = "val_f2"
+#: Tune, ASHA and Optuna rank trials by the validation F2 of the weights the checkpoint exports (best over
+#: all stages), not by the last epoch's F2.
+METRIC = "model_f2"
 #: Epoch caps of the three stages unless --epochs, --set or --config say otherwise: a first real search on
 #: --data (ASHA then stops the weak trials after the first stage), the generated demo, the smoke test.
 EPOCHS = {"data": "5,5,10", "demo": "1,1,2", "smoke": "1,1,1"}
@@ -172,10 +190,12 @@ def train_trial_fn(
         raise result.error
 
 
-def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
+def build_tuner(
+    args: argparse.Namespace, cfg: Config, storage: str, space_fn, max_concurrent: int | None = None
+):
+    """A new ``Tuner`` for STORAGE/NAME, or with ``--resume`` the one restored from there; either way its
+    study, ASHA and trials table attached to where the experiment is now (:mod:`ray_jobs.experiment`)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     scaling = {
         "num_workers": args.workers_per_trial,
@@ -185,11 +205,13 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
             **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {}),
         },
     }
+    experiment = join(storage, args.name)
+    # The trainable is built from the recorded config on resume (Tuner.restore keeps only its name).
     trainable = tune.with_parameters(
         train_trial_fn,
         base=cfg.to_dict(),
         scaling=scaling,
-        storage=f"{storage}/{args.name}/train_runs",
+        storage=join(experiment, "train_runs"),
         max_failures=args.max_failures,
         fail_at_epoch=args.fail_at_epoch,
     )
@@ -200,28 +222,23 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
     trainable = tune.with_resources(trainable, driver)
     total_epochs = sum(cfg.train.max_epochs)
     if args.resume:
-        path = f"{storage}/{args.name}"
-        if not tune.Tuner.can_restore(path):
-            raise ValueError(f"Nothing to resume at {path}; run without --resume first")
-        logger.info("resuming experiment %s: finished trials are kept, unfinished ones continue", path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    optuna_storage = args.optuna_storage
-    if optuna_storage is None and "://" not in storage:
-        Path(storage, args.name).mkdir(parents=True, exist_ok=True)
-        optuna_storage = f"sqlite:///{Path(storage, args.name, 'optuna.db')}"
-    searcher = OptunaSearch(
-        space=space_fn,
-        metric=METRIC,
-        mode="max",
-        seed=args.seed,
-        study_name=args.name,
-        storage=_optuna_storage(optuna_storage),
+        if not tune.Tuner.can_restore(experiment):
+            raise ValueError(f"Nothing to resume at {experiment}; run without --resume first")
+        logger.info("resuming experiment %s: finished trials are kept, unfinished ones continue", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+        attach_experiment(tuner, experiment)
+        return tuner
+    # The study is a file of the experiment (found from where it is at each start) unless --optuna-storage
+    # names one; on a storage URI without --optuna-storage it is in memory, pickled with the searcher's state.
+    study_url = args.optuna_storage or (None if is_uri(storage) else "experiment")
+    searcher = ExperimentOptunaSearch(
+        study_url=study_url, space=space_fn, metric=METRIC, mode="max", seed=args.seed, study_name=args.name
     )
     grace = args.grace_epochs or min(total_epochs, cfg.train.max_epochs[0] + 1)
-    scheduler = ASHAScheduler(
+    scheduler = ExperimentASHA(
         time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(grace, 1)
     )
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
@@ -229,15 +246,18 @@ def build_tuner(args: argparse.Namespace, cfg: Config, storage: str, space_fn):
             metric=METRIC,
             mode="max",
             num_samples=args.num_samples or (2 if args.smoke_test else 4),
-            max_concurrent_trials=args.max_concurrent,
+            max_concurrent_trials=max_concurrent,
         ),
         run_config=tune.RunConfig(
             name=args.name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            callbacks=[TrialsTableCallback()],
             verbose=2 if args.verbose else 1,  # 1: the trial status table; 2: every epoch's full result too
         ),
     )
+    attach_experiment(tuner, experiment)
+    return tuner
 
 
 def default_max_concurrent(total: dict, args: argparse.Namespace) -> int | None:
@@ -251,14 +271,6 @@ def default_max_concurrent(total: dict, args: argparse.Namespace) -> int | None:
         need["GPU"] = args.workers_per_trial * args.gpus_per_trial
     fits = min(int(total.get(key, 0) // amount) for key, amount in need.items() if amount > 0)
     return fits or None
-
-
-def _optuna_storage(url: str | None):
-    if url is None:
-        return None
-    import optuna
-
-    return optuna.storages.RDBStorage(url)
 
 
 def trials_table(results, storage: str = "") -> pd.DataFrame:
@@ -277,16 +289,16 @@ def trials_table(results, storage: str = "") -> pd.DataFrame:
         config = result.config or {}
         checkpoint = metrics.get("checkpoint_path")
         if checkpoint and scheme and not is_uri(checkpoint):
-            checkpoint = scheme + checkpoint
+            checkpoint = scheme + checkpoint + ("?" + storage.split("?", 1)[1] if "?" in storage else "")
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or Path(result.path).name,
                 "model_f2": metrics.get("model_f2", float("nan")),  # of the weights the checkpoint exports
-                "last_val_f2": metrics.get(METRIC, float("nan")),
+                "last_val_f2": metrics.get("val_f2", float("nan")),
                 "last_val_loss": metrics.get("val_loss", float("nan")),
                 "epochs": metrics.get("global_epoch", 0),
                 "finished": bool(metrics.get("finished", False)),
-                "checkpoint": f"{str(checkpoint).rstrip('/')}/{CHECKPOINT_FILE}" if checkpoint else "",
+                "checkpoint": join(str(checkpoint), CHECKPOINT_FILE) if checkpoint else "",
                 "status": "ERROR" if result.error else "OK",
                 "node_id": metrics.get("node_id", ""),
                 **{k: v for k, v in config.items() if "." in k},
@@ -299,22 +311,35 @@ def trials_table(results, storage: str = "") -> pd.DataFrame:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run (or with ``--resume`` continue) the search; ``args`` from :func:`parse_args` (or a plain
+    ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
+    storage = absolute(args.storage)
+    experiment = join(storage, args.name)
     try:
-        cfg = base_config(args)
+        if args.resume:  # the experiment's own arguments and config; a conflicting value is an error
+            args, recorded = resume_job_args(args, get_args_parser(), experiment, "tune")
+            cfg = Config.from_dict(recorded)
+        else:
+            cfg = base_config(args)
         space_fn = load_space(args.space)
         check_space(space_fn, cfg)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    storage = absolute(args.storage)
     os.environ.setdefault(
         "TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"
     )  # metrics arrive through Train's callback
     ray = init_ray()
-    if args.max_concurrent is None:
-        args.max_concurrent = default_max_concurrent(ray.cluster_resources(), args)
-        if args.max_concurrent is None:
+    try:  # a submitted job's cwd is temporary; other nodes must see the same folders
+        check_job_paths({"--storage": args.storage, "--data": args.data and cfg.data.shards}, ray)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    max_concurrent = args.max_concurrent
+    if max_concurrent is None:
+        max_concurrent = default_max_concurrent(ray.cluster_resources(), args)
+        if max_concurrent is None:
             logger.warning(
                 "the cluster has %s now, too little for one trial: waiting for the autoscaler; "
                 "set --max-concurrent to cap how many trials (and nodes) run at once",
@@ -322,15 +347,17 @@ def main(args: argparse.Namespace) -> int:
             )
         else:
             logger.info("up to %d trials at once (what the cluster holds now; --max-concurrent sets it)",
-                        args.max_concurrent)  # fmt: skip
+                        max_concurrent)  # fmt: skip
+    if not args.resume:  # before Tune writes anything: what --resume restores
+        write_job_record(experiment, "tune", args, cfg.to_dict())
     try:
-        tuner = build_tuner(args, cfg, storage, space_fn)
+        tuner = build_tuner(args, cfg, storage, space_fn, max_concurrent)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
     results = tuner.fit()
     table = trials_table(results, storage)
-    out = write_bytes(f"{storage}/{args.name}/trials.csv", table.to_csv(index=False).encode())
+    out = write_bytes(join(experiment, TRIALS_FILE), table.to_csv(index=False).encode())
     with pd.option_context("display.max_columns", 20, "display.width", 200):
         print(table.drop(columns=["checkpoint"]).to_string(index=False))
     print(f"\ntrials table: {out}")
@@ -340,5 +367,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
+    return parse_job_args(get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(parse_args()))

@@ -66,6 +66,9 @@ def job_args(job: str, shards: Path, storage: Path, name: str, *extra: str) -> l
 def auth_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    # Dummy object-storage credentials for every node and job (tests/test_s3.py's local server): no test can
+    # reach a real bucket with a real key, and no worker probes for an EC2 instance profile.
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_EC2_METADATA_DISABLED="true")
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("RAY_ADDRESS", None)
@@ -104,9 +107,11 @@ CLUSTER_MARKER = "ICH_TEST_CLUSTER"  # set in the environment of every process o
 
 
 def cluster_pids(temp_dir: Path) -> list[int]:
-    """Processes of one test cluster: its temp dir on their command line or its marker in their environment.
+    """Processes of one test cluster: its temp dir on their command line or among their open files, or its
+    marker in their environment.
 
-    The marker matters: Ray's agents rename themselves and would outlive their raylet otherwise.
+    Open files matter: Ray's agents rename themselves with setproctitle, which overwrites their command line
+    and environment (neither names the cluster then), and they outlive their raylet; their logs stay open.
     """
     in_cmdline, in_environ = (str(temp_dir) + "/").encode(), f"{CLUSTER_MARKER}={temp_dir}".encode()
     pids = []
@@ -115,9 +120,13 @@ def cluster_pids(temp_dir: Path) -> list[int]:
             continue
         try:
             cmdline, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+            ours = in_cmdline in cmdline or in_environ in environ.split(b"\0")
+            ours = ours or any(
+                os.readlink(fd).startswith(str(temp_dir) + "/") for fd in (proc / "fd").iterdir()
+            )
         except OSError:
             continue
-        if in_cmdline in cmdline or in_environ in environ.split(b"\0"):
+        if ours:
             pids.append(int(proc.name))
     return pids
 

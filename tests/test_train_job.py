@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,8 +102,11 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64,
     assert finished_run_report(str(tmp_path / "again")) is None  # recorded, but not finished
     assert finished_run_report(str(tmp_path / "no-such-run")) is None
 
-    rerun = _train(ray_head, shards_64, tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
+    # Resumed from its name alone: the recorded data and caps (2,1,1), not the demo's (2,2,2 on demo data).
+    rerun = ray_head.run([sys.executable, "ray_jobs/train.py", "--name", "again", "--storage", str(tmp_path),
+                          "--resume"])  # fmt: skip
     summary = _summary(rerun)
+    assert load_model(summary["checkpoint"])[1].data.shards == str(shards_64)
     assert summary["finished"] is True and summary["global_epoch"] == 4
     history = load_checkpoint(summary["checkpoint"])["history"]
     assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
@@ -165,3 +170,76 @@ def test_train_worker_logs_are_quieted_whatever_ray_names_their_loggers(monkeypa
     finally:
         for logger, level in levels.items():
             logger.setLevel(level)
+
+
+def _processes_of(marker: str, session: str | None = None) -> dict[int, str]:
+    """Pid -> command line of the processes with ``marker`` in their environment, or the Ray ``session``
+    folder on their command line or among their open files (Ray's agents rename themselves with
+    setproctitle, which overwrites their command line and environment)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ours = marker.encode() in (proc / "environ").read_bytes().split(b"\0")
+            if session and not ours:
+                ours = session in cmdline or any(
+                    os.readlink(fd).startswith(session) for fd in (proc / "fd").iterdir()
+                )
+        except OSError:
+            continue
+        if ours:
+            found[int(proc.name)] = cmdline
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the watchdog and this check read /proc (Linux)")
+def test_a_job_with_its_own_ray_talks_only_to_it_and_leaves_nothing_after_kill_9(
+    ray_head, demo_shards, tmp_path
+):
+    """Beside another Ray (the session's head), Train's placement-group cleaner of a job that started its own
+    Ray failed with "Found multiple active Ray instances"; after ``kill -9`` of that driver, Ray's agents
+    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) kept running."""
+    env = {k: v for k, v in ray_head.env.items() if k != "RAY_ADDRESS"}  # the job starts a local Ray
+    log = tmp_path / "driver.log"
+    args = job_args("train", demo_shards[0], tmp_path, "alone", "--epochs", "2,1,1", "--num-workers", "1")
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    marker = f"ICH_LOCAL_RAY_DRIVER={proc.pid}"
+    recorded, deadline = None, time.time() + 300
+    while time.time() < deadline and recorded is None and proc.poll() is None:
+        recorded = _recorded_checkpoint(tmp_path / "alone")
+        time.sleep(0.5)
+    started = _processes_of(marker)
+    (session,) = {
+        m.group(1) for cmd in started.values() for m in [re.search(r"--session[-_]dir=(\S+)", cmd)] if m
+    }
+    started = _processes_of(marker, session + "/")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert recorded is not None, log.read_text()[-5000:]
+    assert any("DashboardAgent" in cmd or "dashboard/agent.py" in cmd for cmd in started.values()), started
+    assert any("RuntimeEnvAgent" in cmd or "runtime_env/agent" in cmd for cmd in started.values()), started
+    deadline = time.time() + 30
+    while _processes_of(marker, session + "/") and time.time() < deadline:
+        time.sleep(0.5)
+    left = _processes_of(marker, session + "/")
+    assert not left, f"left running after kill -9 of the driver: {left}"
+    assert "Found multiple active Ray instances" not in log.read_text()
+
+
+def test_a_rerun_of_a_recorded_run_with_other_values_is_refused_naming_both(tmp_path, caplog):
+    from ray_jobs import experiment, train
+
+    first = train.parse_args(
+        ["--data", str(tmp_path), "--storage", str(tmp_path), "--name", "r", "--epochs", "2,1,1"]
+    )
+    experiment.write_job_record(str(tmp_path / "r"), "train", first, {})
+    # Without --resume, every value counts (Train would continue the run's checkpoint on a mixed config).
+    again = train.parse_args(["--data", str(tmp_path), "--storage", str(tmp_path), "--name", "r"])
+    assert train.main(again) == 2
+    assert "--epochs None given, but the experiment ran with '2,1,1'" in caplog.text
+    resumed = train.parse_args(["--storage", str(tmp_path), "--name", "r", "--resume", "--num-workers", "3"])
+    assert train.main(resumed) == 2
+    assert "--num-workers 3 given, but the experiment ran with 2" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ichmodel.checkpoint import load_checkpoint
 from ray_jobs.worker import finished_run_report
 from tests.conftest import job_args
 
@@ -76,10 +78,24 @@ def _finished_train_runs(experiment: Path) -> dict[str, dict]:
     return runs
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, demo_shards, tmp_path):
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def _table_rows(trials_csv: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(trials_csv, dtype={"trial_id": str}).set_index("trial_id")
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
+def test_interrupted_search_resumes_from_its_name_alone_in_a_copy(ray_head, demo_shards, tmp_path):
+    """Resumed with ``--name --storage --resume`` only, the trials were rebuilt from the new command line
+    (demo data, demo epoch caps), and a copy of the experiment wrote into the original's Optuna study."""
     # --grace-epochs 3 (= all epochs): ASHA stops no trial early, whatever their F2, so both can finish.
-    args = job_args("tune", demo_shards[0], tmp_path, "interrupted", "--num-samples", "2", "--max-concurrent", "1",
-                    "--grace-epochs", "3")  # fmt: skip
+    args = job_args("tune", demo_shards[0], tmp_path / "runs", "interrupted", "--num-samples", "2",
+                    "--max-concurrent", "1", "--grace-epochs", "3")  # fmt: skip
     # Tune saves its experiment state at the start and then at most every TUNE_GLOBAL_CHECKPOINT_S; an hour
     # makes the kill always hit the worst case: a state saved before the first trial's Train run ended.
     driver = subprocess.Popen(
@@ -89,28 +105,61 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_head, 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    experiment = tmp_path / "interrupted"
+    experiment = tmp_path / "runs" / "interrupted"
     deadline = time.time() + 400
     finished: dict[str, dict] = {}
-    while time.time() < deadline and not finished:
+    # Kill once Ray recorded a finished Train run and the trials table (refreshed as each trial ends) has it.
+    while time.time() < deadline and not (
+        finished and set(finished) <= set(_table_rows(experiment / "trials.csv").index)
+    ):
         finished = _finished_train_runs(experiment)
         time.sleep(0.5)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert finished, "no trial finished before the deadline"
     ((done_trial, done),) = finished.items()
+    # The interrupted search's table already holds the finished trial, with its checkpoint.
+    row = _table_rows(experiment / "trials.csv").loc[done_trial]
+    assert row["finished"] and row["checkpoint"] == f"{done['checkpoint_path']}/checkpoint.pt"
 
-    resumed = _ok(ray_head.run(job_args("tune", demo_shards[0], tmp_path, "interrupted", "--resume")))
-    table = pd.read_csv(experiment / "trials.csv", dtype={"trial_id": str})
-    assert len(table) == 2 and (table["status"] == "OK").all() and table["finished"].all()
-    # The finished trial did not train again: its Train run still ends in the same record and checkpoint.
-    assert _finished_train_runs(experiment)[done_trial] == done
-    row = table.set_index("trial_id").loc[done_trial]
-    assert row["model_f2"] == done["model_f2"] and row["epochs"] == done["global_epoch"]
-    assert (
-        row["checkpoint"] == f"{done['checkpoint_path']}/checkpoint.pt" and Path(row["checkpoint"]).is_file()
-    )
+    copy = tmp_path / "moved" / "interrupted"
+    shutil.copytree(experiment, copy)
+    original = _tree(experiment)
+    resumed = _ok(ray_head.run([sys.executable, SCRIPT, "--name", "interrupted", "--storage", str(copy.parent),
+                                "--resume"]))  # fmt: skip
     assert "trials table" in resumed.stdout
+    assert _tree(experiment) == original, "resuming the copy changed the original experiment"
+    table = pd.read_csv(copy / "trials.csv", dtype={"trial_id": str})
+    assert len(table) == 2 and (table["status"] == "OK").all() and table["finished"].all()
+    assert (table["epochs"] == 3).all()  # the recorded caps 1,1,1, not the demo's 1,1,2
+    for checkpoint in table["checkpoint"]:
+        assert checkpoint.startswith(str(copy)) and Path(checkpoint).is_file()
+        config = load_checkpoint(checkpoint)["config"]
+        assert config["data"]["shards"] == str(demo_shards[0]) and list(config["train"]["max_epochs"]) == [
+            1,
+            1,
+            1,
+        ]
+    # The finished trial did not train again: its Train run still ends in the same record.
+    again = _finished_train_runs(copy)[done_trial]
+    assert {k: v for k, v in again.items() if k != "checkpoint_path"} == {
+        k: v for k, v in done.items() if k != "checkpoint_path"
+    }
+    assert table.set_index("trial_id").loc[done_trial, "model_f2"] == done["model_f2"]
+    # The copy's study holds both trials, finished, and no trial left RUNNING (one the killed driver asked for
+    # after Tune's last saved state is marked FAIL); the original's was not touched (checked above, bytes).
+    import optuna
+
+    study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{copy / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and set(states) <= {"COMPLETE", "FAIL"}, states
+
+    # The interrupted original is ensembled from the trials its table holds: a checked submission.
+    out = tmp_path / "submission"
+    ensembled = _ok(ray_head.run([sys.executable, "ray_jobs/ensemble.py", "--experiment", str(experiment),
+                                  "--top-k", "2", "--out", str(out)], timeout=300))  # fmt: skip
+    spec = json.loads((out / "ensemble.json").read_text())
+    assert done_trial in spec["trial_ids"] and (out / "submission.csv").is_file(), ensembled.stderr[-3000:]
 
 
 def test_a_failing_trial_is_retried_and_the_search_completes(ray_head, demo_shards, tmp_path):
