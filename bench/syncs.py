@@ -39,7 +39,13 @@ SYNC_OPS = {
     "aten.is_nonzero.default",
     "aten.equal.default",
     "aten._assert_async.default",
+    "aten.bincount.default",  # sizes its output from the data's maximum
+    "aten.histc.default",
 }
+#: Indexing ops that sync when an index is a boolean mask (it becomes ``nonzero`` inside).
+MASK_INDEXING = {"aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default"}
+#: Outputs that an op puts on the host even for device inputs (by position in the op's output tuple).
+HOST_OUTPUTS = {"aten._pack_padded_sequence.default": (1,)}  # batch_sizes always lives on the CPU
 #: Tensor methods that copy device data to the host without an aten op on the CPU.
 HOST_READS = ("tolist", "cpu", "numpy", "item", "__bool__", "__int__", "__float__", "__index__")
 
@@ -47,8 +53,9 @@ HOST_READS = ("tolist", "cpu", "numpy", "item", "__bool__", "__int__", "__float_
 class SyncCounter(TorchDispatchMode):
     """Context manager: ``with SyncCounter() as c: step()`` then ``c.total`` and ``c.by_op``."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: str | None = None) -> None:
         super().__init__()
+        self.trace = trace  # print the Python stack of the first sync whose name contains this
         self._marked: dict[int, weakref.ref] = {}  # id → weak reference (tensors compare elementwise)
         self.by_op: Counter[str] = Counter()
         self._saved: dict[str, Any] = {}
@@ -57,6 +64,13 @@ class SyncCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.by_op.values())
+
+    def _count(self, name: str) -> None:
+        if self.trace and self.trace in name and not self.by_op[name]:
+            import traceback
+
+            print(f"first {name}:\n" + "".join(traceback.format_stack(limit=12)[:-2]))
+        self.by_op[name] += 1
 
     def mark(self, *tensors: torch.Tensor) -> None:
         """Declare tensors as living on the device (e.g. parameters built before the counter started)."""
@@ -76,13 +90,22 @@ class SyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         flat, _ = tree_flatten((args, kwargs))
         on_device = any(self.is_marked(a) for a in flat)
-        if on_device and not self._inside and str(func) in SYNC_OPS:
-            self.by_op[str(func)] += 1
+        name = str(func)
+        if on_device and not self._inside:
+            if name in SYNC_OPS:
+                self._count(name)
+            elif name in MASK_INDEXING and _has_bool_index(args):
+                self._count(name + " (boolean mask)")
         out = func(*args, **kwargs)
         if on_device:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self._mark(t)
+            host = HOST_OUTPUTS.get(str(func), ())
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for i, item in enumerate(outs):
+                if i in host:
+                    continue
+                for t in tree_flatten(item)[0]:
+                    if isinstance(t, torch.Tensor):
+                        self._mark(t)
         return out
 
     # ------------------------------------------------------------------ patched Tensor / Module methods
@@ -97,7 +120,7 @@ class SyncCounter(TorchDispatchMode):
 
             def read(t, *a, **k):
                 if counter.is_marked(t) and not counter._inside:
-                    counter.by_op[f"Tensor.{name}"] += 1
+                    counter._count(f"Tensor.{name}")
                 counter._inside += 1
                 try:
                     return original(t, *a, **k)
@@ -137,6 +160,11 @@ class SyncCounter(TorchDispatchMode):
             for name, original in self._saved["tensor"].items():
                 setattr(torch.Tensor, name, original)
             torch.nn.Module.to = self._saved["module_to"]
+
+
+def _has_bool_index(args: tuple) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
 
 
 def _names_device(args: tuple, kwargs: dict) -> bool:

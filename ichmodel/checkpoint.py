@@ -3,7 +3,7 @@
 Layout (``docs/architecture.md``, "Checkpoints"): ``config`` (``Config.to_dict()``), ``model`` (state_dict),
 ``best_model`` (state_dict of the weights to export, or ``None``), ``optimizer``, ``scheduler`` (their
 state_dicts, or ``None``), and every field of the engine's training state at the top level, once:
-``stage``, ``epoch``, ``global_epoch``, ``stage_started``, ``best_val_loss``, ``best_f2``, ``thresholds``,
+``stage``, ``epoch``, ``global_epoch``, ``stage_started``, ``best_score``, ``best_f2``, ``thresholds``,
 ``nonfinite_steps``, ``finished``, ``history``.
 
 This module knows nothing of training: prediction and ensembling load models through :func:`load_model`

@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from ichmodel.augment import to_float
 from ichmodel.constants import NUM_CLASSES
-from ichmodel.shards import load_manifest, series_index
+from ichmodel.shards import MANIFEST_NAME, load_manifest, open_shard, read_shard_table, series_index
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class SeriesDataset(Dataset):
     unlabelled), ``series_id`` str, ``slice_ids`` list of T str.
 
     Args:
-        shard_dir: folder holding ``manifest.json`` and the shards.
+        shard_dir: folder or storage URI (``s3://...``, see :mod:`ichmodel.io`) holding ``manifest.json``
+            and the shards.
         series_ids: the series to serve, in this order (default: all, in manifest order).
         max_slices: if > 0, longer series are cut to a random contiguous window of this many slices, drawn
             from ``(seed, epoch, index)`` so every epoch (see :meth:`set_epoch`) and worker is reproducible.
@@ -58,7 +59,7 @@ class SeriesDataset(Dataset):
     ) -> None:
         if max_slices < 0:
             raise ValueError(f"max_slices must be >= 0. Got {max_slices}")
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = str(shard_dir)
         self.manifest = load_manifest(shard_dir)
         self.max_slices = max_slices
         self.seed = seed
@@ -69,7 +70,7 @@ class SeriesDataset(Dataset):
         missing = [s for s in series_ids if s not in self._index]
         if missing:
             raise KeyError(
-                f"Series not in {self.shard_dir / 'manifest.json'}: {missing[:5]} ({len(missing)} in all)"
+                f"Series not in {self.shard_dir}/{MANIFEST_NAME}: {missing[:5]} ({len(missing)} in all)"
             )
         self.series_ids: list[str] = list(series_ids)
         self._files: dict[str, pq.ParquetFile] = {}
@@ -87,7 +88,7 @@ class SeriesDataset(Dataset):
 
     def _file(self, name: str) -> pq.ParquetFile:
         if name not in self._files:
-            self._files[name] = pq.ParquetFile(self.shard_dir / name)
+            self._files[name] = open_shard(self.shard_dir, name)
         return self._files[name]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -174,7 +175,7 @@ def series_labels(dataset: SeriesDataset) -> list[np.ndarray]:
     for series_id in dataset.series_ids:
         file, row_group, _ = dataset._index[series_id]
         if file not in files:
-            files[file] = pq.ParquetFile(dataset.shard_dir / file)
+            files[file] = open_shard(dataset.shard_dir, file)
         table = files[file].read_row_group(row_group, columns=["labels"])
         labels = table.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         out.append(labels.reshape(-1, NUM_CLASSES).astype(np.int8))
@@ -240,7 +241,7 @@ def series_positive(shard_dir: str | Path) -> dict[str, bool]:
     manifest = load_manifest(shard_dir)
     positive: dict[str, bool] = {}
     for shard in manifest["shards"]:
-        table = pq.read_table(Path(shard_dir) / shard["file"], columns=["series_id", "labels"])
+        table = read_shard_table(shard_dir, shard["file"], ["series_id", "labels"])
         ids = table.column("series_id").to_numpy(zero_copy_only=False)
         labels = table.column("labels").combine_chunks().flatten().to_numpy().reshape(-1, NUM_CLASSES)
         any_label = labels.max(axis=1) > 0
@@ -279,3 +280,11 @@ def split_series(shard_dir: str | Path, val_fraction: float, seed: int) -> tuple
     train = [s for s in ids if s not in val_set]
     logger.info("Split %s: %d train / %d val series", shard_dir, len(train), len(val))
     return train, sorted(val)
+
+
+def class_prevalence(dataset: SeriesDataset) -> np.ndarray | None:
+    """Fraction of labelled slices positive for each class ``[5]``; ``None`` when no slice has labels."""
+    labels = series_labels(dataset)
+    stacked = np.concatenate(labels) if labels else np.zeros((0, NUM_CLASSES), np.int8)
+    known = stacked[(stacked >= 0).all(1)]
+    return (known > 0).mean(0) if len(known) else None

@@ -6,9 +6,14 @@ The stage plan follows the paper's section 3.3:
 2. pretraining, same weights, masking + diversity transfer;
 3. fine-tuning with the configured weights (``cfg.loss``; the paper uses all ones), masking + DT.
 
-Each stage starts a fresh AdamW, halves the learning rate when the validation loss has not improved for
-``lr_patience`` epochs (``ReduceLROnPlateau``), and ends when the learning rate falls below ``min_lr`` or
-at the stage's epoch cap; the next stage starts from the best (lowest validation loss) weights of the last.
+Each stage starts a fresh AdamW (warmed up linearly over its first ``train.warmup_epochs`` epochs in every
+stage after the first, whose new heads start random), halves the learning rate when the selection metric
+(``train.select_metric``: validation MC loss, micro-F2 or total loss) has not improved for ``lr_patience``
+epochs (``ReduceLROnPlateau``), and ends when the learning rate falls below ``min_lr`` or at the stage's
+epoch cap. One best checkpoint is kept over the whole run: a stage that does not beat the earlier stages'
+best keeps the earlier weights, and every stage starts from the best weights so far. (With "loss", whose
+meaning changes between stages, the best is compared within a stage only.) At each stage's start every
+enabled task's share of the backbone's gradient is logged and put in that epoch's metrics.
 
 Distributed data parallel is used when ``torch.distributed`` is initialised (as Ray Train does): every rank
 trains on its own slice of the series (``DistributedSampler``, padded so ranks take equal steps), validates
@@ -39,18 +44,20 @@ from torch import nn
 
 from ichmodel import metrics as M
 from ichmodel import predict
-from ichmodel.augment import augment_series, normalize, to_float
+from ichmodel.augment import augment_series, normalize, reverse_series, to_float
 from ichmodel.checkpoint import checkpoint_dict
 from ichmodel.config import Config
 from ichmodel.constants import CLASSES
 from ichmodel.dataset import (
     SeriesDataset,
+    class_prevalence,
     eval_batches,
     make_loader,
     prepare_images,
     series_labels,
     train_batches,
 )
+from ichmodel.diagnostics import format_shares, gradient_shares
 from ichmodel.losses import build_loss
 from ichmodel.model import ICHModel, build_model
 from ichmodel.predict import autocast
@@ -89,7 +96,9 @@ class TrainState:
     epoch: int = 0  # epochs finished in the current stage
     global_epoch: int = 0  # epochs finished over all stages
     stage_started: bool = False  # optimizer/scheduler of the current stage exist
-    best_val_loss: float = math.inf  # within the current stage
+    #: selection score of best_model (train.select_metric, higher is better: −loss or F2); over the whole
+    #: run, except with "loss", where it is reset at each stage's start
+    best_score: float = -math.inf
     best_f2: float = -1.0  # validation F2 of best_model
     thresholds: list[float] = field(default_factory=lambda: [0.5] * 5)  # tuned with best_model
     nonfinite_steps: int = 0  # skipped steps over the whole run
@@ -157,12 +166,23 @@ class StepContext:
     state: TrainState  # its nonfinite_steps counts skipped steps
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
+def make_optimizer(net: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel, whose ``found_inf`` input skips a step on the device (no host read)."""
+    return torch.optim.AdamW(
+        net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
+    )
+
+
+def _nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
+    """float ``[]`` on the loss's device: 1 when the loss is not finite on any rank (DDP), else 0.
+
+    Stays on the device: the optimizer skips the step through it and the counters add it up, so a step
+    never waits to learn whether it was finite.
+    """
+    flag = (~torch.isfinite(loss.detach())).float()
     if dist.is_available() and dist.is_initialized():
-        flag = flag.to(loss.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
 
 
 def _pool_on_device(ctx: StepContext) -> torch.Tensor | None:
@@ -179,7 +199,9 @@ def step_loss(
     """Augment, plan masking / diversity transfer, run the model and return the loss parts of one batch."""
     cfg, device = ctx.cfg, ctx.device
     images = normalize(augment_series(prepare_images(batch, device), cfg.augment, ctx.generator))
-    labels = batch["labels"].to(device)
+    images, labels = reverse_series(
+        images, batch["labels"].to(device), batch["lengths"], cfg.augment, ctx.generator
+    )
     transfer = mask = None
     if ctx.stage.strategies:
         plan = plan_strategies(
@@ -202,18 +224,91 @@ def step_loss(
     return ctx.loss_fn(outputs, labels, batch["valid"].to(device))
 
 
-def _skip_step(ctx: StepContext, parts: dict[str, torch.Tensor], step: int, consecutive: int) -> None:
-    """Drop a non-finite step; raise once ``cfg.train.max_nonfinite_steps`` came in a row."""
-    ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.state.nonfinite_steps += 1
-    name = ctx.stage.name
-    logger.warning("non-finite loss at stage %s step %d: step skipped (%d in a row)", name, step, consecutive)
-    if consecutive >= ctx.cfg.train.max_nonfinite_steps:
-        last = {k: float(v.detach()) for k, v in parts.items()}
-        raise FloatingPointError(
-            f"{consecutive} consecutive non-finite losses in stage {name!r} "
-            f"(last parts: {last}); lower train.lr or check the data"
+@dataclass
+class EpochCounters:
+    """Loss sums and skip counters of one epoch, kept on the device and read every ``log_every`` steps.
+
+    ``sums`` holds, per loss part, the sum over the finite steps; ``skipped`` the non-finite steps;
+    ``run`` the current run of consecutive non-finite steps and ``longest`` its maximum since the last read.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    sums: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None
+    run: torch.Tensor | None = None
+    longest: torch.Tensor | None = None
+    read_skipped: int = 0  # ``skipped`` at the last read
+
+    def add(self, parts: dict[str, torch.Tensor], bad: torch.Tensor) -> None:
+        if self.sums is None:
+            self.keys = list(parts)
+            self.sums = torch.zeros(len(self.keys), device=bad.device)
+            self.skipped, self.run, self.longest = (torch.zeros((), device=bad.device) for _ in range(3))
+        values = torch.stack([parts[k].detach().float() for k in self.keys])
+        self.sums += torch.where(bad > 0, torch.zeros_like(values), values)
+        self.skipped += bad
+        self.run = (self.run + 1) * bad
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def read(self) -> tuple[dict[str, float], int, int]:
+        """One device → host copy: ``(sums by part, skipped steps, longest non-finite run)``; resets the run max."""
+        if self.sums is None:
+            return {}, 0, 0
+        host = torch.cat([self.sums, torch.stack([self.skipped, self.longest])]).tolist()
+        self.longest = self.run.clone()
+        return dict(zip(self.keys, host[:-2], strict=True)), int(host[-2]), int(host[-1])
+
+
+def _check_nonfinite(ctx: StepContext, counters: EpochCounters, step: int) -> dict[str, float]:
+    """Read the counters; warn about steps skipped since the last read and stop after too many in a row.
+
+    Raises:
+        FloatingPointError: when ``cfg.train.max_nonfinite_steps`` consecutive steps were not finite.
+    """
+    sums, skipped, longest = counters.read()
+    new = skipped - counters.read_skipped
+    counters.read_skipped = skipped
+    if new:
+        ctx.state.nonfinite_steps += new
+        logger.warning(
+            "non-finite loss in %d of the steps up to step %d of stage %s: those steps were skipped",
+            new,
+            step,
+            ctx.stage.name,
         )
+    if longest >= ctx.cfg.train.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"{longest} consecutive non-finite losses in stage {ctx.stage.name!r} up to step {step}; "
+            "lower train.lr or check the data"
+        )
+    return sums
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """Step unless ``bad`` (float ``[]``) is 1: on the device for a fused optimizer, else by reading it."""
+    if not optimizer.defaults.get("fused"):
+        if not bool(bad):  # one device → host read per step: build the optimizer with make_optimizer
+            optimizer.step()
+        return
+    optimizer.found_inf = bad  # the fused step leaves the weights and its own state as they are when 1
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+def _report(
+    ctx: StepContext,
+    counters: EpochCounters,
+    step: int,
+    num_batches: int,
+    progress: Callable[[int, int, float], None] | None,
+) -> dict[str, float]:
+    """Read the counters (:func:`_check_nonfinite`) and call ``progress`` with the mean loss so far."""
+    sums = _check_nonfinite(ctx, counters, step)
+    if progress is not None:
+        progress(step, num_batches, sums.get("loss", 0.0) / max(step - counters.read_skipped, 1))
+    return sums
 
 
 def train_one_epoch(
@@ -223,38 +318,41 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss parts, slices/s and skipped (non-finite) steps.
 
-    ``progress(step, num_batches, loss)`` is called after every optimizer step.
+    A step reads nothing back from the device: a non-finite loss skips its optimizer step through the fused
+    AdamW's ``found_inf`` input, and the loss parts and skip counters add up on the device. They are read
+    every ``cfg.train.log_every`` steps and at the end: ``progress(step, num_batches, mean loss so far)`` is
+    called then, and so are the warning about skipped steps and the stop below.
 
     Raises:
-        FloatingPointError: after ``cfg.train.max_nonfinite_steps`` consecutive non-finite losses.
+        FloatingPointError: after ``cfg.train.max_nonfinite_steps`` consecutive non-finite losses (noticed at
+            the next read, so up to ``log_every`` steps later).
     """
     ctx.model.train()
     pool_images = _pool_on_device(ctx)
-    totals: dict[str, float] = {}
-    steps = skipped = consecutive = slices = 0
+    counters = EpochCounters()
+    slices = steps = 0
     start = time.perf_counter()
     num_batches = len(loader)  # type: ignore[arg-type]
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(loader, start=1):
         parts = step_loss(ctx, batch, pool_images)
-        loss = parts["loss"]
-        if not _all_finite(loss):
-            skipped += 1
-            consecutive += 1
-            _skip_step(ctx, parts, step, consecutive)
-            continue
-        consecutive = 0
+        bad = _nonfinite_flag(parts["loss"])
         ctx.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ctx.optimizer.step()
+        parts["loss"].backward()
+        optimizer_step(ctx.optimizer, bad)
+        counters.add(parts, bad)
         steps += 1
-        slices += int(batch["lengths"].sum())
-        for key, value in parts.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach())
-        if progress is not None:
-            progress(step + 1, num_batches, float(loss.detach()))
+        slices += int(batch["lengths"].sum())  # host tensor: no sync
+        if step % ctx.cfg.train.log_every == 0 and step < num_batches:
+            _report(ctx, counters, step, num_batches, progress)
+    sums = _report(ctx, counters, steps, num_batches, progress)
+    finite = steps - counters.read_skipped
     elapsed = time.perf_counter() - start
-    result = {f"train_{k}": v / max(steps, 1) for k, v in totals.items()}
-    result.update(train_steps=steps, train_skipped=skipped, train_slices_per_s=slices / max(elapsed, 1e-9))
+    result = {f"train_{k}": v / max(finite, 1) for k, v in sums.items()}
+    result.update(
+        train_steps=finite,
+        train_skipped=counters.read_skipped,
+        train_slices_per_s=slices / max(elapsed, 1e-9),
+    )
     return result
 
 
@@ -278,17 +376,20 @@ def evaluate(
     device: torch.device,
     threshold: float = 0.5,
     amp_bf16: bool = False,
+    prevalence: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Validation loss parts, micro-F2 at ``threshold`` and at thresholds tuned on these predictions.
 
     The forward is :func:`ichmodel.predict.eval_outputs` (bf16 autocast on CUDA only when ``amp_bf16``).
     Under DDP each rank evaluates its own series (:func:`ichmodel.dataset.eval_batches`: no series twice)
     and the results are gathered, so every rank returns the same numbers. ``probs`` / ``labels``
-    (``[N, 5]`` numpy, valid slices only) are in the result too.
+    (``[N, 5]`` numpy, valid slices only) are in the result too. Thresholds are searched with ties broken
+    to the middle and, for a class without a positive here, :func:`ichmodel.metrics.fallback_thresholds` of the training
+    ``prevalence`` (``[5]``); :func:`fit` warns once about classes with few positive series.
     """
     sums: dict[str, float] = {}
     weight = 0.0
-    probs, labels = [], []
+    probs, labels, groups = [], [], []
     for batch, outputs in predict.predict_batches(model, loader, device, amp_bf16):
         valid = batch["valid"].to(device)
         parts = loss_fn(outputs, batch["labels"].to(device), valid)
@@ -299,7 +400,9 @@ def evaluate(
         keep = valid.cpu()
         probs.append(torch.sigmoid(outputs["mc_logits"]).cpu()[keep].numpy())
         labels.append(batch["labels"][keep].numpy())
-    gathered = _gather((sums, weight, probs, labels))
+        groups.extend(sid for sid, n in zip(batch["series_ids"], keep.sum(1).tolist(), strict=True)
+                      for _ in range(n))  # fmt: skip
+    gathered = _gather((sums, weight, probs, labels, groups))
     total_weight = sum(g[1] for g in gathered)
     keys = {k: None for g in gathered for k in g[0]}  # ordered union: a rank may have had no series
     result: dict[str, Any] = {
@@ -307,13 +410,21 @@ def evaluate(
     }
     y_prob = np.concatenate([p for g in gathered for p in g[2]]) if total_weight else np.zeros((0, 5))
     y_true = np.concatenate([p for g in gathered for p in g[3]]) if total_weight else np.zeros((0, 5))
-    result.update(_score(y_prob, (y_true > 0.5).astype(np.int8), threshold))
+    series = np.asarray([s for g in gathered for s in g[4]])
+    result.update(_score(y_prob, (y_true > 0.5).astype(np.int8), threshold, prevalence, series))
     return result
 
 
-def _score(y_prob: np.ndarray, y_true: np.ndarray, threshold: float) -> dict[str, Any]:
+def _score(
+    y_prob: np.ndarray,
+    y_true: np.ndarray,
+    threshold: float,
+    prevalence: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> dict[str, Any]:
     """F2 at ``threshold`` and at per-class thresholds tuned on these predictions."""
-    thresholds = M.search_thresholds(y_true, y_prob)
+    fallback = None if prevalence is None else M.fallback_thresholds(prevalence, y_prob)
+    thresholds = M.search_thresholds(y_true, y_prob, fallback=fallback, min_positives=0, groups=groups)
     tuned = y_prob >= np.asarray(thresholds)
     result: dict[str, Any] = {
         "val_f2_at_threshold": M.f2_score(y_true, y_prob >= threshold),
@@ -344,11 +455,16 @@ class RunContext:
     pool: TransferPoolImages | None
     state: TrainState
     best_model: dict[str, torch.Tensor] | None
+    prevalence: np.ndarray | None = None  # training share of each class: thresholds where validation has none
 
 
 def state_from_checkpoint(ckpt: dict[str, Any]) -> TrainState:
-    """The training state stored at the top level of a checkpoint (``ichmodel.checkpoint``)."""
-    return TrainState(**{f.name: ckpt[f.name] for f in fields(TrainState)})
+    """The training state stored at the top level of a checkpoint (``ichmodel.checkpoint``).
+
+    A field the checkpoint lacks (one written before the field existed) takes its default.
+    """
+    defaults = TrainState()
+    return TrainState(**{f.name: ckpt.get(f.name, getattr(defaults, f.name)) for f in fields(TrainState)})
 
 
 def resume_state(net: nn.Module, resume: dict[str, Any] | None) -> tuple[TrainState, dict | None]:
@@ -371,40 +487,134 @@ def resume_state(net: nn.Module, resume: dict[str, Any] | None) -> tuple[TrainSt
     return state, resume["best_model"]
 
 
-def start_stage(run: RunContext, resume: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, Any]:
+def init_class_bias(net: ICHModel, prevalence: np.ndarray) -> None:
+    """Set ``cls``'s bias to the log-odds of ``prevalence`` (``train.init_cls_bias``).
+
+    With a zero bias every class starts at probability 0.5, and ASL spends the first epochs pushing the
+    many negatives down before any class is told apart (see ``TrainConfig.init_cls_bias``).
+    """
+    p = np.clip(np.asarray(prevalence, dtype=np.float64), 1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        net.cls.bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=net.cls.bias.dtype))
+
+
+def warn_scarce_classes(val_set: SeriesDataset, min_positives: int = 3) -> dict[str, int]:
+    """Log once per run the classes with fewer than ``min_positives`` positive validation series."""
+    labels = series_labels(val_set)
+    if not labels:
+        return {}
+    per_series = np.stack([(lab > 0).any(0) for lab in labels]).astype(np.int8)  # [S, 5]
+    scarce = M.scarce_classes(per_series, min_positives)
+    for name, count in scarce.items():
+        logger.warning(
+            "class %s has %d positive series in validation (< %d): its tuned threshold and F2 %s",
+            name,
+            count,
+            min_positives,
+            "use the training-prevalence fallback" if count == 0 else "rest on little evidence",
+        )
+    return scarce
+
+
+def selection_score(metric: str, val: dict[str, Any]) -> float:
+    """The validation score ``train.select_metric`` ranks epochs by, higher is better (−loss or F2)."""
+    if metric == "f2":
+        return float(val["val_f2"])
+    return -float(val["val_mc" if metric == "mc_loss" else "val_loss"])
+
+
+def steps_per_epoch(run: RunContext) -> int:
+    """Optimizer steps of one epoch on this rank (every rank takes the same number)."""
+    cfg = run.cfg
+    return len(train_batches(len(run.train_set), cfg.data.batch_size, cfg.train.seed, 0, run.rank, run.world))
+
+
+def add_warmup(optimizer: torch.optim.Optimizer, lr: float, total: int, done: int = 0) -> Any:
+    """Raise the learning rate linearly to ``lr`` over the first ``total`` steps (``done`` already taken).
+
+    Step ``k`` (0-based) runs at ``lr · (k + 1) / total``; from step ``total`` on the hook leaves the rate
+    to the scheduler. Returns the hook's handle (``.remove()``).
+    """
+    taken = [done]
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if taken[0] < total:
+            for group in opt.param_groups:
+                group["lr"] = lr * (taken[0] + 1) / total
+        taken[0] += 1
+
+    return optimizer.register_step_pre_hook(hook)
+
+
+def start_stage(run: RunContext, resume: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, Any, int]:
     """A fresh AdamW + ``ReduceLROnPlateau`` for the current stage, or theirs from ``resume`` mid-stage.
 
-    A stage that starts afresh begins from the best weights of the last and forgets its best loss.
+    A stage that starts afresh begins from the best weights so far (with ``select_metric`` "loss" it also
+    forgets the best score: totals of different stages do not compare). Returns the optimizer, the
+    scheduler (mode "max" on :func:`selection_score`) and the stage's warm-up epochs (0 for the first
+    stage run, which hands over from nothing).
     """
     cfg, state = run.cfg, run.state
-    optimizer = torch.optim.AdamW(run.net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(run.net, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
+        optimizer, mode="max", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
     )
+    handed_over = state.global_epoch - state.epoch > 0  # an earlier stage trained these weights
+    warmup = cfg.train.warmup_epochs if handed_over else 0
     if state.stage_started and resume is not None and resume.get("optimizer"):
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
     else:
-        if run.best_model is not None:  # next stage starts from the best weights of the last
+        if run.best_model is not None:  # the next stage starts from the best weights so far
             run.net.load_state_dict(run.best_model)
         state.stage_started = True
-        state.best_val_loss = math.inf
-    return optimizer, scheduler
+        if cfg.train.select_metric == "loss":
+            state.best_score = -math.inf
+    if state.epoch < warmup:
+        per_epoch = steps_per_epoch(run)
+        add_warmup(optimizer, cfg.train.lr, warmup * per_epoch, state.epoch * per_epoch)
+    return optimizer, scheduler, warmup
 
 
-def keep_if_best(run: RunContext, val: dict[str, Any]) -> None:
-    """Remember the weights, F2 and thresholds of the lowest validation loss of the stage."""
+def keep_if_best(run: RunContext, val: dict[str, Any]) -> bool:
+    """Keep the weights, F2 and thresholds when this epoch beats the best selection score; True if kept."""
     state = run.state
-    if val["val_loss"] < state.best_val_loss:
-        state.best_val_loss = float(val["val_loss"])
+    score = selection_score(run.cfg.train.select_metric, val)
+    if score > state.best_score:
+        state.best_score = score
         run.best_model = {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
         state.best_f2 = float(val["val_f2"])
         state.thresholds = val["thresholds"]
+        return True
+    return False
 
 
 def stage_done(cfg: Config, stage: Stage, state: TrainState, lr: float) -> bool:
     """A stage ends when the learning rate fell below ``min_lr`` or at its epoch cap."""
     return lr < cfg.train.min_lr or state.epoch >= stage.max_epochs
+
+
+def stage_grad_shares(run: RunContext, loss_fn: nn.Module) -> dict[str, float]:
+    """Each enabled task's share of ``layer4``'s gradient norm on this stage's first training batch.
+
+    Logged and returned as ``{"grad_share_<task>": share}`` (:func:`ichmodel.diagnostics.gradient_shares`,
+    without augmentation or strategies; under DDP each rank measures its own first batch).
+    """
+    cfg, state = run.cfg, run.state
+    batches = train_batches(
+        len(run.train_set), cfg.data.batch_size, cfg.train.seed, state.global_epoch, run.rank, run.world
+    )
+    run.train_set.set_epoch(state.global_epoch)
+    batch = next(iter(make_loader(run.train_set, [next(iter(batches))], 0)))
+    on_device = {
+        "images": normalize(prepare_images(batch, run.device)),
+        "lengths": batch["lengths"],
+        "labels": batch["labels"].to(run.device),
+        "valid": batch["valid"].to(run.device),
+    }
+    result = gradient_shares(run.net, loss_fn, on_device)
+    logger.info("gradient shares on layer4 at the stage's start: %s", format_shares(result))
+    return {f"grad_share_{task}": share for task, share in result["share"].items()}
 
 
 def epoch_metrics(
@@ -421,19 +631,23 @@ def epoch_metrics(
         epoch_s=seconds,
         nonfinite_steps=state.nonfinite_steps,
         model_f2=state.best_f2,  # validation F2 of the weights this checkpoint exports
+        model_score=state.best_score,  # their selection score (train.select_metric, higher is better)
     )
     return metrics
 
 
 def _log_epoch(stage: Stage, metrics: dict[str, Any]) -> None:
     logger.info(
-        "stage %s epoch %d (global %d): train loss %.4f, val loss %.4f, val F2 %.4f, lr %.2e, %.1f slices/s",
+        "stage %s epoch %d (global %d): train loss %.4f, val loss %.4f (MC %.4f), val F2 %.4f, "
+        "model F2 %.4f, lr %.2e, %.1f slices/s",
         stage.name,
         metrics["stage_epoch"],
         metrics["global_epoch"],
         metrics.get("train_loss", float("nan")),
         metrics["val_loss"],
+        metrics.get("val_mc", float("nan")),
         metrics["val_f2"],
+        metrics["model_f2"],
         metrics["lr"],
         metrics["train_slices_per_s"],
     )
@@ -461,6 +675,7 @@ def run_epoch(
         run.device,
         cfg.train.threshold,
         cfg.train.amp_bf16,
+        run.prevalence,
     )
     return {"train": train, "val": val}
 
@@ -475,31 +690,37 @@ def run_stage(
     """Epochs of the current stage until it ends; then the state points at the next stage."""
     cfg, state = run.cfg, run.state
     stage = plan[state.stage]
-    optimizer, scheduler = start_stage(run, resume)
+    fresh = not state.stage_started
+    optimizer, scheduler, warmup = start_stage(run, resume)
     loss_fn = build_loss(cfg.loss, weights_override=stage.weights)
     ctx = StepContext(
         run.model, loss_fn, optimizer, run.device, cfg, stage, run.pool, torch.Generator(), state
     )
     logger.info(
-        "stage %d/%d %s: weights %s, strategies %s",
+        "stage %d/%d %s: weights %s, strategies %s, lr warm-up %d epoch(s)",
         stage.index + 1,
         len(plan),
         stage.name,
         stage.weights,
         stage.strategies,
+        warmup,
     )
+    shares = stage_grad_shares(run, loss_fn) if fresh else {}
     done = False
     while not done:
         started = time.perf_counter()
         result = run_epoch(run, ctx, progress)
-        scheduler.step(result["val"]["val_loss"])
         state.epoch += 1
         state.global_epoch += 1
+        if state.epoch > warmup:  # the plateau counts from the end of the warm-up
+            scheduler.step(selection_score(cfg.train.select_metric, result["val"]))
         keep_if_best(run, result["val"])
         lr = optimizer.param_groups[0]["lr"]
         done = stage_done(cfg, stage, state, lr)
         seconds = time.perf_counter() - started
         metrics = epoch_metrics(result["val"], result["train"], stage, state, lr, seconds)
+        metrics.update(shares)
+        shares = {}
         if done:
             _next_stage(state, plan)
         if state.finished:
@@ -529,7 +750,7 @@ def fit(
     on_epoch_end: Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[ICHModel, TrainState]:
-    """Run (or continue) the three stages; returns the final model (best weights of the last stage).
+    """Run (or continue) the three stages; returns the model with the exported (best) weights.
 
     ``on_epoch_end(metrics, make_checkpoint)`` is called after every epoch on every rank; calling
     ``make_checkpoint()`` builds the checkpoint dict (the caller decides where, and on which rank, to
@@ -540,6 +761,9 @@ def fit(
     world = dist.get_world_size() if distributed else 1
     torch.manual_seed(cfg.train.seed)
     net = build_model(cfg.model).to(device)
+    prevalence = class_prevalence(train_set)
+    if prevalence is not None and cfg.train.init_cls_bias and resume is None:
+        init_class_bias(net, prevalence)
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     state, best_model = resume_state(net, resume)
@@ -551,7 +775,11 @@ def fit(
     pool = None
     if not state.finished and any(s.strategies and s.max_epochs > 0 for s in plan[state.stage :]):
         pool = build_pool_images(train_set, cfg.strategy.pool_size, cfg.train.seed)
-    run = RunContext(cfg, net, model, device, train_set, val_set, rank, world, pool, state, best_model)
+    run = RunContext(
+        cfg, net, model, device, train_set, val_set, rank, world, pool, state, best_model, prevalence
+    )
+    if not state.finished and rank == 0:
+        warn_scarce_classes(val_set)
     while not state.finished and state.stage < len(plan):
         if plan[state.stage].max_epochs == 0:
             _next_stage(state, plan)

@@ -106,12 +106,14 @@ def balanced_count_weights(
     ``w_c = n / (K · n_c)`` over the ``K`` classes present (sklearn's "balanced"), capped at
     :data:`MAX_BALANCED_WEIGHT` so that one rare row in a small batch cannot dominate; absent classes get 0.
     """
-    rows = count.reshape(-1)
+    rows = count.reshape(-1).clamp(0, num_classes - 1)
+    w = torch.ones(rows.shape, device=count.device, dtype=torch.float32)
     if weight_mask is not None:
-        rows = rows[weight_mask.to(device=count.device, dtype=torch.bool).expand_as(count).reshape(-1)]
-    n_c = torch.bincount(rows, minlength=num_classes)[:num_classes].to(torch.float32)
+        w = weight_mask.to(device=count.device, dtype=torch.float32).expand_as(count).reshape(-1)
+    # Counted with scatter_add, not bincount or boolean indexing: on a GPU those read the data back.
+    n_c = torch.zeros(num_classes, device=count.device).scatter_add_(0, rows, w)
     present = (n_c > 0).sum().clamp_min(1)
-    weights = rows.numel() / (present * n_c.clamp_min(1.0))
+    weights = w.sum() / (present * n_c.clamp_min(1.0))
     return torch.where(n_c > 0, weights.clamp(max=MAX_BALANCED_WEIGHT), torch.zeros_like(weights))
 
 
@@ -195,13 +197,14 @@ def soft_f2_loss(
         w = weight_mask.to(device=p.device, dtype=p.dtype).unsqueeze(-1).expand_as(p)
         p = torch.where(w > 0, p * w, p.new_zeros(()))
         y = y * w
-        if not bool(w.any()):
-            return p.sum() * 0.0
     b2 = beta * beta
     tp = (p * y).sum()
     fp = (p * (1.0 - y)).sum()
     fn = ((1.0 - p) * y).sum()
-    return 1.0 - (1.0 + b2) * tp / ((1.0 + b2) * tp + b2 * fn + fp + _EPS)
+    loss = 1.0 - (1.0 + b2) * tp / ((1.0 + b2) * tp + b2 * fn + fp + _EPS)
+    if weight_mask is None:
+        return loss
+    return torch.where(w.any(), loss, p.sum() * 0.0)  # no row: 0 (decided on the device, no host read)
 
 
 def info_nce_loss(

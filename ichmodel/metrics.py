@@ -217,3 +217,19 @@ def rsna_weighted_log_loss(
     w = np.ones(y.shape[1])
     w[-1] = any_weight
     return float((w * bce).sum() / w.sum())
+
+
+def fallback_thresholds(prevalence: np.ndarray, y_prob: np.ndarray | None = None) -> np.ndarray:
+    """Thresholds for classes without a validation positive, from their training ``prevalence`` ``[5]``.
+
+    With validation probabilities ``y_prob`` ``[N, 5]``: the class's ``1 − prevalence`` quantile, so the class
+    is predicted on about the share of slices it has in training (the authors' per-class quantile
+    thresholds). A fixed threshold at the prevalence instead marked every slice positive wherever the
+    model's probabilities for an unlearned class sat above it (EDH in the ablation). Without ``y_prob``: the
+    prevalence itself. Clipped to [0.02, 0.98]. (0.5, the old fallback, left such a class never predicted.)
+    """
+    prevalence = np.asarray(prevalence, dtype=np.float64)
+    if y_prob is None or len(y_prob) == 0:
+        return np.clip(prevalence, 0.02, 0.98)
+    q = [np.quantile(y_prob[:, c], 1.0 - prevalence[c]) for c in range(len(prevalence))]
+    return np.clip(np.asarray(q, dtype=np.float64), 0.02, 0.98)

@@ -254,11 +254,19 @@ class ICHModel(nn.Module):
             g_rnn = g_rnn * (~mask).unsqueeze(-1).to(g.dtype)
         g_rnn = self.dropout(g_rnn)
 
-        packed = pack_padded_sequence(g_rnn, lengths, batch_first=True, enforce_sorted=False)
+        # Sorted by length on the host and packed as sorted: with enforce_sorted=False, torch sorts on the host
+        # too but then reads the device-side inverse permutation back (a sync) when it unpacks.
+        order = torch.argsort(lengths, descending=True, stable=True)  # [B] host
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B)
+        to_device = {"device": g.device, "non_blocking": True}
+        sorted_g = g_rnn.index_select(0, order.to(**to_device))
+        packed = pack_padded_sequence(sorted_g, lengths[order], batch_first=True, enforce_sorted=True)
         h, _ = self.rnn(packed)
         h, _ = pad_packed_sequence(
             h, batch_first=True, total_length=T
         )  # [B, T, 2 * rnn_hidden], 0 at padding
+        h = h.index_select(0, inverse.to(**to_device))
         context = h[..., : self.cfg.rnn_hidden]  # [B, T, rnn_hidden] forward direction: saw g_1..g_t only
 
         return {

@@ -6,6 +6,9 @@ Ranges:
 - p1, p2 in [0, 0.4] around the paper's 0.15; ε in [0, 1] around its 0.5.
 - γ+ in [0, 4] and γ− in [0, 6]: covers both the paper's text (γ+ = 4, γ− = 1) and the ASL defaults the
   authors' code ran (γ+ = 1, γ− = 4).
+- the common scale of LP, DC and CPC (``loss.aux_scale``, log-uniform in [0.05, 1]) and the authors' extra
+  soft-F2 term (``loss.soft_f2`` in [0, 1], off by default): issue 12's loss balance;
+- the learning-rate warm-up at each stage hand-over (``train.warmup_epochs`` 0-2).
 """
 
 from __future__ import annotations
@@ -25,4 +28,7 @@ def space(trial: Any) -> dict[str, Any]:
         "strategy.epsilon": trial.suggest_float("strategy.epsilon", 0.0, 1.0),
         "loss.gamma_pos": trial.suggest_float("loss.gamma_pos", 0.0, 4.0),
         "loss.gamma_neg": trial.suggest_float("loss.gamma_neg", 0.0, 6.0),
+        "loss.aux_scale": trial.suggest_float("loss.aux_scale", 0.05, 1.0, log=True),
+        "loss.soft_f2": trial.suggest_float("loss.soft_f2", 0.0, 1.0),
+        "train.warmup_epochs": trial.suggest_int("train.warmup_epochs", 0, 2),
     }

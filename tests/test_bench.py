@@ -104,3 +104,16 @@ def test_train_step_bench_reports_every_step_and_its_ratios():
     )
     assert result["flop_ratio"] > 1  # the pair images are extra backbone work
     assert "goal ≤ 1.15×" in out
+
+
+def test_ablation_smoke_reports_held_out_f2_of_each_variant():
+    variants = ["per_slice", "mc_only", "default"]
+    result, out = run_bench(["bench/ablation.py", "--smoke", "--only", *variants])
+    assert {"default_test_f2", "mc_only_test_f2", "per_slice_test_f2", "variants", "per_class"} <= set(result)
+    assert set(result["variants"]) == set(variants)
+    for name in variants:
+        assert 0.0 <= result[f"{name}_test_f2"] <= 1.0
+        assert result["variants"][name] == result[f"{name}_test_f2"]
+        assert all(0.0 <= f2 <= 1.0 for f2 in result["per_class"][name].values())
+    assert sum(result["series"].values()) == 12 and min(result["series"].values()) >= 1
+    assert "| per_slice |" in out and "held-out micro-F2" in out

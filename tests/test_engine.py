@@ -1,4 +1,5 @@
-"""The training engine without Ray: stage plan, learning-rate schedule, stage hand-over, resume, NaN steps."""
+"""The training engine without Ray: stage plan, learning-rate schedule and warm-up, stage hand-over, selection of
+the best weights across stages, gradient shares, thresholds, resume, NaN steps."""
 
 from __future__ import annotations
 
@@ -6,22 +7,26 @@ import logging
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from ichmodel import predict
+from ichmodel import engine, predict
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, split_series
+from ichmodel.dataset import SeriesDataset, class_prevalence, eval_batches, make_loader, split_series
 from ichmodel.engine import (
     PRETRAIN_WEIGHTS,
     StepContext,
     TrainState,
+    add_warmup,
     evaluate,
     fit,
     stage_plan,
+    state_from_checkpoint,
     train_one_epoch,
 )
 from ichmodel.losses import build_loss
+from ichmodel.metrics import fallback_thresholds
 from ichmodel.model import build_model
 
 CPU = torch.device("cpu")
@@ -121,8 +126,8 @@ def test_next_stage_starts_from_the_best_weights_of_the_last(data):
     model.load_state_dict(start_of_stage1["best_model"])
     for key, value in best_of_stage0.items():
         torch.testing.assert_close(model.state_dict()[key], value)
-    best_losses = [m["val_loss"] for m, _ in checkpoints if m["stage"] == 0]
-    assert start_of_stage1["best_val_loss"] == pytest.approx(min(best_losses))
+    best_f2 = [m["val_f2"] for m, _ in checkpoints if m["stage"] == 0]  # train.select_metric = "f2"
+    assert start_of_stage1["best_score"] == pytest.approx(max(best_f2))
 
 
 def test_non_finite_losses_are_skipped_counted_and_end_the_run_when_too_many(data):
@@ -145,7 +150,8 @@ def test_non_finite_losses_are_skipped_counted_and_end_the_run_when_too_many(dat
         torch.testing.assert_close(value.detach(), before[key], equal_nan=True)
 
     strict = StepContext(
-        model, loss_fn, optimizer, CPU, cfg.with_overrides({"train.max_nonfinite_steps": 2}), stage, None,
+        model, loss_fn, optimizer, CPU,
+        cfg.with_overrides({"train.max_nonfinite_steps": 2, "train.log_every": 1}), stage, None,
         torch.Generator().manual_seed(0), TrainState(),
     )  # fmt: skip
     with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
@@ -182,3 +188,149 @@ def test_validation_autocasts_only_when_train_amp_bf16_is_set(data, monkeypatch)
         one_epoch = cfg.with_overrides({"train.amp_bf16": amp, "train.max_epochs": [1, 0, 0]})
         fit(one_epoch, train_set, val_set, CPU)
         assert asked and set(asked) == {amp}
+
+
+def scripted_validation(monkeypatch, key: str, values: list[float]) -> None:
+    """Make epoch i's validation report ``values[i]`` as ``key`` (the rest is the real evaluation)."""
+    real, it = engine.evaluate, iter(values)
+
+    def scripted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result[key] = next(it)
+        return result
+
+    monkeypatch.setattr(engine, "evaluate", scripted)
+
+
+def keep_weights(saved: list):
+    """An ``on_epoch_end`` that keeps each epoch's metrics, last and best weights (copied: the checkpoint's
+    last weights are the live tensors, which the end of ``fit`` overwrites with the best)."""
+
+    def keep(metrics, make_checkpoint):
+        ckpt = make_checkpoint()
+        last = {k: v.clone() for k, v in ckpt["model"].items()}
+        saved.append((metrics, {**ckpt, "model": last}))
+
+    return keep
+
+
+@pytest.mark.parametrize("metric", ["mc_loss", "f2"])
+def test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights(data, monkeypatch, metric):
+    """Before: only the last stage's best was exported, even when an earlier stage's was better."""
+    cfg, train_set, val_set = data
+    cfg = cfg.with_overrides({"train.select_metric": metric, "train.max_epochs": [1, 0, 1]})
+    key, values = ("val_mc", [0.5, 0.9]) if metric == "mc_loss" else ("val_f2", [0.6, 0.2])
+    scripted_validation(monkeypatch, key, values)  # stage 0 is best, stage 2 is worse
+    saved = []
+    model, state = fit(cfg, train_set, val_set, CPU, on_epoch_end=keep_weights(saved))
+    first_best = saved[0][1]["best_model"]
+    for _, ckpt in saved[1:]:  # later stages trained (their last weights moved) but kept stage 0's best
+        assert not torch.equal(ckpt["model"]["cls.weight"], first_best["cls.weight"])
+        for key_, value in first_best.items():
+            torch.testing.assert_close(ckpt["best_model"][key_], value)
+    for key_, value in first_best.items():  # the exported model is stage 0's
+        torch.testing.assert_close(model.state_dict()[key_], value)
+    assert [m["model_f2"] for m, _ in saved] == [saved[0][0]["val_f2"]] * 2 == [state.best_f2] * 2
+
+
+def test_select_metric_loss_compares_within_a_stage_only(data, monkeypatch):
+    """Total losses of different stages do not compare: with "loss" the last stage's best is exported."""
+    cfg, train_set, val_set = data
+    cfg = cfg.with_overrides({"train.select_metric": "loss", "train.max_epochs": [1, 0, 1]})
+    scripted_validation(monkeypatch, "val_loss", [0.5, 0.9])
+    saved = []
+    model, _ = fit(cfg, train_set, val_set, CPU, on_epoch_end=keep_weights(saved))
+    assert [ckpt["best_score"] for _, ckpt in saved] == pytest.approx([-0.5, -0.9])
+    for key, value in saved[-1][1]["model"].items():  # stage 2's only epoch is its best
+        torch.testing.assert_close(model.state_dict()[key], value)
+
+
+def test_warmup_raises_the_lr_linearly_then_leaves_it_alone():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weight], lr=0.3)
+    seen = []
+    optimizer.register_step_post_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    add_warmup(optimizer, lr=0.3, total=3, done=1)  # resumed after one warm-up step
+    for _ in range(3):
+        optimizer.step()
+        if len(seen) == 2:
+            optimizer.param_groups[0]["lr"] = 0.1  # e.g. ReduceLROnPlateau: the hook must not undo it
+    assert seen == pytest.approx([0.2, 0.3, 0.1])
+
+
+def test_stages_after_the_first_warm_up_and_every_stage_logs_its_gradient_shares(data, monkeypatch, caplog):
+    cfg, train_set, val_set = data
+    cfg = cfg.with_overrides({"train.max_epochs": [2, 0, 1], "train.warmup_epochs": 1, "train.lr": 1e-3})
+    lrs: list[tuple[int, float]] = []
+    real = engine.train_one_epoch
+
+    def recording(ctx, loader, progress=None):
+        handle = ctx.optimizer.register_step_post_hook(
+            lambda opt, *_: lrs.append((ctx.stage.index, opt.param_groups[0]["lr"]))
+        )
+        try:
+            return real(ctx, loader, progress)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(engine, "train_one_epoch", recording)
+    history = []
+    with caplog.at_level(logging.WARNING):
+        fit(cfg, train_set, val_set, CPU, on_epoch_end=lambda m, _: history.append(m))
+    scarce = [r.message for r in caplog.records if "positive series in validation" in r.message]
+    assert scarce and len(scarce) == len(set(scarce))  # once per class per run, not at every epoch
+    assert not [r for r in caplog.records if r.name == "ichmodel.metrics"]
+    steps = math.ceil(len(train_set) / cfg.data.batch_size)
+    assert [lr for stage, lr in lrs if stage == 0] == pytest.approx([1e-3] * 2 * steps)  # nothing handed over
+    assert [lr for stage, lr in lrs if stage == 2] == pytest.approx(
+        [1e-3 * k / steps for k in range(1, steps + 1)]
+    )
+    assert history[-1]["lr"] == pytest.approx(1e-3)
+
+    shares = [
+        {k[len("grad_share_") :]: v for k, v in m.items() if k.startswith("grad_share_")} for m in history
+    ]
+    assert set(shares[0]) == {"mc", "ac"} and shares[1] == {}  # at each stage's start only
+    assert set(shares[2]) == {"mc", "ac", "lp", "dc", "cpc"}
+    for first in (shares[0], shares[2]):
+        assert sum(first.values()) == pytest.approx(1.0, abs=1e-6)
+        assert all(0.0 <= v <= 1.0 for v in first.values())
+
+
+def test_thresholds_fall_back_to_training_prevalence(data):
+    cfg, train_set, val_set = data
+    prevalence = class_prevalence(train_set)
+    assert prevalence.shape == (5,) and np.all((prevalence >= 0) & (prevalence <= 1))
+    np.testing.assert_allclose(fallback_thresholds(prevalence), np.clip(prevalence, 0.02, 0.98))
+    model = build_model(cfg.model)
+    result = evaluate(model, build_loss(cfg.loss), make_loader(val_set, eval_batches(len(val_set), 2), 0), CPU,
+                      prevalence=np.full(5, 0.3))  # fmt: skip
+    absent = ~(result["labels"] > 0).any(0)
+    assert absent.any()  # the demo's validation split lacks some classes
+    # Such a class is predicted on about the training share (30 %) of the validation slices, not on all.
+    for c in np.flatnonzero(absent):
+        share = (result["probs"][:, c] >= result["thresholds"][c]).mean()
+        assert 0.15 <= share <= 0.45, (c, share)
+
+
+def test_cls_bias_starts_at_the_log_odds_of_the_training_prevalence(data):
+    cfg, train_set, val_set = data
+    with_prior = {"train.max_epochs": [0, 0, 0], "train.init_cls_bias": True}
+    model, _ = fit(cfg.with_overrides(with_prior), train_set, val_set, CPU)
+    p = np.clip(class_prevalence(train_set), 1e-3, 1 - 1e-3)
+    np.testing.assert_allclose(model.cls.bias.detach().numpy(), np.log(p / (1 - p)), rtol=1e-5)
+    plain, _ = fit(
+        cfg.with_overrides({"train.max_epochs": [0, 0, 0], "train.init_cls_bias": False}),
+        train_set,
+        val_set,
+        CPU,
+    )
+    assert not np.allclose(plain.cls.bias.detach().numpy(), np.log(p / (1 - p)))
+
+
+def test_a_checkpoint_from_before_a_state_field_existed_resumes_with_its_default():
+    old = {**TrainState(stage=1, best_f2=0.3).__dict__}
+    del old["best_score"]
+    old["best_val_loss"] = 0.2  # the field best_score replaced
+    state = state_from_checkpoint(old)
+    assert state.stage == 1 and state.best_f2 == 0.3 and state.best_score == -math.inf
