@@ -4,6 +4,10 @@ Every slice of a series gets the *same* random transform (flip, rotation, multis
 contrast), so the sequence stays anatomically consistent; different series get different draws
 (paper section 3.1 applies varying augmentations per image; we keep them per series because the bi-GRU
 reads neighbouring slices together, which is what the authors' data loader did per patient).
+
+:func:`reverse_series` optionally reverses a series' slice order, images and labels together
+(``AugmentConfig.reverse_prob``, off by default): only a model trained so may be given reversed series at
+test time (``ichmodel.predict``'s ``"reverse"`` TTA checks it).
 """
 
 from __future__ import annotations
@@ -75,3 +79,62 @@ def augment_series(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Ge
     mean = out.mean(dim=(2, 3, 4), keepdim=True)
     out = (out - mean) * contrast + mean + brightness
     return out.clamp_(0.0, 1.0)
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse the valid part of every sequence of a padded batch; padding stays where it is.
+
+    Args:
+        x: ``[B, T, ...]``.
+        lengths: ``[B]`` valid lengths, each in ``[0, T]``.
+
+    Returns:
+        ``[B, T, ...]`` with ``out[b, t] = x[b, lengths[b] - 1 - t]`` for ``t < lengths[b]``, else ``x[b, t]``.
+        Applying it twice gives ``x`` back.
+
+    Raises:
+        ValueError: when ``lengths`` is not ``[B]`` or a length is outside ``[0, T]``.
+    """
+    B, T = x.shape[:2]  # batch, slices
+    lengths = lengths.to(device=x.device, dtype=torch.long)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be [B]={B}. Got shape {tuple(lengths.shape)}")
+    if bool((lengths < 0).any()) or bool((lengths > T).any()):
+        raise ValueError(f"lengths must be in [0, {T}]. Got {lengths.tolist()}")
+    t = torch.arange(T, device=x.device)[None, :]  # [1, T]
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
+    index = index.view(B, T, *([1] * (x.dim() - 2))).expand_as(x)
+    return torch.gather(x, 1, index)
+
+
+def reverse_series(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lengths: torch.Tensor,
+    cfg: AugmentConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse the slice order of each series with probability ``cfg.reverse_prob`` (images and labels).
+
+    Args:
+        images: ``[B, T, C, H, W]``, padded.
+        labels: ``[B, T, 5]``, padded like ``images``.
+        lengths: ``[B]`` valid slices per series; padding stays at the end.
+        cfg: the augmentation config; nothing is drawn (the generator is untouched) when augmentation is
+            off or ``reverse_prob`` is 0, so runs without reversal keep their random stream.
+        generator: a CPU generator; one draw per series.
+
+    Returns:
+        ``(images, labels)``, the chosen series reversed along ``T``.
+    """
+    if not cfg.enabled or cfg.reverse_prob <= 0.0:
+        return images, labels
+    B = images.shape[0]
+    chosen = torch.rand(B, generator=generator) < cfg.reverse_prob  # [B] on the host
+    if not bool(chosen.any()):
+        return images, labels
+    lengths = lengths.to(torch.long)
+    reversed_lengths = torch.where(chosen, lengths, torch.zeros_like(lengths))  # length 0: left as is
+    return reverse_padded(images, reversed_lengths), reverse_padded(
+        labels, reversed_lengths.to(labels.device)
+    )

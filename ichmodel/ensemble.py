@@ -158,7 +158,9 @@ def average_predictions(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     ordered = [f.sort_values(["series_id", "position"], kind="stable").reset_index(drop=True) for f in frames]
     first = ordered[0]
     keys = first[list(KEY_COLUMNS)]
-    total = first[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+    total = first[list(PROB_COLUMNS)].to_numpy(
+        dtype=np.float64, copy=True
+    )  # read-only when read from parquet
     labels = list(LABEL_COLUMNS)
     for i, other in enumerate(ordered[1:], start=1):
         if len(other) != len(first) or not other[list(KEY_COLUMNS)].equals(keys):
@@ -189,16 +191,19 @@ def _labelled_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return probs, labels
 
 
-def choose_thresholds(frame: pd.DataFrame) -> np.ndarray:
+def choose_thresholds(frame: pd.DataFrame, prevalence: np.ndarray | None = None) -> np.ndarray:
     """Per-class thresholds ``[5]`` that maximise micro-F2 on a labelled (validation) prediction table.
 
-    Uses :func:`ichmodel.metrics.search_thresholds` (coordinate ascent on the pooled counts).
+    Uses :func:`ichmodel.metrics.search_thresholds` (coordinate ascent on the pooled counts, ties to the
+    middle), with the training run's rule for a class without a positive here: the quantile of its
+    training ``prevalence`` (:func:`ichmodel.metrics.fallback_thresholds`), or 0.5 without one.
 
     Raises:
         ValueError: when the table has no labels.
     """
     probs, labels = _labelled_arrays(frame)
-    return M.search_thresholds(labels, probs)
+    fallback = None if prevalence is None else M.fallback_thresholds(prevalence, probs)
+    return M.search_thresholds(labels, probs, fallback=fallback, min_positives=0)
 
 
 def score_predictions(frame: pd.DataFrame, thresholds: Sequence[float] | np.ndarray) -> dict[str, object]:
@@ -220,6 +225,204 @@ def score_predictions(frame: pd.DataFrame, thresholds: Sequence[float] | np.ndar
     }
 
 
+# ----------------------------------------------------------------------- member choice on OOF scores
+
+
+def tuned_f2(labels: np.ndarray, probs: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(micro-F2, thresholds [5])`` of ``probs`` ``[N, 5]`` at thresholds tuned on the same rows.
+
+    Tuning five thresholds on the rows they score is slightly optimistic; :func:`cross_fitted_f2` is not.
+    """
+    thresholds = M.search_thresholds(labels, probs, min_positives=0)
+    return M.f2_score(labels, M.binarize(probs, thresholds)), thresholds
+
+
+def cross_fitted_f2(labels: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> float:
+    """Micro-F2 where each fold's rows are decided by thresholds tuned on the other folds' rows only.
+
+    Raises:
+        ValueError: when ``fold`` names fewer than 2 folds.
+    """
+    fold = np.asarray(fold)
+    if len(np.unique(fold)) < 2:
+        raise ValueError(f"cross_fitted_f2 needs at least 2 folds. Got {np.unique(fold).tolist()}")
+    pred = np.zeros(labels.shape, dtype=np.int8)
+    for f in np.unique(fold):
+        held = fold == f
+        pred[held] = M.binarize(
+            probs[held], M.search_thresholds(labels[~held], probs[~held], min_positives=0)
+        )
+    return M.f2_score(labels, pred)
+
+
+def top_k_members(labels: np.ndarray, member_probs: Sequence[np.ndarray], k: int) -> list[int]:
+    """Indices of the ``k`` members with the best OOF micro-F2 (each at its own tuned thresholds), best first."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1. Got {k}")
+    scores = [tuned_f2(labels, p)[0] for p in member_probs]
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def greedy_members(labels: np.ndarray, member_probs: Sequence[np.ndarray], max_steps: int = 10) -> list[int]:
+    """Caruana-style forward selection with replacement on OOF micro-F2 at tuned thresholds.
+
+    Starts from the best single member and adds, one at a time, the member whose addition to the bag (mean
+    of the bag's probabilities) scores best, while that strictly improves the score, at most ``max_steps``
+    members in all. A member may be added again (its weight grows).
+
+    Returns:
+        The bag: member indices, with repeats (weights = counts / length).
+
+    Raises:
+        ValueError: for no members.
+    """
+    if not member_probs:
+        raise ValueError("greedy_members needs at least one member. Got 0")
+    bag = [top_k_members(labels, member_probs, 1)[0]]
+    total = np.asarray(member_probs[bag[0]], dtype=np.float64).copy()
+    best = tuned_f2(labels, total)[0]
+    while len(bag) < max_steps:
+        trials = [tuned_f2(labels, (total + p) / (len(bag) + 1))[0] for p in member_probs]
+        i = int(np.argmax(trials))
+        if trials[i] <= best + 1e-12:
+            break
+        best, total = trials[i], total + member_probs[i]
+        bag.append(i)
+    logger.info("greedy selection: bag %s, OOF micro-F2 %.4f", bag, best)
+    return bag
+
+
+def bag_probs(member_probs: Sequence[np.ndarray], bag: Sequence[int]) -> np.ndarray:
+    """Mean probabilities of the bag's members (a repeated member counts once per repeat)."""
+    return np.mean([np.asarray(member_probs[i], dtype=np.float64) for i in bag], axis=0)
+
+
+def _series_counts(labels: np.ndarray, pred: np.ndarray, series: np.ndarray) -> np.ndarray:
+    """``[S, 3]`` pooled tp, fp, fn of each series (rows of ``np.unique(series)``)."""
+    _, inverse = np.unique(series, return_inverse=True)
+    t, p = labels.astype(bool), pred.astype(bool)
+    per_row = np.stack([(t & p).sum(1), (~t & p).sum(1), (t & ~p).sum(1)], axis=1).astype(np.float64)
+    out = np.zeros((inverse.max() + 1, 3))
+    np.add.at(out, inverse, per_row)
+    return out
+
+
+def _f2_of_counts(counts: np.ndarray) -> np.ndarray:
+    """F2 from pooled ``[..., 3]`` tp, fp, fn; 0 where there is no true and no predicted positive."""
+    tp, fp, fn = np.moveaxis(np.asarray(counts, dtype=np.float64), -1, 0)
+    denom = 5.0 * tp + 4.0 * fn + fp
+    return np.divide(5.0 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
+def bootstrap_f2(
+    labels: np.ndarray,
+    preds: dict[str, np.ndarray],
+    series: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """Bootstrap intervals over *series* of the micro-F2 of fixed 0/1 decisions, and of their differences.
+
+    Args:
+        labels: ``[N, 5]``; preds: ``{name: [N, 5] 0/1}`` (e.g. single best and ensemble at their thresholds);
+        series: ``[N]`` series id of each row (series are resampled with replacement, all their slices kept).
+
+    Returns:
+        ``{name: {"f2", "low", "high"}}`` and ``{"<b> - <a>": {...}}`` for the first name ``a`` against each
+        other ``b``; ``low``/``high`` are the ``level`` percentile interval.
+    """
+    series = np.asarray(series)
+    counts = {k: _series_counts(labels, v, series) for k, v in preds.items()}  # [S, 3] each
+    n_series = len(next(iter(counts.values())))
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_series, np.full(n_series, 1.0 / n_series), size=n_boot)  # [n_boot, S]
+    boot = {k: _f2_of_counts(weights @ c) for k, c in counts.items()}  # [n_boot] each
+    full = {k: float(_f2_of_counts(c.sum(0))) for k, c in counts.items()}
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    out = {}
+    for name, values in boot.items():
+        low, high = np.percentile(values, q).tolist()
+        out[name] = {"f2": full[name], "low": low, "high": high}
+    first, *others = list(preds)
+    for name in others:
+        diff = boot[name] - boot[first]
+        low, high = np.percentile(diff, q).tolist()
+        out[f"{name} - {first}"] = {"f2": full[name] - full[first], "low": low, "high": high}
+    return out
+
+
+@dataclass
+class FoldEnsemble:
+    """The member choice of a cross-validated ensemble, from out-of-fold (OOF) predictions only.
+
+    ``members``: trial ids; ``bag``: the chosen members with repeats (weight = count / length); ``method``:
+    ``"top_k"`` (every member once) or ``"greedy"`` (:func:`greedy_members`), whichever has the higher
+    cross-fitted OOF micro-F2. F2 figures are ``{"tuned": at thresholds tuned on all OOF rows,
+    "cross_fitted": thresholds tuned on the other folds}``. ``bootstrap``: :func:`bootstrap_f2` of the single
+    best member against the ensemble, each at its tuned thresholds.
+    """
+
+    members: list[str]
+    single_best: str
+    bag: list[str]
+    method: str
+    thresholds: list[float]
+    single_f2: dict[str, float]
+    ensemble_f2: dict[str, float]
+    top_k_f2: dict[str, float]
+    greedy_f2: dict[str, float]
+    per_class: dict[str, float]
+    bootstrap: dict[str, dict[str, float]]
+
+
+def choose_fold_ensemble(oof: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0) -> FoldEnsemble:
+    """Choose members and thresholds of an ensemble from each member's OOF table (same rows, ``fold`` column).
+
+    Raises:
+        ValueError: for no members, unlabelled tables, or tables over other rows than the first.
+    """
+    if not oof:
+        raise ValueError("choose_fold_ensemble needs at least one member. Got 0")
+    names = list(oof)
+    frames = [
+        oof[n].sort_values(["series_id", "position"], kind="stable").reset_index(drop=True) for n in names
+    ]
+    average_predictions(frames)  # checks that every table covers the same slices with the same labels
+    probs = [_labelled_arrays(f)[0] for f in frames]
+    labels = _labelled_arrays(frames[0])[1]
+    fold, series = frames[0]["fold"].to_numpy(), frames[0]["series_id"].to_numpy()
+
+    def figures(p: np.ndarray) -> dict[str, float]:
+        return {"tuned": tuned_f2(labels, p)[0], "cross_fitted": cross_fitted_f2(labels, p, fold)}
+
+    best = top_k_members(labels, probs, 1)[0]
+    greedy = greedy_members(labels, probs)
+    top_k_f2, greedy_f2 = figures(bag_probs(probs, range(len(probs)))), figures(bag_probs(probs, greedy))
+    use_greedy = greedy_f2["cross_fitted"] > top_k_f2["cross_fitted"]
+    bag = greedy if use_greedy else list(range(len(probs)))
+    ensemble = bag_probs(probs, bag)
+    thresholds = tuned_f2(labels, ensemble)[1]
+    single_thresholds = tuned_f2(labels, probs[best])[1]
+    decisions = {
+        "single": M.binarize(probs[best], single_thresholds),
+        "ensemble": M.binarize(ensemble, thresholds),
+    }
+    return FoldEnsemble(
+        members=names,
+        single_best=names[best],
+        bag=[names[i] for i in bag],
+        method="greedy" if use_greedy else "top_k",
+        thresholds=thresholds.tolist(),
+        single_f2=figures(probs[best]),
+        ensemble_f2=greedy_f2 if use_greedy else top_k_f2,
+        top_k_f2=top_k_f2,
+        greedy_f2=greedy_f2,
+        per_class=dict(zip(CLASSES, map(float, M.per_class_f2(labels, decisions["ensemble"])), strict=True)),
+        bootstrap=bootstrap_f2(labels, decisions, series, n_boot=n_boot, seed=seed),
+    )
+
+
 # ------------------------------------------------------------------------------------ ensemble spec
 
 
@@ -228,8 +431,9 @@ class EnsembleSpec:
     """What ``ensemble.json`` records so new studies can be predicted with the same ensemble.
 
     ``models``: checkpoint paths; ``thresholds``: ``[5]`` in ``CLASSES`` order; ``size`` / ``windows`` /
-    ``format``: from the training shards' manifest (how new images must be preprocessed); ``tta``: whether
-    reversed-sequence TTA was used; ``val_f2``: ensemble validation micro-F2; ``single_f2``: that of each model.
+    ``format``: from the training shards' manifest (how new images must be preprocessed); ``tta``: the
+    test-time augmentation used (``True`` = flip, or names: :func:`ichmodel.predict.resolve_tta`);
+    ``val_f2``: ensemble validation (or cross-fitted OOF) micro-F2; ``single_f2``: that of each model.
     """
 
     models: list[str]
@@ -237,7 +441,7 @@ class EnsembleSpec:
     size: int
     windows: list[list[float]]
     format: str = "dlcv"
-    tta: bool = False
+    tta: bool | list[str] = False
     val_f2: float | None = None
     single_f2: list[float] = field(default_factory=list)
     trial_ids: list[str] = field(default_factory=list)

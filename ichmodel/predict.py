@@ -7,10 +7,13 @@ This table is what ``ichmodel.ensemble`` averages, thresholds and writes as subm
 
 Models run in eval mode on whole series (batches of ``batch_size`` series, padded), with bf16 autocast only
 on CUDA and only when asked. :func:`eval_outputs` is the one evaluation forward: validation in
-``ichmodel.engine.evaluate`` and prediction here both go through it. Test-time augmentation (``tta=True``)
-also runs each series with its slice order reversed, reverses the outputs back and averages the two, as the
-RSNA 2019 winners did with their bi-directional RNNs. Several models are averaged by the mean of their
-probabilities; each batch of images is read and prepared once for all of them.
+``ichmodel.engine.evaluate`` and prediction here both go through it. Test-time augmentation (``tta``, see
+:func:`resolve_tta`) averages the probabilities of every combination of the chosen views: ``"flip"`` (each
+slice mirrored left-right; training flips with ``flip_prob``, and ``tta=True`` means this) and
+``"reverse"`` (slice order reversed, outputs reversed back, as the RSNA 2019 winners did with their
+bi-directional RNNs). Reversal is refused unless the models' saved augment configs show they were trained
+with reversed series (``reverse_prob > 0``): otherwise it shows a model what it never saw. Several models are
+averaged by the mean of their probabilities; each batch of images is read and prepared once for all of them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ichmodel.augment import normalize
+from ichmodel.augment import normalize, reverse_padded
+from ichmodel.config import AugmentConfig
 from ichmodel.constants import CLASSES, NUM_CLASSES
 from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images
 
@@ -33,32 +37,10 @@ logger = logging.getLogger(__name__)
 KEY_COLUMNS: tuple[str, ...] = ("series_id", "position", "slice_id")
 PROB_COLUMNS: tuple[str, ...] = CLASSES
 LABEL_COLUMNS: tuple[str, ...] = tuple(f"label_{c}" for c in CLASSES)
-
-
-def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Reverse the valid part of every sequence of a padded batch; padding stays where it is.
-
-    Args:
-        x: ``[B, T, ...]``.
-        lengths: ``[B]`` valid lengths, each in ``[0, T]``.
-
-    Returns:
-        ``[B, T, ...]`` with ``out[b, t] = x[b, lengths[b] - 1 - t]`` for ``t < lengths[b]``, else ``x[b, t]``.
-        Applying it twice gives ``x`` back.
-
-    Raises:
-        ValueError: when ``lengths`` is not ``[B]`` or a length is outside ``[0, T]``.
-    """
-    B, T = x.shape[:2]  # batch, slices
-    lengths = lengths.to(device=x.device, dtype=torch.long)
-    if lengths.shape != (B,):
-        raise ValueError(f"lengths must be [B]={B}. Got shape {tuple(lengths.shape)}")
-    if bool((lengths < 0).any()) or bool((lengths > T).any()):
-        raise ValueError(f"lengths must be in [0, {T}]. Got {lengths.tolist()}")
-    t = torch.arange(T, device=x.device)[None, :]  # [1, T]
-    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
-    index = index.view(B, T, *([1] * (x.dim() - 2))).expand_as(x)
-    return torch.gather(x, 1, index)
+#: Test-time augmentations: ``"flip"`` mirrors every slice left-right, ``"reverse"`` reverses slice order.
+TTA_KINDS: tuple[str, ...] = ("flip", "reverse")
+#: What ``tta=True`` means: the augmentation default training covers (``AugmentConfig.flip_prob`` 0.5).
+DEFAULT_TTA: tuple[str, ...] = ("flip",)
 
 
 def autocast(device: torch.device, amp_bf16: bool) -> torch.autocast:
@@ -102,8 +84,52 @@ def predict_batches(
         yield batch, eval_outputs(model, images, batch["lengths"], amp_bf16)
 
 
+def resolve_tta(
+    tta: bool | str | Sequence[str] | None, trained: AugmentConfig | Sequence[AugmentConfig] | None = None
+) -> tuple[str, ...]:
+    """The test-time augmentations asked for, checked against what the models were trained with.
+
+    Args:
+        tta: ``False``/``None``/``()``: none; ``True``: :data:`DEFAULT_TTA` (``("flip",)``); a name or names of
+            :data:`TTA_KINDS`.
+        trained: the saved ``AugmentConfig`` of each model (``load_model(...)[1].augment``), or None when
+            unknown. ``"flip"`` needs flips in training (augmentation on, ``flip_prob > 0``) where known;
+            ``"reverse"`` needs ``reverse_prob > 0`` and so needs ``trained``.
+
+    Returns:
+        The views in :data:`TTA_KINDS` order, without repeats.
+
+    Raises:
+        ValueError: for an unknown name, or a view that some model was not trained with (or, for
+            ``"reverse"``, not known to be).
+    """
+    if tta is None or tta is False:
+        return ()
+    names = DEFAULT_TTA if tta is True else ((tta,) if isinstance(tta, str) else tuple(tta))
+    unknown = [n for n in names if n not in TTA_KINDS]
+    if unknown:
+        raise ValueError(f"Unknown test-time augmentation {unknown}; choose from {list(TTA_KINDS)}")
+    configs = [trained] if isinstance(trained, AugmentConfig) else list(trained or [])
+    for i, cfg in enumerate(configs):
+        if "flip" in names and not (cfg.enabled and cfg.flip_prob > 0):
+            raise ValueError(f"Flip TTA refused: model {i} was trained without flips ({cfg})")
+        if "reverse" in names and not (cfg.enabled and cfg.reverse_prob > 0):
+            raise ValueError(
+                f"Reversal TTA refused: model {i} was trained with augment.reverse_prob="
+                f"{cfg.reverse_prob} (enabled={cfg.enabled}), so it never saw a reversed series; train with "
+                "--set augment.reverse_prob=0.5 or use tta=('flip',)"
+            )
+    if "reverse" in names and not configs:
+        raise ValueError("Reversal TTA needs the models' saved augment configs (trained=...) to check it")
+    return tuple(k for k in TTA_KINDS if k in names)
+
+
 def series_probs(
-    model: nn.Module, images: torch.Tensor, lengths: torch.Tensor, tta: bool = False, amp_bf16: bool = True
+    model: nn.Module,
+    images: torch.Tensor,
+    lengths: torch.Tensor,
+    tta: Sequence[str] = (),
+    amp_bf16: bool = True,
 ) -> torch.Tensor:
     """MC probabilities ``sigmoid(mc_logits)`` of one model on one normalised, padded batch.
 
@@ -111,17 +137,29 @@ def series_probs(
         model: an :class:`ichmodel.model.ICHModel` (put in eval mode here).
         images: float ``[B, T, C, H, W]``, already normalised.
         lengths: ``[B]`` valid slices per series.
-        tta: also predict the reversed sequences, reverse back, and average the two.
+        tta: views of :data:`TTA_KINDS` (already checked, :func:`resolve_tta`); the probabilities of every
+            combination (``2 ** len(tta)`` forwards) are averaged, each mapped back to the original order.
         amp_bf16: bf16 autocast when ``images`` is on CUDA (ignored on CPU).
 
     Returns:
         float32 ``[B, T, 5]`` on the device of ``images``; values at padding are meaningless.
+
+    Raises:
+        ValueError: for a name not in :data:`TTA_KINDS`.
     """
-    probs = torch.sigmoid(eval_outputs(model, images, lengths, amp_bf16)["mc_logits"])  # [B, T, 5]
-    if tta:
-        flipped = eval_outputs(model, reverse_padded(images, lengths), lengths, amp_bf16)["mc_logits"]
-        probs = 0.5 * (probs + reverse_padded(torch.sigmoid(flipped), lengths))
-    return probs
+    unknown = [n for n in tta if n not in TTA_KINDS]
+    if unknown:
+        raise ValueError(f"Unknown test-time augmentation {unknown}; choose from {list(TTA_KINDS)}")
+    total = torch.zeros(images.shape[:2] + (NUM_CLASSES,), device=images.device)  # [B, T, 5]
+    views = 0
+    for flip in (False, True) if "flip" in tta else (False,):
+        for reverse in (False, True) if "reverse" in tta else (False,):
+            x = images.flip(-1) if flip else images  # mirror along W: slice-level labels do not change
+            x = reverse_padded(x, lengths) if reverse else x
+            probs = torch.sigmoid(eval_outputs(model, x, lengths, amp_bf16)["mc_logits"])  # [B, T, 5]
+            total += reverse_padded(probs, lengths) if reverse else probs
+            views += 1
+    return total / views
 
 
 @torch.no_grad()
@@ -131,9 +169,10 @@ def predict_dataset(
     *,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
-    tta: bool = False,
+    tta: bool | str | Sequence[str] = False,
     amp_bf16: bool = True,
     num_workers: int = 0,
+    trained: AugmentConfig | Sequence[AugmentConfig] | None = None,
 ) -> pd.DataFrame:
     """Predict every slice of every series of ``dataset``, averaging ``models`` (mean of probabilities).
 
@@ -142,9 +181,10 @@ def predict_dataset(
         dataset: the series to predict (whole series: its ``max_slices`` must be 0).
         batch_size: series per forward pass.
         device: where the models run.
-        tta: forward + reversed-sequence test-time augmentation (see :func:`series_probs`).
+        tta: test-time augmentation, checked by :func:`resolve_tta` (``True``: flip).
         amp_bf16: bf16 autocast on CUDA.
         num_workers: DataLoader worker processes.
+        trained: the models' saved augment configs, for :func:`resolve_tta`'s checks.
 
     Returns:
         DataFrame with ``N`` rows (one per slice of the dataset): ``series_id`` (str), ``position`` (int),
@@ -152,8 +192,10 @@ def predict_dataset(
         ``label_<cls>`` (int8 0/1). Sorted by ``series_id`` then ``position``.
 
     Raises:
-        ValueError: for no models, ``batch_size < 1`` or a dataset that crops series (``max_slices > 0``).
+        ValueError: for no models, ``batch_size < 1``, a dataset that crops series (``max_slices > 0``) or a
+            TTA the models were not trained for.
     """
+    views = resolve_tta(tta, trained)
     model_list = [models] if isinstance(models, nn.Module) else list(models)
     if not model_list:
         raise ValueError("predict_dataset needs at least one model. Got 0")
@@ -176,7 +218,7 @@ def predict_dataset(
         lengths = batch["lengths"]  # [B] on the host, as the model reads it
         total = torch.zeros(images.shape[:2] + (NUM_CLASSES,), device=device)  # [B, T, 5]
         for model in model_list:
-            total += series_probs(model, images, lengths, tta=tta, amp_bf16=amp_bf16)
+            total += series_probs(model, images, lengths, tta=views, amp_bf16=amp_bf16)
         probs = (total / len(model_list)).cpu()
         for b, length in enumerate(batch["lengths"].tolist()):
             columns["series_id"].extend([batch["series_ids"][b]] * length)
@@ -191,7 +233,7 @@ def predict_dataset(
         len(frame),
         len(dataset),
         len(model_list),
-        " + reversed-sequence TTA" if tta else "",
+        f" + TTA {'+'.join(views)}" if views else "",
     )
     return frame
 

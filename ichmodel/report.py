@@ -167,6 +167,8 @@ def make_report(
     thresholds: Sequence[float] | np.ndarray,
     optuna_db: str | Path | None = None,
     title: str = "Ensemble report",
+    score_heading: str = "Validation F2",
+    tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[object]]]] = (),
 ) -> Path:
     """Write the figures and ``index.html`` into ``out_dir``; returns the path of ``index.html``.
 
@@ -176,6 +178,9 @@ def make_report(
         y_true: ``[N, 5]`` 0/1 validation labels; ``probs``: ``[N, 5]`` ensemble validation probabilities.
         thresholds: ``[5]`` the ensemble's chosen thresholds.
         optuna_db: the search's SQLite file; skipped (with a note) when ``None`` or missing.
+        score_heading: heading of the scores table (e.g. ``"Out-of-fold F2"`` for a fold ensemble).
+        tables: extra ``(heading, column names, rows)`` tables after the thresholds (floats as ``.4f``),
+            e.g. bootstrap intervals or log loss before and after calibration.
 
     Raises:
         ValueError: when ``scores`` is empty or ``y_true``/``probs`` are not the same ``[N, 5]`` shape.
@@ -208,7 +213,7 @@ def make_report(
     for note in notes:
         logger.info("report: %s", note)
     index = out_dir / REPORT_INDEX
-    index.write_text(_html(title, scores, thresholds, figures, notes))
+    index.write_text(_html(title, scores, thresholds, figures, notes, score_heading, tables))
     logger.info("report: %s (%d figures)", index, len(figures))
     return index
 
@@ -219,6 +224,8 @@ def _html(
     thresholds: Sequence[float] | np.ndarray,
     figures: list[tuple[str, Path]],
     notes: list[str],
+    score_heading: str = "Validation F2",
+    tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[object]]]] = (),
 ) -> str:
     head = "".join(f"<th>{c}</th>" for c in ("model", "micro-F2", *CLASSES))
     rows = []
@@ -235,21 +242,34 @@ def _html(
         for name, p in figures
     )
     note_list = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    extra = "".join(_html_table(heading, columns, body) for heading, columns, body in tables)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
 img{{max-width:640px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<h2>Validation F2</h2>
+<h2>{html.escape(score_heading)}</h2>
 <table><tr>{head}</tr>{"".join(rows)}</table>
 <h2>Ensemble thresholds</h2>
 <table><tr>{"".join(f"<th>{c}</th>" for c in CLASSES)}</tr><tr>{th_row}</tr></table>
+{extra}
 <h2>Figures</h2>
 {figs}
 {f"<h2>Notes</h2><ul>{note_list}</ul>" if notes else ""}
 </body></html>
 """
+
+
+def _html_table(heading: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """One titled HTML table; floats are written with 4 decimals, everything is escaped."""
+
+    def cell(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<h2>{html.escape(heading)}</h2>\n<table><tr>{head}</tr>{body}</table>\n"
 
 
 def _figure(figsize: tuple[float, float]) -> tuple[Figure, Axes]:

@@ -5,6 +5,7 @@ Examples (from the repository root):
     python ray_jobs/ensemble.py --experiment runs/search --top-k 3 --test shards/test --out runs/submission
     python ray_jobs/ensemble.py --experiment runs/search --top-k 5 --test shards/test --out sub --tta --gpus-per-model 1
     ray job submit --working-dir . -- python ray_jobs/ensemble.py --experiment /shared/runs/search ...
+    python ray_jobs/ensemble.py --experiment s3://bucket/runs/search --test s3://bucket/shards/test --out s3://bucket/sub
 
 Reads EXPERIMENT/trials.csv (written by ray_jobs/tune.py), keeps the K best trials (by model_f2) that
 finished and have a checkpoint, and predicts the validation series (the same split as training, from the checkpoint's config)
@@ -17,6 +18,9 @@ Writes into --out: submission.csv (course leaderboard ID,prediction; DLCV input)
 the same files for validation (val_*), ensemble.json (models, thresholds, image size and windows; read by
 ray_jobs/predict.py) and report/index.html. Every CSV is checked against the slices of the shards it
 predicts (for validation: the validation series) before it is renamed into place. --test may be left out when the training shards have a sibling test/ folder (the demo's layout).
+Every path may be a storage URI (s3://, gs://, file://): an --out URI gets the finished folder, written locally
+first; prediction tasks download checkpoints kept on storage themselves. On a cluster, local --experiment and
+--test folders and the training shards must be shared by every node (checked).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -37,11 +42,12 @@ from ichmodel import submission as S  # noqa: E402
 from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import split_series  # noqa: E402
+from ichmodel.dataset import SeriesDataset, class_prevalence, split_series  # noqa: E402
 from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
 from ichmodel.predict import prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
+from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import init_ray, setup_logging  # noqa: E402
 from ray_jobs.storage import fetch, is_uri  # noqa: E402
 
@@ -65,9 +71,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--test", default=None, help="test shards (default: the sibling test/ of the training shards)"
     )
     parser.add_argument(
-        "--out", required=True, help="folder for the submission files, ensemble.json and report/"
+        "--out", required=True, help="folder or URI for the submission files, ensemble.json and report/"
     )
-    parser.add_argument("--tta", action="store_true", help="also predict reversed slice order and average")
+    parser.add_argument("--tta", action="store_true", help="also predict left-right flipped slices, average")
+    parser.add_argument("--folds", type=int, default=0, help="retrain the top-k configurations on K folds and "
+                        "choose members, thresholds and calibration out of fold (ray_jobs/folds.py; default 0: off)")  # fmt: skip
     parser.add_argument(
         "--gpus-per-model", type=float, default=0.0, help="GPUs per prediction task (default 0: CPU)"
     )
@@ -80,7 +88,8 @@ def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
     """Download a search kept on storage (``s3://...``) into ``cache``: trials.csv, optuna.db if present,
     and the checkpoints of the ``top_k`` best usable trials (the next best where one is missing).
 
-    Returns the local experiment folder, whose trials.csv points at the local checkpoints.
+    Returns the local experiment folder, whose trials.csv points at the local checkpoints; its ``source``
+    column keeps each checkpoint's URI (prediction tasks on other nodes download from there).
 
     Raises:
         FileNotFoundError: when the URI holds no trials.csv.
@@ -107,6 +116,7 @@ def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
         logger.info("downloading %s", source)
         if local.is_file() or fetch(source, local):
             table.at[i, "checkpoint"], fetched = str(local.resolve()), fetched + 1
+            table.at[i, "source"] = source
         keep.append(i)  # a missing one keeps its URI, which select_trials reports as missing
     table.loc[keep].to_csv(cache / "trials.csv", index=False)
     return cache
@@ -120,7 +130,10 @@ def predict_fn(
     batch_size: int,
     use_gpu: bool,
 ):
-    """Ray task body: one model's prediction tables for each shard folder (``series[i]``: ids or all)."""
+    """Ray task body: one model's prediction tables for each shard folder (``series[i]``: ids or all).
+
+    A ``checkpoint`` on storage (URI) is downloaded here, on the node that runs the task.
+    """
     import torch
 
     from ichmodel.checkpoint import load_model
@@ -128,7 +141,13 @@ def predict_fn(
     from ichmodel.predict import predict_dataset
 
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    model, cfg, _ = load_model(checkpoint, device)
+    if is_uri(checkpoint):
+        with tempfile.TemporaryDirectory(prefix="ich-checkpoint-") as folder:
+            if not fetch(checkpoint, Path(folder) / "checkpoint.pt"):
+                raise FileNotFoundError(f"No checkpoint at {checkpoint}")
+            model, cfg, _ = load_model(Path(folder) / "checkpoint.pt", device)
+    else:
+        model, cfg, _ = load_model(checkpoint, device)
     return [
         predict_dataset(
             model,
@@ -154,8 +173,8 @@ def resolve_data(checkpoints: list[str], test: str | None) -> tuple[Config, str,
         raise ValueError(f"The chosen models were trained on different shards or splits: {sorted(data)}")
     cfg = configs[0]
     if test is None:
-        sibling = Path(cfg.data.shards).parent / "test"
-        if not (sibling / "manifest.json").is_file():
+        sibling = storage.join(storage.parent(cfg.data.shards), "test")
+        if not storage.is_file(storage.join(sibling, "manifest.json")):
             raise ValueError(
                 f"--test is required: the training shards {cfg.data.shards} have no sibling test/ folder"
             )
@@ -207,30 +226,62 @@ def write_outputs(
     return written
 
 
-def score_model(name: str, val: pd.DataFrame) -> ModelScore:
-    """Validation F2 of a model's (or the ensemble's) predictions at thresholds tuned on them."""
-    thresholds = E.choose_thresholds(val)
+def training_prevalence(cfg: Config) -> np.ndarray | None:
+    """Each class's share of the training series' labelled slices (the models' own training split)."""
+    train_ids, _ = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
+    return class_prevalence(SeriesDataset(cfg.data.shards, train_ids))
+
+
+def score_model(name: str, val: pd.DataFrame, prevalence: np.ndarray | None) -> ModelScore:
+    """Validation F2 of a model's (or the ensemble's) predictions at thresholds tuned on them (the training
+    run's rule, so a single model scores what its training reported)."""
+    thresholds = E.choose_thresholds(val, prevalence)
     score = E.score_predictions(val, thresholds)
     return ModelScore(name, score["micro_f2"], score["per_class"], thresholds.tolist())
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.folds:  # the cross-validated ensemble is its own job
+        from ray_jobs import folds
+
+        return folds.main(folds.args_from_ensemble(args))
     setup_logging(args.verbose)
-    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="ich-ensemble-") as staging:
+        out = Path(staging, "out") if is_uri(args.out) else Path(args.out)
+        cache = Path(staging, "experiment") if is_uri(args.out) else out / "experiment"
+        code = run(args, out, cache)
+        if code == 0 and is_uri(args.out):
+            storage.copy_folder(out, args.out)
+            print(f"copied to {args.out}")
+    return code
+
+
+def run(args: argparse.Namespace, out: Path, cache: Path) -> int:
+    """The ensemble job writing into the local folder ``out`` (a search on storage is downloaded into
+    ``cache``); returns the exit code."""
     try:
+        for option in ("experiment", "test", "out"):
+            storage.check_not_in_job_dir(f"--{option}", getattr(args, option))
         if is_uri(args.experiment):
-            experiment = fetch_experiment(args.experiment, out / "experiment", args.top_k)
+            experiment = fetch_experiment(args.experiment, cache, args.top_k)
         else:
-            experiment = Path(args.experiment)
+            experiment = Path(storage.absolute(args.experiment))
         chosen = E.select_trials(experiment / "trials.csv", args.top_k)
         checkpoints = chosen["checkpoint"].tolist()
-        cfg, test_shards, val_ids = resolve_data(checkpoints, args.test)
+        cfg, test_shards, val_ids = resolve_data(checkpoints, args.test and storage.absolute(args.test))
         train_manifest = load_manifest(cfg.data.shards)
         load_manifest(test_shards)
+        ray = init_ray()
+        shared = {"--experiment": None if is_uri(args.experiment) else str(experiment), "--test": test_shards,
+                  "data.shards (training shards of the models)": cfg.data.shards}  # fmt: skip
+        storage.check_shared(shared, ray)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    ray = init_ray()
+    sources = chosen["source"].tolist() if "source" in chosen else [None] * len(chosen)
+    task_checkpoints = [
+        s if isinstance(s, str) and s else p for s, p in zip(sources, checkpoints, strict=True)
+    ]
     task = ray.remote(num_cpus=1, num_gpus=args.gpus_per_model)(predict_fn)
     refs = [
         task.remote(
@@ -241,7 +292,7 @@ def main(args: argparse.Namespace) -> int:
             args.batch_size,
             args.gpus_per_model > 0,
         )
-        for p in checkpoints
+        for p in task_checkpoints
     ]
     logger.info("predicting %d validation series and %s with %d models", len(val_ids), test_shards, len(refs))
     try:
@@ -251,8 +302,11 @@ def main(args: argparse.Namespace) -> int:
         return 1
     val = E.average_predictions([r[0] for r in results])
     test = E.average_predictions([r[1] for r in results])
-    scores = [score_model(f"trial {t}", r[0]) for t, r in zip(chosen["trial_id"], results, strict=True)]
-    ens = score_model(f"ensemble of {len(checkpoints)}", val)
+    prevalence = training_prevalence(cfg)
+    scores = [
+        score_model(f"trial {t}", r[0], prevalence) for t, r in zip(chosen["trial_id"], results, strict=True)
+    ]
+    ens = score_model(f"ensemble of {len(checkpoints)}", val, prevalence)
     scores.append(ens)
     thresholds = np.asarray(ens.thresholds)
     try:
@@ -261,7 +315,7 @@ def main(args: argparse.Namespace) -> int:
         logger.error("submission check failed, nothing written under that name: %s", exc)
         return 1
     spec = E.EnsembleSpec(
-        models=checkpoints,
+        models=task_checkpoints,  # URIs for a search on storage: ensemble.json stays usable elsewhere
         thresholds=thresholds.tolist(),
         size=int(train_manifest["size"]),
         windows=train_manifest["windows"],
@@ -293,7 +347,9 @@ def main(args: argparse.Namespace) -> int:
     print("thresholds: " + ", ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, thresholds, strict=True)))
     print("files:")
     for path in written:
-        print(f"  {path}")
+        print(
+            f"  {storage.join(args.out, Path(path).relative_to(out).as_posix()) if is_uri(args.out) else path}"
+        )
     print(f"report: {report}")
     return 0
 

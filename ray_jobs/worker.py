@@ -25,7 +25,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
     """Ray Train worker: build data and model from the config, run the stages, report every epoch.
 
     ``loop_config`` keys: ``config`` (a ``Config.to_dict()`` tree), ``overrides`` (dotted names, e.g. from
-    a Tune trial), and for tests ``fail_at_epoch`` + ``fail_marker``: raise once after that global epoch,
+    a Tune trial), optionally ``split`` (``{"train": ids, "val": ids}``: explicit series instead of the
+    config's random split), and for tests ``fail_at_epoch`` + ``fail_marker``: raise once after that global epoch,
     to exercise Train's retry from the last checkpoint.
     Rank 0 writes the checkpoint; every rank reports the same metrics (validation is gathered).
     """
@@ -42,7 +43,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"]).with_overrides(loop_config.get("overrides") or {})
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    train_ids, val_ids = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
+    if loop_config.get("split"):  # explicit series ids, e.g. a cross-validation fold (ray_jobs/folds.py)
+        train_ids, val_ids = list(loop_config["split"]["train"]), list(loop_config["split"]["val"])
+    else:
+        train_ids, val_ids = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
     train_set = SeriesDataset(cfg.data.shards, train_ids, max_slices=cfg.data.max_slices, seed=cfg.train.seed)
     val_set = SeriesDataset(cfg.data.shards, val_ids)
 

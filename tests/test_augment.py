@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ichmodel.augment import augment_series, normalize, to_float
+from ichmodel.augment import augment_series, normalize, reverse_series, to_float
 from ichmodel.config import AugmentConfig
 
 
@@ -55,4 +55,33 @@ def test_to_float_and_normalize():
     n = normalize(f)
     torch.testing.assert_close(
         n[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (1 - 0.456) / 0.224, (1 - 0.406) / 0.225])
+    )
+
+
+def test_reverse_series_reverses_images_and_labels_of_drawn_series_within_their_length():
+    B, T = 6, 5
+    images = torch.arange(B * T, dtype=torch.float32).view(B, T, 1, 1, 1).expand(B, T, 1, 2, 2).clone()
+    labels = torch.arange(B * T, dtype=torch.float32).view(B, T, 1).expand(B, T, 5).clone()
+    lengths = torch.tensor([5, 3, 5, 4, 5, 2])
+    cfg = AugmentConfig(reverse_prob=0.5)
+    out_images, out_labels = reverse_series(images, labels, lengths, cfg, torch.Generator().manual_seed(0))
+    chosen = torch.rand(B, generator=torch.Generator().manual_seed(0)) < 0.5  # the same draw, per series
+    assert 0 < int(chosen.sum()) < B  # this seed reverses some series and keeps others
+    for b in range(B):
+        n = int(lengths[b])
+        want = labels[b, :n].flip(0) if chosen[b] else labels[b, :n]
+        assert torch.equal(out_labels[b, :n], want)
+        assert torch.equal(out_images[b, :n, 0, 0, 0], want[:, 0])  # images moved with their labels
+        assert torch.equal(out_labels[b, n:], labels[b, n:])  # padding stays at the end
+
+
+def test_reverse_series_is_off_by_default_and_leaves_the_generator_alone():
+    images, labels = torch.rand(2, 3, 1, 2, 2), torch.rand(2, 3, 5)
+    g = torch.Generator().manual_seed(7)
+    out = reverse_series(images, labels, torch.tensor([3, 2]), AugmentConfig(), g)
+    assert out[0] is images and out[1] is labels
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    always = reverse_series(images, labels, torch.tensor([3, 2]), AugmentConfig(reverse_prob=1.0), g)
+    assert torch.equal(always[1][0], labels[0].flip(0)) and torch.equal(
+        always[1][1, :2], labels[1, :2].flip(0)
     )

@@ -158,3 +158,98 @@ def test_ensemble_spec_round_trip(tmp_path):
         E.EnsembleSpec.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="ray_jobs/ensemble.py"):
         E.EnsembleSpec.load(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------ member choice on OOF probabilities
+
+
+def _oof_members(noise: list[float], n_series: int = 120, seed: int = 0):
+    """Labels ``[N, 5]``, series ids ``[N]`` and one probability array per member: logits = signal + noise
+    of the given scale (independent between members), so averaging members cancels part of the noise."""
+    rng = np.random.default_rng(seed)
+    series = np.repeat([f"s{i:03d}" for i in range(n_series)], 10)
+    labels = (rng.random((len(series), 5)) < 0.12).astype(np.int8)
+    signal = np.where(labels == 1, 1.0, -1.0)
+    members = [1 / (1 + np.exp(-(signal + rng.normal(0, s, labels.shape)))) for s in noise]
+    return labels, series, members
+
+
+def test_top_k_ranks_members_by_their_oof_f2():
+    labels, _, members = _oof_members([3.0, 0.5, 1.5, 50.0])
+    assert E.top_k_members(labels, members, 2) == [1, 2]
+    assert E.top_k_members(labels, members, 9) == [1, 2, 0, 3]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        E.top_k_members(labels, members, 0)
+
+
+def test_greedy_selection_averages_equal_members_and_skips_noise():
+    labels, _, members = _oof_members([1.5, 1.5, 1.5, 50.0])
+    bag = E.greedy_members(labels, members, max_steps=6)
+    assert 3 not in bag and len(set(bag)) >= 2
+    single = max(E.tuned_f2(labels, p)[0] for p in members)
+    assert E.tuned_f2(labels, E.bag_probs(members, bag))[0] > single + 0.02
+    assert E.greedy_members(labels, members[3:]) == [0]  # one member: the bag is that member
+
+
+def test_cross_fitted_f2_is_perfect_on_separable_data_and_not_above_the_tuned_figure():
+    labels, series, members = _oof_members([1.5])
+    fold = np.unique(series, return_inverse=True)[1] % 3
+    assert E.cross_fitted_f2(labels, labels * 0.8 + 0.1, fold) == pytest.approx(1.0)
+    assert E.cross_fitted_f2(labels, members[0], fold) <= E.tuned_f2(labels, members[0])[0] + 1e-9
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        E.cross_fitted_f2(labels, members[0], np.zeros(len(labels)))
+
+
+def test_bootstrap_interval_over_series():
+    labels, series, members = _oof_members([1.5, 0.7])
+    preds = {
+        name: (p >= 0.5).astype(np.int8) for name, p in zip(("single", "ensemble"), members, strict=True)
+    }
+    out = E.bootstrap_f2(labels, preds, series, n_boot=400, seed=1)
+    for name, pred in preds.items():
+        assert out[name]["f2"] == pytest.approx(fbeta_score(labels.ravel(), pred.ravel(), beta=2), rel=1e-12)
+        assert out[name]["low"] < out[name]["f2"] < out[name]["high"]
+    diff = out["ensemble - single"]
+    assert diff["f2"] == pytest.approx(out["ensemble"]["f2"] - out["single"]["f2"])
+    assert 0 < diff["low"] < diff["f2"] < diff["high"]  # the better member wins on every resample range
+    same = E.bootstrap_f2(labels, {"a": preds["single"], "b": preds["single"]}, series, n_boot=50)
+    assert same["b - a"] == {"f2": 0.0, "low": 0.0, "high": 0.0}
+    assert E.bootstrap_f2(labels, preds, series, n_boot=400, seed=1) == out  # seeded
+
+
+def test_average_predictions_of_tables_read_back_from_parquet(tmp_path):
+    # Regression: float64 columns read from parquet give read-only arrays; averaging added into one in place.
+    first = table(["a", "b"], [[0.1] * 5, [0.2] * 5], series=["s", "s"])
+    first[list(CLASSES)] = first[list(CLASSES)].astype(np.float64)
+    first.to_parquet(tmp_path / "a.parquet", index=False)
+    back = pd.read_parquet(tmp_path / "a.parquet")
+    mean = E.average_predictions([back, back.assign(**{c: back[c] + 0.2 for c in CLASSES})])
+    np.testing.assert_allclose(mean[list(CLASSES)].to_numpy(), [[0.2] * 5, [0.3] * 5], rtol=1e-6)
+
+
+def _oof_frames(noise: list[float], seed: int = 0) -> dict[str, pd.DataFrame]:
+    labels, series, members = _oof_members(noise, seed=seed)
+    frames = {}
+    for i, p in enumerate(members):
+        frame = table([f"{s}_{j % 10}" for j, s in enumerate(series)], p, labels, series=list(series))
+        frame["position"] = np.arange(len(series)) % 10
+        frame["fold"] = np.unique(series, return_inverse=True)[1] % 3
+        frames[f"t{i}"] = frame.sample(frac=1.0, random_state=i)  # row order differs between members
+    return frames
+
+
+def test_choose_fold_ensemble_prefers_greedy_when_a_member_is_noise():
+    choice = E.choose_fold_ensemble(_oof_frames([1.5, 1.2, 1.5, 50.0]), n_boot=200)
+    assert choice.single_best == "t1" and choice.method == "greedy" and "t3" not in choice.bag
+    assert choice.greedy_f2["cross_fitted"] > choice.top_k_f2["cross_fitted"]
+    assert choice.ensemble_f2["tuned"] > choice.single_f2["tuned"] + 0.02
+    assert choice.bootstrap["ensemble - single"]["low"] > 0
+    assert choice.bootstrap["ensemble"]["f2"] == pytest.approx(choice.ensemble_f2["tuned"])
+    assert len(choice.thresholds) == 5 and set(choice.per_class) == set(CLASSES)
+
+
+def test_choose_fold_ensemble_refuses_members_over_other_slices():
+    frames = _oof_frames([1.0, 1.0])
+    frames["t1"] = frames["t1"].iloc[:-10]
+    with pytest.raises(ValueError, match="covers other slices"):
+        E.choose_fold_ensemble(frames)

@@ -1,4 +1,4 @@
-"""``ichmodel.predict``: per-slice probabilities, reversed-sequence TTA, model averaging, series summaries,
+"""``ichmodel.predict``: per-slice probabilities, flip and reversed-sequence TTA, model averaging, series summaries,
 and ``ray_jobs/predict.py`` on a folder of real (pydicom's CT_small.dcm) and generated DICOM studies."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from ichmodel.augment import normalize, to_float
 from ichmodel.checkpoint import load_model
+from ichmodel.config import AugmentConfig
 from ichmodel.constants import CLASSES
 from ichmodel.dataset import SeriesDataset, collate_series
 from ichmodel.predict import (
@@ -24,6 +25,7 @@ from ichmodel.predict import (
     eval_outputs,
     predict_dataset,
     prediction_arrays,
+    resolve_tta,
     reverse_padded,
     series_probs,
     summarize_series,
@@ -31,6 +33,7 @@ from ichmodel.predict import (
 from tests.datagen import small_dataset, write_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+REVERSING = AugmentConfig(reverse_prob=0.5)  # a model trained with reversed series
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +96,11 @@ def test_averaging_identical_models_equals_the_single_model(model_and_data):
     )
 
 
-def test_tta_averages_forward_and_reversed_sequences(model_and_data):
+def test_reversal_tta_averages_forward_and_reversed_sequences(model_and_data):
     model, (train_shards, _), _ = model_and_data
     dataset = small_dataset(train_shards, 1)
     plain = predict_dataset(model, dataset)
-    tta = predict_dataset(model, dataset, tta=True)
+    tta = predict_dataset(model, dataset, tta="reverse", trained=REVERSING)
     item = dataset[0]
     images = normalize(to_float(item["images"][None]))  # [1, T, C, H, W]
     length = torch.tensor([images.shape[1]])
@@ -109,12 +112,45 @@ def test_tta_averages_forward_and_reversed_sequences(model_and_data):
     # In a padded batch each series is reversed within its own length: padding does not leak in.
     short = {**item, "images": item["images"][:5], "labels": item["labels"][:5]}
     batch = collate_series([item, short])
-    batch_probs = series_probs(model, normalize(to_float(batch["images"])), batch["lengths"], tta=True)
+    batch_probs = series_probs(
+        model, normalize(to_float(batch["images"])), batch["lengths"], tta=("reverse",)
+    )
     np.testing.assert_allclose(batch_probs[0].numpy(), rows, rtol=0, atol=1e-4)
     short_images = normalize(to_float(short["images"][None]))
     fwd = series_probs(model, short_images, torch.tensor([5]))[0]
     bwd = series_probs(model, short_images.flip(1), torch.tensor([5]))[0].flip(0)
     np.testing.assert_allclose(batch_probs[1, :5].numpy(), ((fwd + bwd) / 2).numpy(), rtol=0, atol=1e-4)
+
+
+def test_flip_tta_is_identity_on_a_symmetric_input_and_not_on_an_asymmetric_one(model_and_data):
+    model = model_and_data[0]
+    item = small_dataset(model_and_data[1][0], 1)[0]
+    images = normalize(to_float(item["images"][None]))  # [1, T, C, H, W]
+    length = torch.tensor([images.shape[1]])
+    symmetric = 0.5 * (images + images.flip(-1))  # left-right symmetric slices
+    plain = series_probs(model, symmetric, length)
+    flipped = series_probs(model, symmetric, length, tta=("flip",))
+    torch.testing.assert_close(flipped, plain, rtol=1e-4, atol=1e-6)
+    asymmetric = images.clone()
+    asymmetric[..., : images.shape[-1] // 2] = images.amax()  # one bright half
+    plain = series_probs(model, asymmetric, length)
+    flipped = series_probs(model, asymmetric, length, tta=("flip",))
+    mirror = series_probs(model, asymmetric.flip(-1), length)
+    torch.testing.assert_close(flipped, 0.5 * (plain + mirror), rtol=1e-4, atol=1e-6)
+    assert (flipped - plain).abs().max() > 1e-3 * plain.abs().max()
+
+
+def test_tta_true_means_flip_and_reversal_needs_reversed_training():
+    assert resolve_tta(True) == ("flip",) and resolve_tta(False) == () and resolve_tta(None) == ()
+    assert resolve_tta(["reverse", "flip"], REVERSING) == ("flip", "reverse")
+    with pytest.raises(ValueError, match="reverse_prob=0.0"):
+        resolve_tta(("reverse",), AugmentConfig())  # the default training never reverses
+    with pytest.raises(ValueError, match="saved augment configs"):
+        resolve_tta("reverse")
+    with pytest.raises(ValueError, match="trained without flips"):
+        resolve_tta(True, [AugmentConfig(), AugmentConfig(flip_prob=0.0)])
+    with pytest.raises(ValueError, match="Unknown test-time augmentation"):
+        resolve_tta(("rotate",))
 
 
 def test_eval_outputs_run_in_eval_mode_without_gradients(model_and_data):

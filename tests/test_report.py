@@ -63,6 +63,17 @@ def test_report_without_optuna_has_the_table_and_three_figures(validation, tmp_p
     assert not (tmp_path / "report" / "optuna_history.png").exists()
 
 
+def test_report_shows_extra_tables_under_their_headings(validation, tmp_path):
+    y_true, probs, thresholds, scores = validation
+    tables = [("Calibration <OOF>", ["method", "log loss"], [["before", 0.49123], ["platt", 0.31]])]
+    page = make_report(
+        tmp_path / "r", scores, y_true, probs, thresholds, score_heading="Out-of-fold F2", tables=tables
+    ).read_text()
+    assert "<h2>Out-of-fold F2</h2>" in page and "Validation F2" not in page
+    assert "<h2>Calibration &lt;OOF&gt;</h2>" in page
+    assert "<th>log loss</th>" in page and "<td>0.4912</td>" in page and "<td>platt</td>" in page
+
+
 def test_report_with_an_optuna_study_shows_history_and_importance(validation, tmp_path):
     y_true, probs, thresholds, scores = validation
     _study(tmp_path / "optuna.db", 6)

@@ -1,0 +1,177 @@
+"""Per-class probability calibration fitted on out-of-fold predictions (for the RSNA log-loss file).
+
+The asymmetric loss the model trains with does not give calibrated probabilities; the RSNA metric
+(:func:`ichmodel.metrics.rsna_weighted_log_loss`) punishes that. Three per-class maps, fitted on labelled
+OOF probabilities and applied to test probabilities:
+
+- ``"platt"`` (default): ``p' = sigmoid(a · logit(p) + b)``, ``a, b`` by maximum likelihood (Newton steps);
+- ``"temperature"``: the same with ``b = 0`` (``a = 1 / T``), which keeps every ranking and threshold order;
+- ``"isotonic"``: a monotone step map (pool-adjacent-violators), linear between the fitted points, clipped
+  to ``[ISOTONIC_CLIP, 1 - ISOTONIC_CLIP]`` so a probability never becomes exactly 0 or 1.
+
+A map fitted and scored on the same predictions looks better than it is. :func:`cross_fit` therefore
+calibrates each fold's OOF rows with a map fitted on the other folds only; :func:`calibration_summary`
+reports the weighted log loss before and after *cross-fitted* calibration, and the map fitted on every OOF
+row is the one applied to test predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ichmodel.metrics import rsna_weighted_log_loss
+
+logger = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("platt", "temperature", "isotonic")
+#: Probabilities are clipped to ``[EPS, 1 - EPS]`` before ``logit``.
+EPS = 1e-6
+#: Isotonic outputs stay in ``[ISOTONIC_CLIP, 1 - ISOTONIC_CLIP]``.
+ISOTONIC_CLIP = 1e-4
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` of probabilities clipped to ``[EPS, 1 - EPS]``."""
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1.0 - EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
+
+
+def fit_platt(y: np.ndarray, p: np.ndarray, fit_bias: bool = True, steps: int = 50) -> tuple[float, float]:
+    """``(a, b)`` maximising the likelihood of ``y`` under ``sigmoid(a · logit(p) + b)``, by Newton steps.
+
+    A tiny ridge (1e-6) keeps the step defined when one class of ``y`` is absent; then the map is close to
+    the identity only if the data says so. ``fit_bias=False`` fixes ``b = 0`` (temperature scaling).
+    """
+    x = logit(p)
+    y = np.asarray(y, dtype=np.float64)
+    design = np.stack([x, np.ones_like(x)], axis=1) if fit_bias else x[:, None]  # [N, 1 or 2]
+    w = np.zeros(design.shape[1])
+    w[0] = 1.0  # start at the identity map
+    for _ in range(steps):
+        q = _sigmoid(design @ w)
+        grad = design.T @ (q - y) + 1e-6 * w
+        hess = (design * (q * (1.0 - q))[:, None]).T @ design + 1e-6 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1]) if fit_bias else 0.0
+
+
+def fit_isotonic(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing fit of ``y`` on ``p`` (pool-adjacent-violators): ``(x points, y values)``, ``x`` rising."""
+    order = np.argsort(p, kind="stable")
+    xs, ys = np.asarray(p, np.float64)[order], np.asarray(y, np.float64)[order]
+    ux, start = np.unique(xs, return_index=True)  # one point per distinct probability
+    sums, counts = np.add.reduceat(ys, start), np.diff(np.append(start, len(xs))).astype(np.float64)
+    blocks: list[list[float]] = []  # [sum, count, first point index, last point index]
+    for i in range(len(ux)):
+        blocks.append([sums[i], counts[i], i, i])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
+            s, c, _, last = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+            blocks[-1][3] = last
+    values = np.empty(len(ux))
+    for s, c, first, last in blocks:
+        values[int(first) : int(last) + 1] = s / c
+    return ux, values
+
+
+@dataclass
+class Calibrator:
+    """A fitted per-class map: ``params[c]`` is ``(a, b)`` (platt, temperature) or ``(x, y)`` (isotonic)."""
+
+    method: str
+    params: list
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities ``[N, 5]`` (float64) of ``probs`` ``[N, 5]``.
+
+        Raises:
+            ValueError: when ``probs`` is not ``[N, 5]``.
+        """
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.ndim != 2 or probs.shape[1] != len(self.params):
+            raise ValueError(f"probs must be [N, {len(self.params)}]. Got shape {probs.shape}")
+        out = np.empty_like(probs)
+        for c, param in enumerate(self.params):
+            if self.method == "isotonic":
+                x, y = (np.asarray(v, dtype=np.float64) for v in param)
+                out[:, c] = np.clip(np.interp(probs[:, c], x, y), ISOTONIC_CLIP, 1.0 - ISOTONIC_CLIP)
+            else:
+                a, b = param
+                out[:, c] = _sigmoid(a * logit(probs[:, c]) + b)
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (lists of floats)."""
+        params = [[np.asarray(v, dtype=float).tolist() for v in p] for p in self.params]
+        return {"method": self.method, "params": params}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Calibrator:
+        return cls(values["method"], [list(p) for p in values["params"]])
+
+
+def fit_calibrator(y_true: np.ndarray, probs: np.ndarray, method: str = "platt") -> Calibrator:
+    """Fit one map per class column of labelled probabilities ``[N, L]``.
+
+    Raises:
+        ValueError: for an unknown ``method`` or arrays of other shapes.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown calibration method {method!r}; choose from {list(METHODS)}")
+    y_true, probs = np.asarray(y_true, np.float64), np.asarray(probs, np.float64)
+    if probs.ndim != 2 or y_true.shape != probs.shape:
+        raise ValueError(f"y_true and probs must both be [N, L]. Got {y_true.shape} and {probs.shape}")
+    params: list = []
+    for c in range(probs.shape[1]):
+        if method == "isotonic":
+            params.append(list(fit_isotonic(y_true[:, c], probs[:, c])))
+        else:
+            params.append(list(fit_platt(y_true[:, c], probs[:, c], fit_bias=method == "platt")))
+    return Calibrator(method, params)
+
+
+def cross_fit(y_true: np.ndarray, probs: np.ndarray, fold: np.ndarray, method: str = "platt") -> np.ndarray:
+    """Each fold's rows calibrated by a map fitted on the other folds' rows only (honest OOF calibration).
+
+    Args:
+        y_true, probs: ``[N, L]``.
+        fold: ``[N]`` fold index of each row (series never straddle folds, so neither do their slices).
+
+    Raises:
+        ValueError: when there are fewer than 2 folds.
+    """
+    fold = np.asarray(fold)
+    folds = np.unique(fold)
+    if len(folds) < 2:
+        raise ValueError(f"cross_fit needs at least 2 folds. Got {folds.tolist()}")
+    out = np.empty(np.shape(probs), dtype=np.float64)
+    for f in folds:
+        held = fold == f
+        out[held] = fit_calibrator(y_true[~held], probs[~held], method).apply(probs[held])
+    return out
+
+
+def calibration_summary(
+    y_true: np.ndarray, probs: np.ndarray, fold: np.ndarray, methods: Sequence[str] = ("platt",)
+) -> dict[str, float]:
+    """OOF RSNA weighted log loss before calibration and after cross-fitted calibration by each method.
+
+    Returns:
+        ``{"before": float, "<method>": float, ...}``.
+    """
+    summary = {"before": rsna_weighted_log_loss(y_true, probs)}
+    for method in methods:
+        summary[method] = rsna_weighted_log_loss(y_true, cross_fit(y_true, probs, fold, method))
+    return summary

@@ -1,0 +1,200 @@
+"""K-fold splits by series (or patient) and out-of-fold assembly (:mod:`ichmodel.folds`), and the fold
+runner ``ray_jobs/folds.py`` on the session's Ray head (trains each fold once, resumes without retraining)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ichmodel.checkpoint import load_checkpoint
+from ichmodel.folds import assemble_oof, check_folds, fold_split, make_folds, shard_folds
+from ichmodel.shards import load_manifest, series_index
+from tests.datagen import write_checkpoint
+
+IDS = [f"s{i:02d}" for i in range(23)]
+POSITIVE = {s: i % 3 == 0 for i, s in enumerate(IDS)}  # 8 positive series
+
+
+def test_folds_partition_series_and_repeat_for_a_seed():
+    folds = make_folds(IDS, 4, seed=3, positive=POSITIVE)
+    flat = [s for f in folds for s in f]
+    assert sorted(flat) == IDS and len(flat) == len(set(flat))  # no series held out twice
+    assert make_folds(IDS, 4, seed=3, positive=POSITIVE) == folds
+    assert make_folds(IDS, 4, seed=4, positive=POSITIVE) != folds
+    positives = [sum(POSITIVE[s] for s in f) for f in folds]
+    assert max(positives) - min(positives) <= 1  # 8 positives over 4 folds: 2 each
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+
+
+def test_groups_keep_a_patient_in_one_fold():
+    groups = {s: f"p{i // 3}" for i, s in enumerate(IDS)}  # 8 patients, 3 series each (the last 2)
+    folds = make_folds(IDS, 3, seed=0, positive=POSITIVE, groups=groups)
+    fold_of_patient: dict[str, set[int]] = {}
+    for i, fold in enumerate(folds):
+        for s in fold:
+            fold_of_patient.setdefault(groups[s], set()).add(i)
+    assert all(len(v) == 1 for v in fold_of_patient.values()), fold_of_patient
+    assert sorted(s for f in folds for s in f) == IDS
+
+
+def test_fold_split_holds_its_fold_out():
+    folds = make_folds(IDS, 3, seed=0)
+    for i in range(3):
+        train, val = fold_split(folds, i)
+        assert set(val) == set(folds[i]) and not set(train) & set(val)
+        assert sorted(train + val) == IDS
+
+
+@pytest.mark.parametrize(
+    ("k", "ids", "message"),
+    [(1, IDS, "k"), (3, ["a", "b"], "Cannot make 3 folds"), (2, ["a", "a"], "duplicates")],
+)
+def test_bad_folds_are_refused(k, ids, message):
+    with pytest.raises(ValueError, match=message):
+        make_folds(ids, k)
+
+
+def test_check_folds_names_the_shared_series():
+    with pytest.raises(ValueError, match="'b' is held out by folds 0 and 1"):
+        check_folds([["a", "b"], ["b", "c"]])
+
+
+def _frame(series: list[str], value: float) -> pd.DataFrame:
+    rows = [(s, p, f"{s}_{p}") for s in series for p in range(2)]
+    frame = pd.DataFrame(rows, columns=["series_id", "position", "slice_id"])
+    for c in ("ich", "ivh", "sah", "sdh", "edh"):
+        frame[c] = np.float32(value)
+    return frame
+
+
+def test_oof_covers_every_series_once_by_its_fold_model():
+    folds = make_folds(IDS, 3, seed=1, positive=POSITIVE)
+    oof = assemble_oof([_frame(f, i / 10) for i, f in enumerate(folds)], folds)
+    per_series = oof.groupby("series_id")["fold"].agg(["nunique", "size"])
+    assert sorted(per_series.index) == IDS and (per_series["nunique"] == 1).all()
+    assert (per_series["size"] == 2).all()  # each slice once
+    for i, fold in enumerate(folds):  # each series predicted by the model that held it out
+        rows = oof[oof["series_id"].isin(fold)]
+        assert (rows["fold"] == i).all() and np.allclose(rows["ich"], i / 10)
+
+
+def test_oof_refuses_a_table_of_the_wrong_series():
+    folds = [["a", "b"], ["c"]]
+    with pytest.raises(ValueError, match="fold 1 covers other series"):
+        assemble_oof([_frame(["a", "b"], 0.1), _frame(["a"], 0.2)], folds)
+
+
+def test_shard_folds_cover_the_shards(demo_shards):
+    ids = sorted(series_index(load_manifest(demo_shards[0])))
+    folds = shard_folds(demo_shards[0], 2, seed=0)
+    assert sorted(s for f in folds for s in f) == ids and all(folds)
+
+
+@pytest.mark.ray
+def test_fold_job_trains_each_fold_once_and_a_rerun_retrains_nothing(ray_head, demo_shards, tmp_path):
+    experiment = tmp_path / "search"
+    ckpt = write_checkpoint(experiment / "train-t0" / "checkpoint.pt", demo_shards[0])
+    rows = [{"trial_id": "t0", "model_f2": 0.5, "checkpoint": str(ckpt), "status": "OK"}]
+    pd.DataFrame(rows).to_csv(experiment / "trials.csv", index=False)
+    out = tmp_path / "folds"
+    args = [sys.executable, "ray_jobs/folds.py", "--experiment", str(experiment), "--folds", "2", "--out", str(out),
+            "--epochs", "1,1,1", "--num-workers", "1"]  # fmt: skip
+    first = ray_head.run(args, timeout=400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["name"].tolist() == ["fold-t0-0of2", "fold-t0-1of2"] and runs["retrained"].all()
+    folds = pd.read_json(out / "folds.json")["folds"].tolist()
+    ids = sorted(series_index(load_manifest(demo_shards[0])))
+    oof = pd.read_parquet(out / "oof_t0.parquet")
+    per_series = oof.groupby("series_id")["fold"].agg(["nunique", "first"])
+    assert sorted(per_series.index) == ids and (per_series["nunique"] == 1).all()  # every series once
+    for i, fold in enumerate(folds):
+        assert set(per_series.index[per_series["first"] == i]) == set(fold)  # by the model that held it out
+    test = pd.read_parquet(out / "test_t0.parquet")
+    assert sorted(test["series_id"].unique()) == sorted(series_index(load_manifest(demo_shards[1])))
+    for path in runs["checkpoint"]:  # each fold trained all three stages on the other fold
+        assert load_checkpoint(path)["finished"], path
+    stamps = {p: os.stat(p).st_mtime_ns for p in runs["checkpoint"]}
+    for name in (
+        "submission.csv",
+        "val_leaderboard.csv",
+        "ensemble.json",
+        "fold_ensemble.json",
+        "report/index.html",
+    ):
+        assert (out / name).is_file(), name
+    assert "RESULT ensemble_oof_f2=" in first.stdout and "OOF RSNA weighted log loss: before" in first.stdout
+    assert json.loads((out / "ensemble.json").read_text())["models"] == runs["checkpoint"].tolist()
+
+    second = ray_head.run(args, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
+    assert "0 trained now, 2 finished before" in second.stdout
+    again = pd.read_csv(out / "runs.csv")
+    assert not again["retrained"].any() and again["checkpoint"].tolist() == runs["checkpoint"].tolist()
+    assert {p: os.stat(p).st_mtime_ns for p in again["checkpoint"]} == stamps
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "oof_t0.parquet"), oof)
+
+
+def test_fold_summary_chooses_members_calibrates_and_writes_its_files(tmp_path, capsys):
+    from ray_jobs.folds import FoldRuns, print_summary, summarize
+    from tests.test_ensemble import _oof_frames
+
+    oof = _oof_frames([1.5, 1.2, 50.0])
+    oof = {t: f.assign(**{c: f[c] ** 3 for c in ("ich", "ivh", "sah", "sdh", "edh")}) for t, f in oof.items()}
+    test = {t: f.drop(columns=["fold"]) for t, f in oof.items()}  # any table over the same slices will do
+    summary = summarize(FoldRuns(oof=oof, test=test), tmp_path, n_boot=100)
+    assert summary["single_best"] == "t1" and "t2" not in summary["bag"]
+    losses = summary["calibration"]["oof_log_loss"]
+    assert summary["calibration"]["method"] in ("platt", "isotonic")
+    assert losses[summary["calibration"]["method"]] < 0.95 * losses["before"]  # p**3: too low
+    for name in (
+        "oof_ensemble.parquet",
+        "test_ensemble.parquet",
+        "test_calibrated.parquet",
+        "fold_ensemble.json",
+    ):
+        assert (tmp_path / name).is_file(), name
+    oof_ens = pd.read_parquet(tmp_path / "oof_ensemble.parquet")
+    assert oof_ens.groupby("series_id")["fold"].nunique().eq(1).all()
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    assert "RESULT ensemble_oof_f2=" in printed and "single best (t1)" in printed
+
+
+def test_ensemble_job_folds_option_maps_to_the_fold_job():
+    from ray_jobs import folds
+    from tests.conftest import job_parser
+
+    args = job_parser("ensemble").parse_args(
+        [
+            "--experiment",
+            "runs/s",
+            "--top-k",
+            "2",
+            "--out",
+            "o",
+            "--folds",
+            "3",
+            "--tta",
+            "--gpus-per-model",
+            "1",
+        ]
+    )
+    mapped = folds.args_from_ensemble(args)
+    assert (mapped.experiment, mapped.top_k, mapped.folds, mapped.out) == ("runs/s", 2, 3, "o")
+    assert mapped.tta == ["flip"] and mapped.use_gpu and mapped.test is None
+
+
+def test_fold_job_refuses_a_storage_uri_for_out(tmp_path, monkeypatch, caplog):
+    from ray_jobs import folds
+
+    monkeypatch.chdir(tmp_path)
+    args = folds.get_args_parser().parse_args(["--experiment", str(tmp_path), "--out", "s3://bucket/x"])
+    assert folds.main(args) == 2
+    assert not (tmp_path / "s3:").exists()  # no local folder named after the URI
+    assert "must be local folders" in caplog.text
