@@ -190,85 +190,33 @@ class ICHModel(nn.Module):
             ValueError: on a bad shape, or lengths outside ``[1, T]``.
 
         The backbone runs once over the valid slices and the 2U pair images together, so BatchNorm sees
-        them as one batch (with ``cfg.transfer_grad`` off, the pairs get a second pass without autograd). With ``images`` in channels-last layout (per slice) or a model moved to
+        them as one batch (with ``cfg.transfer_grad`` off, the pairs get a second pass without autograd).
+        With ``images`` in channels-last layout (per slice) or a model moved to
         ``memory_format=torch.channels_last``, the backbone input is made channels-last.
         """
         if images.dim() != 5:
             raise ValueError(f"images must be [B, T, C, H, W]. Got shape {tuple(images.shape)}")
         B, T, C, H, W = images.size()  # batch, slices, channels, height, width
-        # Lengths are read on the host (checks, the packed GRU's sort, the slice index): pass them as a CPU
-        # tensor, as the loader gives them, and the forward pass reads nothing back from the device.
-        lengths = lengths.to(dtype=torch.long)
-        if lengths.device.type != "cpu":
-            lengths = lengths.cpu()  # one device → host sync; callers keep lengths on the host to avoid it
-        if lengths.shape != (B,):
-            raise ValueError(f"lengths must be [B]={B}. Got shape {tuple(lengths.shape)}")
-        if bool((lengths < 1).any()) or bool((lengths > T).any()):
-            raise ValueError(f"lengths must be in [1, {T}]. Got {lengths.tolist()}")
+        lengths = _host_lengths(lengths, B, T)
         valid_host = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
         flat_index = valid_host.reshape(-1).nonzero().squeeze(1)  # [N] indices into B*T, on the host
         valid = valid_host.to(images.device, non_blocking=True)
         flat_index = flat_index.to(images.device, non_blocking=True)
         x = images.reshape(B * T, C, H, W).index_select(0, flat_index)  # [N, C, H, W]
         N = x.size(0)
-
-        U = 0
-        pair_x = None
-        if transfer is not None and transfer.pair_images.numel() > 0:
-            pairs = transfer.pair_images
-            U = pairs.size(0)
-            if pairs.shape[1:] != (2, C, H, W):
-                raise ValueError(
-                    f"transfer.pair_images must be [U, 2, {C}, {H}, {W}]. Got {tuple(pairs.shape)}"
-                )
-            pair_x = pairs.reshape(U * 2, C, H, W).to(dtype=x.dtype)  # [2U, C, H, W]
-            if self.cfg.transfer_grad:
-                x, pair_x = torch.cat([x, pair_x], dim=0), None  # [N + 2U, C, H, W]: one backbone pass
-
-        channels_last = self._wants_channels_last(images)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.backbone(x)  # [N (+ 2U), D]
+        feats = self._features(x, images, transfer)  # [N + 2U, D]
         D = feats.size(1)
-        if pair_x is not None:  # transfer_grad off: the pairs' own pass, no autograd graph kept
-            pair_x = pair_x.contiguous(memory_format=torch.channels_last) if channels_last else pair_x
-            with torch.no_grad():
-                pair_feats = self.backbone(pair_x)  # [2U, D]
-            feats = torch.cat([feats, pair_feats], dim=0)  # [N + 2U, D]
-
         g = feats.new_zeros(B * T, D).index_copy(0, flat_index, feats[:N]).view(B, T, D)  # [B, T, D]
-        if U > 0:
-            pair_feats = feats[N:].view(U, 2, D)  # [U, 2, D]: f(z1), f(z2)
-            info = pair_feats[:, 1] - pair_feats[:, 0]  # [U, D]
-            slot = transfer.slot.to(device=g.device, dtype=torch.long, non_blocking=True)  # [B, T]
-            if slot.shape != (B, T):
-                raise ValueError(f"transfer.slot must be [B, T]=[{B}, {T}]. Got {tuple(slot.shape)}")
-            use = (slot >= 0) & valid  # [B, T]; slots on padding are ignored
-            g = g + info[slot.clamp(0, U - 1)] * use.unsqueeze(-1).to(g.dtype)  # [B, T, D]
-
+        if feats.size(0) > N:
+            g = _add_pair_differences(g, feats[N:], transfer.slot, valid)  # type: ignore[union-attr]
         g_rnn = g
         if mask is not None:
             mask = mask.to(device=g.device, dtype=torch.bool)
             if mask.shape != (B, T):
                 raise ValueError(f"mask must be [B, T]=[{B}, {T}]. Got {tuple(mask.shape)}")
             g_rnn = g_rnn * (~mask).unsqueeze(-1).to(g.dtype)
-        g_rnn = self.dropout(g_rnn)
-
-        # Sorted by length on the host and packed as sorted: with enforce_sorted=False, torch sorts on the host
-        # too but then reads the device-side inverse permutation back (a sync) when it unpacks.
-        order = torch.argsort(lengths, descending=True, stable=True)  # [B] host
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B)
-        to_device = {"device": g.device, "non_blocking": True}
-        sorted_g = g_rnn.index_select(0, order.to(**to_device))
-        packed = pack_padded_sequence(sorted_g, lengths[order], batch_first=True, enforce_sorted=True)
-        h, _ = self.rnn(packed)
-        h, _ = pad_packed_sequence(
-            h, batch_first=True, total_length=T
-        )  # [B, T, 2 * rnn_hidden], 0 at padding
-        h = h.index_select(0, inverse.to(**to_device))
+        h = self._sequence(self.dropout(g_rnn), lengths)  # [B, T, 2 * rnn_hidden], 0 at padding
         context = h[..., : self.cfg.rnn_hidden]  # [B, T, rnn_hidden] forward direction: saw g_1..g_t only
-
         return {
             "g": g,
             "h": h,
@@ -281,12 +229,96 @@ class ICHModel(nn.Module):
             "cpc_predictions": predict_future(context, self.cpc_predictors),
         }
 
+    def _features(
+        self, x: torch.Tensor, images: torch.Tensor, transfer: TransferBatch | None
+    ) -> torch.Tensor:
+        """Backbone features of the valid slices ``x`` ``[N, C, H, W]``, then of the 2U pair images: ``[N + 2U, D]``.
+
+        With ``cfg.transfer_grad`` the pairs share the slices' pass (one BatchNorm batch); without it they get
+        their own pass under ``no_grad``.
+        """
+        pair_x = None
+        if transfer is not None and transfer.pair_images.numel() > 0:
+            pairs = transfer.pair_images
+            U, C, H, W = pairs.size(0), *x.shape[1:]
+            if pairs.shape[1:] != (2, C, H, W):
+                raise ValueError(
+                    f"transfer.pair_images must be [U, 2, {C}, {H}, {W}]. Got {tuple(pairs.shape)}"
+                )
+            pair_x = pairs.reshape(U * 2, C, H, W).to(dtype=x.dtype)  # [2U, C, H, W]
+            if self.cfg.transfer_grad:
+                x, pair_x = torch.cat([x, pair_x], dim=0), None  # [N + 2U, C, H, W]: one backbone pass
+        channels_last = self._wants_channels_last(images)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone(x)  # [N (+ 2U), D]
+        if pair_x is not None:  # transfer_grad off: the pairs' own pass, no autograd graph kept
+            pair_x = pair_x.contiguous(memory_format=torch.channels_last) if channels_last else pair_x
+            with torch.no_grad():
+                pair_feats = self.backbone(pair_x)  # [2U, D]
+            feats = torch.cat([feats, pair_feats], dim=0)  # [N + 2U, D]
+        return feats
+
+    def _sequence(self, g_rnn: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The bi-GRU over ``g_rnn`` ``[B, T, D]`` with host ``lengths`` ``[B]``: ``h`` ``[B, T, 2 · rnn_hidden]``.
+
+        The series are sorted by length on the host and packed as sorted: with ``enforce_sorted=False`` torch
+        sorts on the host too but then reads the device-side inverse permutation back (a sync) to unpack.
+        """
+        B, T = g_rnn.shape[:2]
+        order = torch.argsort(lengths, descending=True, stable=True)  # [B] host
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(B)
+        to_device = {"device": g_rnn.device, "non_blocking": True}
+        sorted_g = g_rnn.index_select(0, order.to(**to_device))
+        packed = pack_padded_sequence(sorted_g, lengths[order], batch_first=True, enforce_sorted=True)
+        h, _ = self.rnn(packed)
+        h, _ = pad_packed_sequence(h, batch_first=True, total_length=T)
+        return h.index_select(0, inverse.to(**to_device))
+
     def _wants_channels_last(self, images: torch.Tensor) -> bool:
         if self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last) and not (
             self.backbone.conv1.weight.is_contiguous()
         ):
             return True
         return images.dim() == 5 and images.stride(2) == 1 and images.size(2) > 1
+
+
+def _host_lengths(lengths: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """``lengths`` as a checked int64 host tensor ``[B]`` with values in ``[1, T]``.
+
+    They are read on the host (checks, the packed GRU's sort, the slice index): callers pass them as the CPU
+    tensor the loader gives, and the forward pass then reads nothing back from the device.
+
+    Raises:
+        ValueError: on a bad shape or a length outside ``[1, T]``.
+    """
+    lengths = lengths.to(dtype=torch.long)
+    if lengths.device.type != "cpu":
+        lengths = lengths.cpu()  # one device → host sync; callers keep lengths on the host to avoid it
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be [B]={B}. Got shape {tuple(lengths.shape)}")
+    if bool((lengths < 1).any()) or bool((lengths > T).any()):
+        raise ValueError(f"lengths must be in [1, {T}]. Got {lengths.tolist()}")
+    return lengths
+
+
+def _add_pair_differences(
+    g: torch.Tensor, pair_feats: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Diversity transfer: ``g + f(z2) − f(z1)`` at the slices whose ``slot`` ``[B, T]`` names a pair.
+
+    ``pair_feats`` ``[2U, D]`` holds f(z1), f(z2) of each pair in turn; slots on padding are ignored.
+    """
+    B, T, D = g.shape
+    U = pair_feats.size(0) // 2
+    pairs = pair_feats.view(U, 2, D)  # [U, 2, D]: f(z1), f(z2)
+    info = pairs[:, 1] - pairs[:, 0]  # [U, D]
+    slot = slot.to(device=g.device, dtype=torch.long, non_blocking=True)  # [B, T]
+    if slot.shape != (B, T):
+        raise ValueError(f"transfer.slot must be [B, T]=[{B}, {T}]. Got {tuple(slot.shape)}")
+    use = (slot >= 0) & valid  # [B, T]
+    return g + info[slot.clamp(0, U - 1)] * use.unsqueeze(-1).to(g.dtype)
 
 
 def predict_future(context: torch.Tensor, predictors: nn.ModuleList | list[nn.Linear]) -> torch.Tensor:

@@ -143,6 +143,39 @@ def _parse_01(values: Sequence[str]) -> tuple[int, ...]:
     return out
 
 
+def _dlcv_label_rows(
+    labels_csv: str | Path, image_dir: Path, skipped: list[SkipRecord]
+) -> dict[tuple[str, str], tuple[int, ...]]:
+    """``{(dirname, ID): labels}`` of a DLCV CSV, in file order; bad rows go to ``skipped`` with a reason.
+
+    Rejected: rows with the wrong column count, names that are absolute or contain ``..``, labels other
+    than 0/1, and a duplicate row with other labels (an identical duplicate is dropped silently).
+    """
+    seen: dict[tuple[str, str], tuple[int, ...]] = {}
+    for line, row in enumerate(read_csv_rows(labels_csv, DLCV_LABEL_HEADER), start=2):
+        where = f"{labels_csv}:{line}"
+        if len(row) != len(DLCV_LABEL_HEADER):
+            _skip(skipped, where, f"expected {len(DLCV_LABEL_HEADER)} columns. Got {len(row)}")
+            continue
+        dirname, name = row[0].strip(), row[1].strip()
+        problem = _unsafe_name(dirname) or _unsafe_name(name)
+        if problem:
+            _skip(skipped, f"{dirname}/{name}", f"rejected CSV row {where}: {problem}")
+            continue
+        try:
+            labels = _parse_01(row[2:])
+        except ValueError as exc:
+            _skip(skipped, image_dir / dirname / name, f"row {where}: {exc}")
+            continue
+        key = (dirname, name)
+        if key in seen:
+            if seen[key] != labels:
+                _skip(skipped, image_dir / dirname / name, f"row {where}: conflicting duplicate row")
+            continue
+        seen[key] = labels
+    return seen
+
+
 def read_dlcv(image_dir: str | Path, labels_csv: str | Path | None = None) -> ReadResult:
     """List the DLCV layout: ``image_dir/<dirname>/<ID>.jpg``, labelled by ``labels_csv`` when given.
 
@@ -187,35 +220,13 @@ def read_dlcv(image_dir: str | Path, labels_csv: str | Path | None = None) -> Re
             if path.suffix.lower() in (".jpg", ".jpeg", ".png"):
                 add(dirname, name, None)
     else:
-        seen: dict[tuple[str, str], tuple[int, ...]] = {}
-        for line, row in enumerate(read_csv_rows(labels_csv, DLCV_LABEL_HEADER), start=2):
-            where = f"{labels_csv}:{line}"
-            if len(row) != len(DLCV_LABEL_HEADER):
-                _skip(result.skipped, where, f"expected {len(DLCV_LABEL_HEADER)} columns. Got {len(row)}")
-                continue
-            dirname, name = row[0].strip(), row[1].strip()
-            problem = _unsafe_name(dirname) or _unsafe_name(name)
-            if problem:
-                _skip(result.skipped, f"{dirname}/{name}", f"rejected CSV row {where}: {problem}")
-                continue
-            try:
-                labels = _parse_01(row[2:])
-            except ValueError as exc:
-                _skip(result.skipped, image_dir / dirname / name, f"row {where}: {exc}")
-                continue
-            key = (dirname, name)
-            if key in seen:
-                if seen[key] != labels:
-                    _skip(
-                        result.skipped, image_dir / dirname / name, f"row {where}: conflicting duplicate row"
-                    )
-                continue
-            seen[key] = labels
+        rows = _dlcv_label_rows(labels_csv, image_dir, result.skipped)
+        for key, labels in rows.items():
             if key not in on_disk:
-                _skip(result.skipped, image_dir / dirname / name, "label row for a missing file")
+                _skip(result.skipped, image_dir / key[0] / key[1], "label row for a missing file")
                 continue
-            add(dirname, name, labels)
-        for key in sorted(set(on_disk) - set(seen)):
+            add(*key, labels)
+        for key in sorted(set(on_disk) - set(rows)):
             _skip(result.skipped, on_disk[key], f"image without a label row in {labels_csv}")
 
     for dirname in sorted(slices):

@@ -190,57 +190,66 @@ def generate_series(
         frac = (k + 0.5) / num_slices
         s = _head_scale(frac)
         u, v = xr / (head.ax * s), yr / (head.ay * s)
-        rho = np.sqrt(u * u + v * v)  # 1 on the outer skull
-        inner = 1.0 - head.skull
-        rho_b = rho / inner  # 1 on the inner skull
-        phi = np.arctan2(v, u)
-        r_px = 0.5 * (head.ax + head.ay) * s * inner  # mean inner radius in pixels
-
-        img = np.full((size, size), -1000.0, dtype=np.float32)
-        img[(rho >= 1.0) & (rho < 1.0 + 0.05)] = 35.0  # scalp
-        img[(rho >= inner) & (rho < 1.0)] = 1200.0  # skull
-        brain = rho_b < 1.0
-        img[brain] = 28.0
-        img[brain & (rho_b > 0.84)] = 38.0  # cortex
-
-        line_half_px = max(0.6, size / 128)
-        sulci_masks = [
-            brain & (rho_b > 0.75) & (_angle_diff(phi, a) * rho_b * r_px < line_half_px) for a in head.sulci
-        ]
-        fissure = brain & (np.abs(u * head.ax * s) < line_half_px) & (v < -0.15) & (rho_b < 0.97)
-        for m in [*sulci_masks, fissure]:
-            img[m] = _CSF_HU + 2.0
-
-        vent_lo, vent_hi = head.vent_range
-        ventricles = []
-        if vent_lo <= frac <= vent_hi:
-            vp = math.sqrt(
-                max(0.0, 1 - ((frac - (vent_lo + vent_hi) / 2) / ((vent_hi - vent_lo) / 2 + 1e-6)) ** 2)
-            )
-            for side in (-1.0, 1.0):
-                du, dv = (u - side * 0.14) / (0.07 * vp + 1e-3), (v + 0.05) / (0.3 * vp + 1e-3)
-                ventricles.append(brain & (du * du + dv * dv < 1.0))
-            for m in ventricles:
-                img[m] = _CSF_HU
-
+        img, parts = _anatomy(head, u, v, frac, s, size)
         for lesion in lesions:
             profile = 1.0 - ((k - lesion.center) / (lesion.half + 0.5)) ** 2
             if profile <= 0:
                 continue
-            mask = _lesion_mask(
-                lesion, math.sqrt(profile), u, v, rho_b, phi, brain, sulci_masks, fissure, ventricles
-            )
+            mask = _lesion_mask(lesion, math.sqrt(profile), u, v, *parts)
             if mask is None or mask.sum() < min_area:
                 continue
             if lesion.cls == "ich":
-                rim = _ich_mask(lesion, math.sqrt(profile), u, v, brain, scale=1.35) & ~mask
+                rim = _ich_mask(lesion, math.sqrt(profile), u, v, parts[2], scale=1.35) & ~mask
                 img[rim] = 18.0
             img[mask] = lesion.hu
             labels[k, CLASSES.index(lesion.cls)] = 1
-
         img += rng.standard_normal((size, size), dtype=np.float32) * np.float32(noise_hu)
         hu[k] = img
     return hu, labels
+
+
+def _anatomy(
+    head: _Head, u: np.ndarray, v: np.ndarray, frac: float, s: float, size: int
+) -> tuple[np.ndarray, tuple]:
+    """One slice's HU image without lesions or noise, and the masks lesions are drawn against.
+
+    ``u, v`` are the pixel coordinates in head units at this height (``frac`` from the base, head scale
+    ``s``). Returns ``(img [H, W], (rho_b, phi, brain, sulci_masks, fissure, ventricles))``. Draws nothing
+    at random: the series' randomness is all in ``head`` and the lesions.
+    """
+    rho = np.sqrt(u * u + v * v)  # 1 on the outer skull
+    inner = 1.0 - head.skull
+    rho_b = rho / inner  # 1 on the inner skull
+    phi = np.arctan2(v, u)
+    r_px = 0.5 * (head.ax + head.ay) * s * inner  # mean inner radius in pixels
+
+    img = np.full((size, size), -1000.0, dtype=np.float32)
+    img[(rho >= 1.0) & (rho < 1.0 + 0.05)] = 35.0  # scalp
+    img[(rho >= inner) & (rho < 1.0)] = 1200.0  # skull
+    brain = rho_b < 1.0
+    img[brain] = 28.0
+    img[brain & (rho_b > 0.84)] = 38.0  # cortex
+
+    line_half_px = max(0.6, size / 128)
+    sulci_masks = [
+        brain & (rho_b > 0.75) & (_angle_diff(phi, a) * rho_b * r_px < line_half_px) for a in head.sulci
+    ]
+    fissure = brain & (np.abs(u * head.ax * s) < line_half_px) & (v < -0.15) & (rho_b < 0.97)
+    for m in [*sulci_masks, fissure]:
+        img[m] = _CSF_HU + 2.0
+
+    vent_lo, vent_hi = head.vent_range
+    ventricles = []
+    if vent_lo <= frac <= vent_hi:
+        vp = math.sqrt(
+            max(0.0, 1 - ((frac - (vent_lo + vent_hi) / 2) / ((vent_hi - vent_lo) / 2 + 1e-6)) ** 2)
+        )
+        for side in (-1.0, 1.0):
+            du, dv = (u - side * 0.14) / (0.07 * vp + 1e-3), (v + 0.05) / (0.3 * vp + 1e-3)
+            ventricles.append(brain & (du * du + dv * dv < 1.0))
+        for m in ventricles:
+            img[m] = _CSF_HU
+    return img, (rho_b, phi, brain, sulci_masks, fissure, ventricles)
 
 
 def _ich_mask(lesion: _Lesion, p: float, u, v, brain, scale: float = 1.0) -> np.ndarray:
