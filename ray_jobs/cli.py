@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ichmodel.config import Config, load_overrides
-from ray_jobs.storage import absolute, storage_env
+from ray_jobs.storage import absolute, check_job_paths, storage_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "runs" / "demo_data"  # ichmodel.demo_data.ensure_demo_data(DEMO_ROOT) for the jobs
@@ -210,3 +210,16 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = Non
     if args.data is not None:
         overrides["data.shards"] = absolute(args.data)
     return Config().with_overrides(overrides)
+
+
+def init_ray_for_job(storage: str, data: str | None):
+    """:func:`init_ray`, then check ``--storage`` and ``--data`` for a submitted job and a cluster
+    (:func:`ray_jobs.storage.check_job_paths`). Returns the ``ray`` module, or ``None`` after logging why not.
+    """
+    ray = init_ray()
+    try:  # a submitted job's cwd is temporary; other nodes must see the same folders
+        check_job_paths({"--storage": storage, "--data": data}, ray)
+    except ValueError as exc:
+        logging.getLogger("ray_jobs").error("%s", exc)
+        return None
+    return ray

@@ -32,11 +32,11 @@ from ray_jobs.cli import (  # noqa: E402
     REPO_ROOT,
     add_config_arguments,
     build_config,
-    init_ray,
+    init_ray_for_job,
     setup_logging,
 )
 from ray_jobs.experiment import parse_job_args, read_job_record, resume_job_args, write_job_record  # noqa: E402
-from ray_jobs.storage import absolute, check_job_paths, join  # noqa: E402
+from ray_jobs.storage import absolute, join  # noqa: E402
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.train")
@@ -101,11 +101,8 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    ray = init_ray()
-    try:  # a submitted job's cwd is temporary; other nodes must see the same folders
-        check_job_paths({"--storage": args.storage, "--data": args.data and cfg.data.shards}, ray)
-    except ValueError as exc:
-        logger.error("%s", exc)
+    ray = init_ray_for_job(args.storage, args.data and cfg.data.shards)
+    if ray is None:
         return 2
     loop_config = {"config": cfg.to_dict(), "overrides": {}}
     if args.fail_at_epoch is not None:

@@ -43,7 +43,7 @@ from ray_jobs.cli import (  # noqa: E402
     REPO_ROOT,
     add_config_arguments,
     build_config,
-    init_ray,
+    init_ray_for_job,
     setup_logging,
 )
 from ray_jobs.experiment import (  # noqa: E402
@@ -56,7 +56,7 @@ from ray_jobs.experiment import (  # noqa: E402
     resume_job_args,
     write_job_record,
 )
-from ray_jobs.storage import absolute, check_job_paths, is_uri, join, write_bytes  # noqa: E402
+from ray_jobs.storage import absolute, is_uri, join, write_bytes  # noqa: E402
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report  # noqa: E402
 from search_spaces import load_space  # noqa: E402
 
@@ -330,11 +330,8 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault(
         "TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"
     )  # metrics arrive through Train's callback
-    ray = init_ray()
-    try:  # a submitted job's cwd is temporary; other nodes must see the same folders
-        check_job_paths({"--storage": args.storage, "--data": args.data and cfg.data.shards}, ray)
-    except ValueError as exc:
-        logger.error("%s", exc)
+    ray = init_ray_for_job(args.storage, args.data and cfg.data.shards)
+    if ray is None:
         return 2
     max_concurrent = args.max_concurrent
     if max_concurrent is None:
