@@ -523,10 +523,19 @@ def selection_score(metric: str, val: dict[str, Any]) -> float:
     return -float(val["val_mc" if metric == "mc_loss" else "val_loss"])
 
 
+def epoch_batches(run: RunContext) -> Any:
+    """This rank's training batches of the current epoch (:func:`ichmodel.dataset.train_batches`); sets the
+    dataset's epoch for its random series crops."""
+    cfg, state = run.cfg, run.state
+    run.train_set.set_epoch(state.global_epoch)
+    return train_batches(
+        len(run.train_set), cfg.data.batch_size, cfg.train.seed, state.global_epoch, run.rank, run.world
+    )
+
+
 def steps_per_epoch(run: RunContext) -> int:
-    """Optimizer steps of one epoch on this rank (every rank takes the same number)."""
-    cfg = run.cfg
-    return len(train_batches(len(run.train_set), cfg.data.batch_size, cfg.train.seed, 0, run.rank, run.world))
+    """Optimizer steps of one epoch on this rank (every rank takes the same number, in every epoch)."""
+    return len(epoch_batches(run))
 
 
 def add_warmup(optimizer: torch.optim.Optimizer, lr: float, total: int, done: int = 0) -> Any:
@@ -600,12 +609,7 @@ def stage_grad_shares(run: RunContext, loss_fn: nn.Module) -> dict[str, float]:
     Logged and returned as ``{"grad_share_<task>": share}`` (:func:`ichmodel.diagnostics.gradient_shares`,
     without augmentation or strategies; under DDP each rank measures its own first batch).
     """
-    cfg, state = run.cfg, run.state
-    batches = train_batches(
-        len(run.train_set), cfg.data.batch_size, cfg.train.seed, state.global_epoch, run.rank, run.world
-    )
-    run.train_set.set_epoch(state.global_epoch)
-    batch = next(iter(make_loader(run.train_set, [next(iter(batches))], 0)))
+    batch = next(iter(make_loader(run.train_set, [next(iter(epoch_batches(run)))], 0)))
     on_device = {
         "images": normalize(prepare_images(batch, run.device)),
         "lengths": batch["lengths"],
@@ -662,11 +666,8 @@ def run_epoch(
     cfg, state = run.cfg, run.state
     seed = cfg.train.seed * 1_000_003 + state.global_epoch
     ctx.generator = torch.Generator().manual_seed(seed * 31 + run.rank)  # augmentation and strategies
-    batches = train_batches(
-        len(run.train_set), cfg.data.batch_size, cfg.train.seed, state.global_epoch, run.rank, run.world
-    )
-    run.train_set.set_epoch(state.global_epoch)
-    train = train_one_epoch(ctx, make_loader(run.train_set, batches, cfg.data.num_workers), progress)
+    loader = make_loader(run.train_set, epoch_batches(run), cfg.data.num_workers)
+    train = train_one_epoch(ctx, loader, progress)
     val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
     val = evaluate(
         run.model,

@@ -50,6 +50,7 @@ from ichmodel.shards import load_manifest  # noqa: E402
 from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import init_ray, setup_logging  # noqa: E402
 from ray_jobs.storage import fetch, is_uri  # noqa: E402
+from ray_jobs.worker import predict_fn  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.ensemble")
 
@@ -120,45 +121,6 @@ def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
         keep.append(i)  # a missing one keeps its URI, which select_trials reports as missing
     table.loc[keep].to_csv(cache / "trials.csv", index=False)
     return cache
-
-
-def predict_fn(
-    checkpoint: str,
-    shard_dirs: list[str],
-    series: list[list[str] | None],
-    tta: bool,
-    batch_size: int,
-    use_gpu: bool,
-):
-    """Ray task body: one model's prediction tables for each shard folder (``series[i]``: ids or all).
-
-    A ``checkpoint`` on storage (URI) is downloaded here, on the node that runs the task.
-    """
-    import torch
-
-    from ichmodel.checkpoint import load_model
-    from ichmodel.dataset import SeriesDataset
-    from ichmodel.predict import predict_dataset
-
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    if is_uri(checkpoint):
-        with tempfile.TemporaryDirectory(prefix="ich-checkpoint-") as folder:
-            if not fetch(checkpoint, Path(folder) / "checkpoint.pt"):
-                raise FileNotFoundError(f"No checkpoint at {checkpoint}")
-            model, cfg, _ = load_model(Path(folder) / "checkpoint.pt", device)
-    else:
-        model, cfg, _ = load_model(checkpoint, device)
-    return [
-        predict_dataset(
-            model,
-            SeriesDataset(d, ids),
-            batch_size=batch_size,
-            device=device,
-            tta=tta,
-            amp_bf16=cfg.train.amp_bf16,
-        )
-        for d, ids in zip(shard_dirs, series, strict=True)
-    ]
 
 
 def resolve_data(checkpoints: list[str], test: str | None) -> tuple[Config, str, list[str]]:

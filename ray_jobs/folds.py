@@ -41,6 +41,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -51,13 +52,13 @@ from ichmodel import folds as F  # noqa: E402
 from ichmodel import submission as S  # noqa: E402
 from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
-from ichmodel.io import atomic_write_text  # noqa: E402
+from ichmodel.io import atomic_write, atomic_write_text  # noqa: E402
 from ichmodel.predict import PROB_COLUMNS, prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
 from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import init_ray, parse_overrides, setup_logging  # noqa: E402
-from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report  # noqa: E402
+from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report, predict_fn  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.folds")
 
@@ -147,32 +148,6 @@ def train_fold_fn(loop_config: dict, name: str, storage_path: str, num_workers: 
     return {"name": name, "retrained": True, "checkpoint": f"{result.checkpoint.path}/{CHECKPOINT_FILE}"}
 
 
-def predict_fold_fn(
-    checkpoint: str, shard_dirs: list[str], series: list, tta: list[str], batch_size: int, use_gpu: bool
-) -> list[pd.DataFrame]:
-    """Ray task body: one fold model's prediction table of each shard folder (``series[i]``: ids or all)."""
-    import torch
-
-    from ichmodel.checkpoint import load_model
-    from ichmodel.dataset import SeriesDataset
-    from ichmodel.predict import predict_dataset
-
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    model, cfg, _ = load_model(checkpoint, device)
-    return [
-        predict_dataset(
-            model,
-            SeriesDataset(d, ids),
-            batch_size=batch_size,
-            device=device,
-            tta=tuple(tta),
-            amp_bf16=cfg.train.amp_bf16,
-            trained=cfg.augment,
-        )
-        for d, ids in zip(shard_dirs, series, strict=True)
-    ]
-
-
 @dataclass
 class FoldRuns:
     """What :func:`run_folds` returns: per trial its OOF table and mean test table; one record per run."""
@@ -210,7 +185,7 @@ def train_all(ray, jobs: list[dict], storage_path: str, num_workers: int, use_gp
 def predict_all(ray, runs: list[dict], test_shards: str, out: Path, args: argparse.Namespace) -> list[list]:
     """Each run's ``[held-out table, test table]``, from ``out/predictions`` when the run was not retrained."""
     cache = out / "predictions"
-    task = ray.remote(num_cpus=1, num_gpus=1 if args.use_gpu else 0)(predict_fold_fn)
+    task = ray.remote(num_cpus=1, num_gpus=1 if args.use_gpu else 0)(predict_fn)
     refs = {}
     for run in runs:
         files = [cache / f"{run['name']}-{part}.parquet" for part in ("oof", "test")]
@@ -226,9 +201,7 @@ def predict_all(ray, runs: list[dict], test_shards: str, out: Path, args: argpar
             run["tables"] = ray.get(refs[run["name"]])
             cache.mkdir(parents=True, exist_ok=True)
             for table, part in zip(run["tables"], ("oof", "test"), strict=True):
-                tmp = cache / f".{run['name']}-{part}.parquet.tmp"
-                table.to_parquet(tmp, index=False)
-                tmp.replace(cache / f"{run['name']}-{part}.parquet")
+                atomic_write(cache / f"{run['name']}-{part}.parquet", partial(table.to_parquet, index=False))
     return [run["tables"] for run in runs]
 
 

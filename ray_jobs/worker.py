@@ -171,3 +171,46 @@ def _logger_level(name: str, level: int) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(before)
+
+
+def predict_fn(
+    checkpoint: str,
+    shard_dirs: list[str],
+    series: list[list[str] | None],
+    tta: bool | list[str],
+    batch_size: int,
+    use_gpu: bool,
+) -> list:
+    """Ray task body: one model's prediction tables for each shard folder (``series[i]``: ids or all).
+
+    Used by the ensemble and the fold jobs. A ``checkpoint`` on storage (URI) is downloaded here, on the
+    node that runs the task. ``tta`` is checked against the augmentation the model was trained with
+    (:func:`ichmodel.predict.resolve_tta`).
+    """
+    import torch
+
+    from ichmodel.checkpoint import load_model
+    from ichmodel.dataset import SeriesDataset
+    from ichmodel.predict import predict_dataset
+    from ray_jobs.storage import fetch, is_uri
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    if is_uri(checkpoint):
+        with tempfile.TemporaryDirectory(prefix="ich-checkpoint-") as folder:
+            if not fetch(checkpoint, Path(folder) / CHECKPOINT_FILE):
+                raise FileNotFoundError(f"No checkpoint at {checkpoint}")
+            model, cfg, _ = load_model(Path(folder) / CHECKPOINT_FILE, device)
+    else:
+        model, cfg, _ = load_model(checkpoint, device)
+    return [
+        predict_dataset(
+            model,
+            SeriesDataset(d, ids),
+            batch_size=batch_size,
+            device=device,
+            tta=tta if isinstance(tta, bool) else tuple(tta),
+            amp_bf16=cfg.train.amp_bf16,
+            trained=cfg.augment,
+        )
+        for d, ids in zip(shard_dirs, series, strict=True)
+    ]
