@@ -282,9 +282,12 @@ def split_series(shard_dir: str | Path, val_fraction: float, seed: int) -> tuple
     return train, sorted(val)
 
 
-def class_prevalence(dataset: SeriesDataset) -> np.ndarray | None:
-    """Fraction of labelled slices positive for each class ``[5]``; ``None`` when no slice has labels."""
-    labels = series_labels(dataset)
+def class_prevalence(dataset: SeriesDataset, labels: list[np.ndarray] | None = None) -> np.ndarray | None:
+    """Fraction of labelled slices positive for each class ``[5]``; ``None`` when no slice has labels.
+
+    ``labels``: the dataset's :func:`series_labels` when the caller has read them already.
+    """
+    labels = series_labels(dataset) if labels is None else labels
     stacked = np.concatenate(labels) if labels else np.zeros((0, NUM_CLASSES), np.int8)
     known = stacked[(stacked >= 0).all(1)]
     return (known > 0).mean(0) if len(known) else None

@@ -120,15 +120,17 @@ class TransferPoolImages:
 # ------------------------------------------------------------------------------------- transfer pool
 
 
-def build_pool_images(dataset: SeriesDataset, pool_size: int, seed: int) -> TransferPoolImages | None:
+def build_pool_images(
+    dataset: SeriesDataset, pool_size: int, seed: int, labels: list[np.ndarray] | None = None
+) -> TransferPoolImages | None:
     """Sample up to ``pool_size`` diversity-transfer pairs from ``dataset`` and load their images.
 
     Pairs follow the paper's conditions (adjacent slices, the second has exactly one more label).
     Keeping a bounded sample in memory makes a DT step cost one backbone pass over ``2 × pairs`` extra
     images instead of reading series from disk inside the training step. Returns ``None`` when the
-    training labels hold no such pair.
+    training labels hold no such pair. ``labels``: the dataset's :func:`series_labels`, if already read.
     """
-    pool = build_transfer_pool(series_labels(dataset))
+    pool = build_transfer_pool(series_labels(dataset) if labels is None else labels)
     if not pool or pool_size == 0:
         logger.info("diversity transfer pool is empty: DT will not change any sequence")
         return None
@@ -762,7 +764,8 @@ def fit(
     world = dist.get_world_size() if distributed else 1
     torch.manual_seed(cfg.train.seed)
     net = build_model(cfg.model).to(device)
-    prevalence = class_prevalence(train_set)
+    train_labels = series_labels(train_set)  # read once: prevalence and the transfer pool both need them
+    prevalence = class_prevalence(train_set, train_labels)
     if prevalence is not None and cfg.train.init_cls_bias and resume is None:
         init_class_bias(net, prevalence)
     if cfg.train.channels_last:
@@ -775,7 +778,7 @@ def fit(
     plan = stage_plan(cfg)
     pool = None
     if not state.finished and any(s.strategies and s.max_epochs > 0 for s in plan[state.stage :]):
-        pool = build_pool_images(train_set, cfg.strategy.pool_size, cfg.train.seed)
+        pool = build_pool_images(train_set, cfg.strategy.pool_size, cfg.train.seed, train_labels)
     run = RunContext(
         cfg, net, model, device, train_set, val_set, rank, world, pool, state, best_model, prevalence
     )
