@@ -212,8 +212,9 @@ class TrainConfig(_Section):
     #: Default "f2": bench/ablation.py (64 series at 64 px, 1+1+2 epochs) gave the default recipe held-out
     #: micro-F2 0.538 / 0.478 (seeds 0 / 1) selected by F2 against 0.480 / 0.422 by MC loss.
     select_metric: str = "f2"
-    #: Linear learning-rate warm-up over the first ``warmup_epochs`` epochs (per step) of every stage after
-    #: the first, whose new heads start random and meet a fresh AdamW; 0 = none. Default 1: the same bench
+    #: Linear learning-rate warm-up over the first ``warmup_epochs`` epochs (per step) of a stage that adds
+    #: tasks to trained weights (stage 3: the LP, DC and CPC heads start random and meet a fresh AdamW;
+    #: stage 2 adds no head and starts at the full rate); 0 = none. Default 1: the same bench
     #: (seed 0, selection by MC loss) gave 0.480 held-out micro-F2 with it against 0.454 without.
     warmup_epochs: int = 1
     #: Start ``cls``'s bias at the log-odds of each class's training prevalence (not 0 = probability 0.5).

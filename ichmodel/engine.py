@@ -6,13 +6,13 @@ The stage plan follows the paper's section 3.3:
 2. pretraining, same weights, masking + diversity transfer;
 3. fine-tuning with the configured weights (``cfg.loss``; the paper uses all ones), masking + DT.
 
-Each stage starts a fresh AdamW (warmed up linearly over its first ``train.warmup_epochs`` epochs in every
-stage after the first, whose new heads start random), halves the learning rate when the selection metric
-(``train.select_metric``: validation MC loss, micro-F2 or total loss) has not improved for ``lr_patience``
-epochs (``ReduceLROnPlateau``), and ends when the learning rate falls below ``min_lr`` or at the stage's
-epoch cap. One best checkpoint is kept over the whole run: a stage that does not beat the earlier stages'
-best keeps the earlier weights, and every stage starts from the best weights so far. (With "loss", whose
-meaning changes between stages, the best is compared within a stage only.) At each stage's start every
+Each stage starts a fresh AdamW (warmed up linearly over its first ``train.warmup_epochs`` epochs in a stage
+that adds tasks to trained weights, stage 3, whose new heads start random), halves the learning rate when the
+selection metric (``train.select_metric``: validation MC loss, micro-F2 or total loss) has not improved for
+``lr_patience`` epochs (``ReduceLROnPlateau``), and ends when the learning rate falls below ``min_lr`` or at
+the stage's epoch cap. One best checkpoint is kept over the whole run: a stage that does not beat the earlier
+stages' best keeps the earlier weights, and every stage starts from the best weights so far. (With "loss",
+whose meaning changes between stages, the best is compared within a stage only.) At each stage's start every
 enabled task's share of the backbone's gradient is logged and put in that epoch's metrics.
 
 Distributed data parallel is used when ``torch.distributed`` is initialised (as Ray Train does): every rank
@@ -557,21 +557,33 @@ def add_warmup(optimizer: torch.optim.Optimizer, lr: float, total: int, done: in
     return optimizer.register_step_pre_hook(hook)
 
 
+def adds_heads(plan: list[Stage], state: TrainState) -> bool:
+    """Whether the current stage hands trained weights to a task no earlier stage trained (its head is new).
+
+    Stage 2 keeps stage 1's tasks (it adds masking and diversity transfer, no head); stage 3 adds LP, DC and
+    CPC. A run whose first trained stage is this one hands nothing over.
+    """
+    earlier = [s for s in plan[: state.stage] if s.max_epochs > 0]
+    if not earlier:
+        return False
+    trained = {task for s in earlier for task, weight in s.weights.items() if weight > 0}
+    return any(weight > 0 and task not in trained for task, weight in plan[state.stage].weights.items())
+
+
 def start_stage(run: RunContext, resume: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, Any, int]:
     """A fresh AdamW + ``ReduceLROnPlateau`` for the current stage, or theirs from ``resume`` mid-stage.
 
     A stage that starts afresh begins from the best weights so far (with ``select_metric`` "loss" it also
     forgets the best score: totals of different stages do not compare). Returns the optimizer, the
-    scheduler (mode "max" on :func:`selection_score`) and the stage's warm-up epochs (0 for the first
-    stage run, which hands over from nothing).
+    scheduler (mode "max" on :func:`selection_score`) and the stage's warm-up epochs (0 unless the stage adds
+    a task's head to weights an earlier stage trained: :func:`adds_heads`).
     """
     cfg, state = run.cfg, run.state
     optimizer = make_optimizer(run.net, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
     )
-    handed_over = state.global_epoch - state.epoch > 0  # an earlier stage trained these weights
-    warmup = cfg.train.warmup_epochs if handed_over else 0
+    warmup = cfg.train.warmup_epochs if adds_heads(stage_plan(cfg), state) else 0
     if state.stage_started and resume is not None and resume.get("optimizer"):
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -771,16 +783,12 @@ def fit(
     if cfg.train.channels_last:
         net = net.to(memory_format=torch.channels_last)
     state, best_model = resume_state(net, resume)
-    model: nn.Module = net
-    if distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=True)
     plan = stage_plan(cfg)
     pool = None
     if not state.finished and any(s.strategies and s.max_epochs > 0 for s in plan[state.stage :]):
         pool = build_pool_images(train_set, cfg.strategy.pool_size, cfg.train.seed, train_labels)
     run = RunContext(
-        cfg, net, model, device, train_set, val_set, rank, world, pool, state, best_model, prevalence
+        cfg, net, net, device, train_set, val_set, rank, world, pool, state, best_model, prevalence
     )
     if not state.finished and rank == 0:
         warn_scarce_classes(val_set)
@@ -788,11 +796,31 @@ def fit(
         if plan[state.stage].max_epochs == 0:
             _next_stage(state, plan)
             continue
+        if distributed:
+            run.model = wrap_ddp(net, device, plan[state.stage], cfg)
         run_stage(run, plan, resume, on_epoch_end, progress)
         resume = None  # only the first stage run continues the checkpoint's optimizer
     if run.best_model is not None:
         net.load_state_dict(run.best_model)
     return net, state
+
+
+def every_head_trains(stage: Stage, cfg: Config) -> bool:
+    """Whether the stage's loss reaches every parameter: all five tasks with a weight above 0.
+
+    Stages 1-2 leave the LP, DC and CPC heads out of the graph; a zero weight does the same in stage 3.
+    """
+    terms = build_loss(cfg.loss, weights_override=stage.weights).term_weights
+    return all(terms.get(task, 0.0) > 0 for task in PRETRAIN_WEIGHTS)
+
+
+def wrap_ddp(net: ICHModel, device: torch.device, stage: Stage, cfg: Config) -> nn.Module:
+    """``net`` in DDP for one stage; ``find_unused_parameters`` (an extra graph walk each step) only where
+    the stage leaves a head out of the loss."""
+    find_unused = not every_head_trains(stage, cfg)
+    logger.info("stage %s: DDP find_unused_parameters=%s", stage.name, find_unused)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
 def _next_stage(state: TrainState, plan: list[Stage]) -> None:

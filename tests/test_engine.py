@@ -19,7 +19,9 @@ from ichmodel.engine import (
     StepContext,
     TrainState,
     add_warmup,
+    adds_heads,
     evaluate,
+    every_head_trains,
     fit,
     stage_plan,
     state_from_checkpoint,
@@ -258,9 +260,11 @@ def test_warmup_raises_the_lr_linearly_then_leaves_it_alone():
     assert seen == pytest.approx([0.2, 0.3, 0.1])
 
 
-def test_stages_after_the_first_warm_up_and_every_stage_logs_its_gradient_shares(data, monkeypatch, caplog):
+def test_a_stage_that_adds_heads_warms_up_and_every_stage_logs_its_gradient_shares(data, monkeypatch, caplog):
+    """Stage 2 adds no head (same tasks, plus masking and DT): full learning rate; stage 3 adds LP, DC and
+    CPC to trained weights: warmed up."""
     cfg, train_set, val_set = data
-    cfg = cfg.with_overrides({"train.max_epochs": [2, 0, 1], "train.warmup_epochs": 1, "train.lr": 1e-3})
+    cfg = cfg.with_overrides({"train.max_epochs": [2, 1, 1], "train.warmup_epochs": 1, "train.lr": 1e-3})
     lrs: list[tuple[int, float]] = []
     real = engine.train_one_epoch
 
@@ -282,6 +286,7 @@ def test_stages_after_the_first_warm_up_and_every_stage_logs_its_gradient_shares
     assert not [r for r in caplog.records if r.name == "ichmodel.metrics"]
     steps = math.ceil(len(train_set) / cfg.data.batch_size)
     assert [lr for stage, lr in lrs if stage == 0] == pytest.approx([1e-3] * 2 * steps)  # nothing handed over
+    assert [lr for stage, lr in lrs if stage == 1] == pytest.approx([1e-3] * steps)  # no new head
     assert [lr for stage, lr in lrs if stage == 2] == pytest.approx(
         [1e-3 * k / steps for k in range(1, steps + 1)]
     )
@@ -291,8 +296,8 @@ def test_stages_after_the_first_warm_up_and_every_stage_logs_its_gradient_shares
         {k[len("grad_share_") :]: v for k, v in m.items() if k.startswith("grad_share_")} for m in history
     ]
     assert set(shares[0]) == {"mc", "ac"} and shares[1] == {}  # at each stage's start only
-    assert set(shares[2]) == {"mc", "ac", "lp", "dc", "cpc"}
-    for first in (shares[0], shares[2]):
+    assert set(shares[2]) == {"mc", "ac"} and set(shares[3]) == {"mc", "ac", "lp", "dc", "cpc"}
+    for first in (shares[0], shares[2], shares[3]):
         assert sum(first.values()) == pytest.approx(1.0, abs=1e-6)
         assert all(0.0 <= v <= 1.0 for v in first.values())
 
@@ -334,3 +339,20 @@ def test_a_checkpoint_from_before_a_state_field_existed_resumes_with_its_default
     old["best_val_loss"] = 0.2  # the field best_score replaced
     state = state_from_checkpoint(old)
     assert state.stage == 1 and state.best_f2 == 0.3 and state.best_score == -math.inf
+
+
+def test_ddp_looks_for_unused_parameters_only_in_stages_that_leave_a_head_out():
+    """DDP's find_unused_parameters walks the graph every step: needed in stages 1-2 (LP, DC, CPC heads idle)
+    and where a weight of 0 drops a task, not in a fine-tuning stage that trains all five."""
+    cfg = Config().with_overrides({"train.max_epochs": [1, 1, 1]})
+    assert [every_head_trains(s, cfg) for s in stage_plan(cfg)] == [False, False, True]
+    for dropped in ({"loss.nu": 0.0}, {"loss.beta": 0.0}, {"loss.aux_scale": 0.0}):
+        cfg_dropped = cfg.with_overrides(dropped)
+        assert not every_head_trains(stage_plan(cfg_dropped)[2], cfg_dropped), dropped
+
+
+def test_only_a_stage_that_adds_a_task_to_trained_weights_adds_heads():
+    plan = stage_plan(Config().with_overrides({"train.max_epochs": [1, 1, 1]}))
+    assert [adds_heads(plan, TrainState(stage=i)) for i in range(3)] == [False, False, True]
+    mc_only = stage_plan(Config().with_overrides({"train.max_epochs": [0, 0, 4]}))
+    assert not adds_heads(mc_only, TrainState(stage=2))  # nothing trained before: no hand-over
