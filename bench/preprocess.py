@@ -1,7 +1,7 @@
 """Preprocessing speed against bare DICOM decoding, on generated RSNA-style series (single process).
 
-    python bench/preprocess.py [--patients 8] [--slices 24] [--input-size 256] [--size 128] [--repeats 3]
-                               [--also 512:256,512:512]
+    python bench/preprocess.py [--patients 8] [--slices 24] [--input-size 256] [--size 128] [--repeats 5]
+                               [--also 512:256,512:512] [--compression lz4]
 
 Prints slices/s of
   * bare decode: ``pydicom.dcmread(f).pixel_array`` over every file;
@@ -10,9 +10,13 @@ Prints slices/s of
   * header scan: the reader's grouping pass (``read_rsna``), which runs once before the shards;
 and the ratio preprocess / bare decode (goal >= 0.7), for ``--input-size`` → ``--size`` and for every
 ``INPUT:OUTPUT`` pair of ``--also`` (RSNA slices are 512 px), all in one run. Files are read once beforehand
-so both run from the page cache; each figure is the best of ``--repeats`` rounds, which run the three in
-turn. The last line is ``RESULT {json}`` for ``bench/run_all.py``: the keys of the ``--input-size`` →
-``--size`` pair, plus ``ratio_<in>_<out>`` and ``preprocess_slices_per_s_<in>_<out>`` for every pair.
+so both run from the page cache. Each of ``--repeats`` rounds times the three in turn, so load on a shared
+machine hits them alike; rates are the medians over rounds, and the ratio is the median of each round's own
+ratio (bare and full timed back to back); the same ratio of CPU times (``ratio_cpu``) moves less with other
+people's load. ``--compression`` swaps the shards' Parquet codec (``ichmodel.preprocess.SHARD_COMPRESSION``)
+to price it. The last line is ``RESULT {json}`` for ``bench/run_all.py``: the keys of the ``--input-size`` →
+``--size`` pair, plus ``ratio_<in>_<out>``, ``ratio_cpu_<in>_<out>``, ``preprocess_slices_per_s_<in>_<out>``
+and ``decode_slices_per_s_<in>_<out>`` for every pair.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import pydicom  # noqa: E402
 
-from ichmodel import synth  # noqa: E402
+from ichmodel import preprocess, synth  # noqa: E402
 from ichmodel.preprocess import PreprocessOptions, plan_shards, write_shard  # noqa: E402
 from ichmodel.readers import read_rsna  # noqa: E402
 
@@ -58,18 +63,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="where to generate (default: a temporary folder)")
+    parser.add_argument(
+        "--compression",
+        default=preprocess.SHARD_COMPRESSION,
+        help=f"Parquet codec of the shards (default: the library's, {preprocess.SHARD_COMPRESSION})",
+    )
     return parser
 
 
-def best_rates(fns: dict, num_slices: int, repeats: int) -> dict[str, float]:
-    """Slices/s of each function, best of ``repeats`` rounds that run them in turn (fair on a busy machine)."""
-    best = dict.fromkeys(fns, float("inf"))
+def interleaved_times(fns: dict, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """``(wall, CPU)`` seconds of each function in each of ``repeats`` rounds that run them in turn (fair on a
+    busy machine)."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: num_slices / seconds for name, seconds in best.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return times
 
 
 def measure(root: Path, args: argparse.Namespace, input_size: int, size: int) -> dict[str, float]:
@@ -98,19 +109,33 @@ def measure(root: Path, args: argparse.Namespace, input_size: int, size: int) ->
 
     bare()  # warm the page cache and imports
     shards()
-    rates = best_rates(
-        {"decode": bare, "full": shards, "scan": lambda: read_rsna(images, labels)}, len(files), args.repeats
+    times = interleaved_times(
+        {"decode": bare, "full": shards, "scan": lambda: read_rsna(images, labels)}, args.repeats
     )
-    print(f"input {input_size} px -> output {size} px, {len(files)} slices, best of {args.repeats}")
+    rates = {name: len(files) / statistics.median(w for w, _ in rounds) for name, rounds in times.items()}
+    ratios = [d[0] / f[0] for d, f in zip(times["decode"], times["full"], strict=True)]
+    rates["ratio"] = statistics.median(ratios)
+    rates["ratio_cpu"] = statistics.median(
+        d[1] / f[1] for d, f in zip(times["decode"], times["full"], strict=True)
+    )
+    print(
+        f"input {input_size} px -> output {size} px, {len(files)} slices, median of {args.repeats} rounds, "
+        f"shards {preprocess.SHARD_COMPRESSION}"
+    )
     print(f"  bare decode (dcmread + pixel_array): {rates['decode']:8.0f} slices/s")
     print(f"  preprocess (read+HU+resize+windows+parquet): {rates['full']:8.0f} slices/s")
     print(f"  header scan (read_rsna, once per run):  {rates['scan']:8.0f} slices/s")
-    print(f"  ratio preprocess / bare decode: {rates['full'] / rates['decode']:.2f} (goal >= 0.7)")
+    print(
+        f"  ratio preprocess / bare decode: {rates['ratio']:.2f} (goal >= 0.7; rounds: "
+        + " ".join(f"{r:.2f}" for r in ratios)
+        + f"); by CPU time {rates['ratio_cpu']:.2f}"
+    )
     return rates
 
 
 def main(args: argparse.Namespace) -> int:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-preprocess-"))
+    preprocess.SHARD_COMPRESSION = args.compression  # read by write_shard at each write
     pairs = [(args.input_size, args.size)] + [p for p in args.also if p != (args.input_size, args.size)]
     try:
         measured = {pair: measure(root, args, *pair) for pair in pairs}
@@ -119,16 +144,19 @@ def main(args: argparse.Namespace) -> int:
             "decode_slices_per_s": rates["decode"],
             "preprocess_slices_per_s": rates["full"],
             "scan_slices_per_s": rates["scan"],
-            "ratio": rates["full"] / rates["decode"],
+            "ratio": rates["ratio"],
+            "ratio_cpu": rates["ratio_cpu"],
+            "compression": args.compression,
             "input_size": args.input_size,
             "size": args.size,
         }
         print(
             "ratio preprocess / bare decode by size: "
-            + ", ".join(f"{i}->{o} {r['full'] / r['decode']:.2f}" for (i, o), r in measured.items())
+            + ", ".join(f"{i}->{o} {r['ratio']:.2f}" for (i, o), r in measured.items())
         )
         for (input_size, size), r in measured.items():
-            result[f"ratio_{input_size}_{size}"] = r["full"] / r["decode"]
+            result[f"ratio_{input_size}_{size}"] = r["ratio"]
+            result[f"ratio_cpu_{input_size}_{size}"] = r["ratio_cpu"]
             result[f"preprocess_slices_per_s_{input_size}_{size}"] = r["full"]
             result[f"decode_slices_per_s_{input_size}_{size}"] = r["decode"]
         print("RESULT " + json.dumps(result))

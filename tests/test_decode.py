@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pydicom
 import pytest
@@ -88,6 +90,37 @@ def test_native_pixel_path_equals_pydicom_pixel_array(tmp_path):
     assert bits == {(12, 0), (16, 1)}
 
 
+def test_pixel_header_reads_raw_elements_as_pydicom_converts_them(tmp_path):
+    # The header is parsed from the raw bytes where that is safe; every value equals pydicom's own.
+    paths = [
+        datagen.ct_file(tmp_path / "plain.dcm"),
+        datagen.ct_file(tmp_path / "scaled.dcm", RescaleSlope="0.5", RescaleIntercept="-3000.25"),
+        datagen.ct_file(tmp_path / "exponent.dcm", RescaleSlope="2.5E-1", RescaleIntercept="+12"),
+        datagen.ct_file(tmp_path / "frames.dcm", NumberOfFrames=1, RescaleSlope=None),
+        *(_testdata(n) for n in ("CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm")),
+    ]
+    for path in paths:
+        header = decode._pixel_header(pydicom.dcmread(path))
+        converted = pydicom.dcmread(path)
+        for keyword, (_, _, default) in decode._PIXEL_HEADER.items():
+            expected = converted.get(keyword, default)
+            assert header[keyword] == expected and type(header[keyword]) in (int, float, type(expected)), (
+                path,
+                keyword,
+            )
+    header = decode._pixel_header(pydicom.dcmread(paths[1]))
+    assert (header["RescaleSlope"], header["RescaleIntercept"]) == (0.5, -3000.25)
+    assert decode._pixel_header(pydicom.dcmread(paths[2]))["RescaleSlope"] == 0.25  # through pydicom
+
+
+def test_a_file_without_rows_is_a_clear_error_not_a_crash(tmp_path):
+    # Was an AttributeError from the native pixel path, which preprocessing does not catch: one such file
+    # stopped the whole job instead of being skipped.
+    path = datagen.ct_file(tmp_path / "norows.dcm", Rows=None)
+    with pytest.raises(ValueError, match="norows.dcm: cannot decode pixel data"):
+        decode.load_dicom_pixels(path)
+
+
 def test_load_dlcv_image_error_names_the_file(tmp_path):
     bad = datagen.text_file(tmp_path / "x_1.jpg", "not a jpeg")
     with pytest.raises(ValueError, match="x_1.jpg: unreadable image"):
@@ -109,6 +142,38 @@ def test_apply_windows_folds_the_rescale_and_takes_any_shape():
         decode.apply_windows(stored, windows, 1.0, -1024.0), decode.apply_windows(hu, windows)
     )
     assert decode.apply_windows(stored, windows).shape == (1, 2, 2, 2)
+
+
+def test_window_lookup_table_gives_the_float_path_bit_for_bit():
+    # Integer images go through a cached lookup table of the float path's own output; it must be identical
+    # for every dtype, rescale (negative slope included), channel count and shape, extreme values included.
+    rng = np.random.default_rng(0)
+    windows = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0), (0.0, 50.0), (-600.0, 1500.0))
+    rescales = (
+        (1.0, -1024.0),
+        (0.25, -1024.0),
+        (1 / 16, -1000.0),
+        (2.5, -3000.0),
+        (-1.0, 500.0),
+        (1e-5, 0.0),
+    )
+    shapes = ((37, 23), (5,), (2, 9, 11))
+    used = 0
+    for dtype in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32):
+        info = np.iinfo(dtype)
+        for (slope, intercept), channels, shape in itertools.product(rescales, (1, 2, 3, 4, 5), shapes):
+            image = rng.integers(max(info.min, -5000), min(info.max, 9000), shape, endpoint=True).astype(
+                dtype
+            )
+            image.flat[:2] = info.min, info.max
+            chosen = windows[:channels]
+            got = decode.apply_windows(image, chosen, slope, intercept)
+            expected = decode._apply_windows_float(image, chosen, slope, intercept)
+            assert got.shape == (*shape, channels) and got.dtype == np.uint8
+            assert np.array_equal(got, expected), (dtype, slope, intercept, channels, shape)
+            used += decode.window_table(np.dtype(dtype).str, chosen, slope, intercept) is not None
+    assert used == 6 * 6 * 5 * 3 - 2 * 5 * 3  # all but the tiny slope on 32-bit images (10^8 values apart)
+    assert decode.window_table("<i4", windows, 0.0, 0.0) is None
 
 
 # ---------------------------------------------------------------- compressed transfer syntaxes

@@ -44,6 +44,11 @@ def test_block_sum_stays_in_16_bits_only_when_the_sums_fit():
     assert pp.block_sum(np.full((2, 2), 255, np.uint8), 2).tolist() == [[1020]]  # uint8 widened
     with pytest.raises(ValueError, match="multiple of 3"):
         pp.block_sum(image, 3)
+    odd = np.random.default_rng(1).integers(-3000, 3000, (15, 15)).astype(np.int16)
+    for factor in (1, 3, 5):
+        side = 15 // factor
+        expected = odd.astype(np.int64).reshape(side, factor, side, factor).sum(axis=(1, 3))
+        np.testing.assert_array_equal(pp.block_sum(odd, factor), expected)
 
 
 def test_integer_resize_matches_the_float_block_mean_within_one_grey_level():
@@ -61,6 +66,55 @@ def test_integer_resize_matches_the_float_block_mean_within_one_grey_level():
             summed = pp.block_sum(stored, factor) if factor > 1 else stored
             got = decode.apply_windows(summed, windows, 1.0 / factor**2, -1024.0).astype(int)
             assert np.abs(got - expected).max() <= 1
+
+
+def _reference_slice(stored: np.ndarray, slope: float, intercept: float, size: int) -> np.ndarray:
+    """The float path written out: HU in float64 → padded with its minimum → block mean (integer factor) or
+    antialiased bilinear → windows rounded half up."""
+    import torch
+    import torch.nn.functional as F
+
+    hu = pp.pad_square(stored.astype(np.float64) * slope + intercept, stored.min() * slope + intercept)
+    side = hu.shape[0]
+    if side % size == 0:
+        hu = hu.reshape(size, side // size, size, side // size).mean(axis=(1, 3))
+    else:
+        hu = F.interpolate(
+            torch.from_numpy(hu)[None, None],
+            (size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0, 0].numpy()
+    return _reference_windows(hu)
+
+
+def test_fast_path_matches_the_float_reference_within_one_grey_level(tmp_path):
+    # Block sum + table lookup (integer factors) and float bilinear (others) against float HU all the way,
+    # on CT-like stored values (air, tissue, bone, padding; noise) with rescale slopes and intercepts.
+    from ichmodel import synth
+
+    rng = np.random.default_rng(7)
+    cases = [  # (rows, cols), size, slope, intercept, bits stored / representation
+        ((64, 64), 32, 1.0, -1024.0, 16), ((64, 64), 16, 0.5, -1024.0, 16), ((64, 64), 64, 2.0, -3000.0, 16),
+        ((64, 64), 48, 1.0, -1024.0, 16), ((63, 63), 21, 0.25, -1000.0, 16), ((63, 63), 20, 1.0, -1024.0, 12),
+        ((50, 64), 32, 1.0, -1024.0, 12), ((45, 37), 9, 1.5, -2048.0, 16), ((45, 37), 15, 1.0, -1024.0, 12),
+    ]  # fmt: skip
+    for i, (shape, size, slope, intercept, bits) in enumerate(cases):
+        hu = rng.choice([-1000.0, -60.0, 35.0, 75.0, 1200.0], shape) + rng.normal(0, 15, shape)
+        stored = np.rint((hu - intercept) / slope)
+        stored[:2, :] = -2000 if bits == 16 else 0  # the padding some scanners write outside the circle
+        stored = stored.astype(np.int16) if bits == 16 else np.clip(stored, 0, 4095).astype(np.uint16)
+        ds = synth.make_ct_dataset(
+            stored, study_uid="1.2", series_uid="1.2.3", sop_uid=f"1.2.3.{i}", z_mm=0, instance_number=1,
+            patient_id="x", bits_stored=bits, pixel_representation=int(bits == 16), intercept=intercept,
+        )  # fmt: skip
+        ds.RescaleSlope = slope
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+        got = pp.dicom_slice_image(tmp_path / f"{i}.dcm", pp.PreprocessOptions(size=size))
+        expected = _reference_slice(stored, slope, intercept, size)
+        assert got.shape == (size, size, 3) and got.dtype == np.uint8
+        assert np.abs(got.astype(int) - expected).max() <= 1, (shape, size, slope, intercept, bits)
 
 
 def test_resize_square_block_mean_and_bilinear():
@@ -142,7 +196,7 @@ def test_shards_follow_the_contract(tmp_path):
         assert pf.schema_arrow.remove_metadata().equals(SHARD_SCHEMA)
         assert pf.schema_arrow.field("labels").type == pa.list_(pa.int8(), 5)
         assert pf.metadata.num_row_groups == len(shard["series"])
-        assert pf.metadata.row_group(0).column(4).compression == "ZSTD"
+        assert pf.metadata.row_group(0).column(4).compression == pp.SHARD_COMPRESSION.upper() == "LZ4"
         for entry in shard["series"]:
             table = pf.read_row_group(entry["row_group"])
             assert table.num_rows == entry["num_slices"]
