@@ -8,7 +8,7 @@ Goal printed against: ≥ 6,000 slices/s at 256 px on one H100 with < 5 % of the
 What runs, per ``--size``:
 
 1. Shards: synthetic DLCV-layout series (24-40 slices, as the course data) made by ``ichmodel.synth`` and
-   written by ``ichmodel.preprocess`` (zstd Parquet, one row group per series), the same path as
+   written by ``ichmodel.preprocess`` (LZ4 Parquet, one row group per series), the same path as
    ``ichmodel.demo_data.ensure_demo_data`` with realistic series lengths.
 2. ``engine``: the engine's own training code, ``ichmodel.engine.train_one_epoch`` in the fine-tuning stage
    (all five tasks, masking and diversity transfer at ε = 0.5, bf16 autocast, channels-last), fed by
@@ -39,7 +39,7 @@ What limits it (to read the figures with):
   its six parts with ``float()``), so the CPU cannot queue the next step while the GPU runs: every launch
   gap shows. Larger batches (``--batch``, series per step) amortise it; the paper's 4 series (~130 slices)
   per step is too small a step for an H100. ``engine`` vs ``bare`` measures this cost plus the loader's.
-* Loader: 6,000 slices/s at 256 px is 1.2 GB/s of uint8 pixels through zstd decoding, a transpose copy per
+* Loader: 6,000 slices/s at 256 px is 1.2 GB/s of uint8 pixels through LZ4 decoding, a transpose copy per
   series, the padded collate copy and the pin-memory copy, ~0.2-0.4 GB/s per worker process: it needs
   4-8 DataLoader workers (16 cores here). Decoding stays on the host; the uint8 → float, augmentation and
   normalisation already run on the device. The host → device copy (1.2 GB/s) is far below PCIe bandwidth.
