@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ichmodel.config import Config, load_overrides
-from ray_jobs.storage import absolute, check_job_paths, storage_env
+from ray_jobs.storage import absolute, check_job_paths, join, storage_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "runs" / "demo_data"  # ichmodel.demo_data.ensure_demo_data(DEMO_ROOT) for the jobs
@@ -54,6 +54,8 @@ def init_ray(num_cpus: int | None = None):
     }
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        if "://" not in address and address != "auto":  # the cleaner (above) finds this cluster, not another
+            runtime_env["env_vars"]["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return ray
     # The dashboard serves the state API that Train's placement-group cleaner polls: without it a failed
@@ -223,3 +225,48 @@ def init_ray_for_job(storage: str, data: str | None):
         logging.getLogger("ray_jobs").error("%s", exc)
         return None
     return ray
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--name``, ``--storage`` and ``--resume`` of a job whose output folder is ``--out`` or STORAGE/NAME."""
+    parser.add_argument("--name", default=None, help=f"{what} folder STORAGE/NAME, instead of --out")
+    parser.add_argument("--storage", default=str(REPO_ROOT / "runs"),
+                        help="local folder or URI that holds NAME (default runs/)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help=f"continue the {what} at --out (or STORAGE/NAME) "
+                        "with its recorded arguments (job_args.json there); others given must equal them")  # fmt: skip
+
+
+def output_folder(args: argparse.Namespace) -> str:
+    """The job's output folder: ``--out``, else ``STORAGE/NAME`` (absolute unless a URI).
+
+    Raises:
+        ValueError: when neither --out nor --name is given.
+    """
+    if args.out is not None:
+        return absolute(args.out)
+    if args.name is not None:
+        return join(absolute(args.storage), args.name)
+    raise ValueError("Give the output folder: --out FOLDER, or --name NAME (under --storage)")
+
+
+def record_or_resume(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, job: str
+) -> argparse.Namespace:
+    """Record ``args`` in the output folder (:func:`output_folder`), or with ``--resume`` restore the recorded
+    ones (:func:`ray_jobs.experiment.resume_job_args`). A folder named by ``--name`` is where it is now, so a
+    resume by name does not restore a recorded ``--out``.
+
+    Raises:
+        FileNotFoundError: on --resume when the folder holds no record.
+        ValueError: naming an option given with another value than the recorded one, and both values.
+    """
+    from ray_jobs.experiment import resume_job_args, write_job_record  # imports Ray Tune: only when used
+
+    folder = output_folder(args)
+    if not args.resume:
+        write_job_record(folder, job, args, {})
+        return args
+    restored, _ = resume_job_args(args, parser, folder, job)
+    if args.out is None:
+        restored.out = None
+    return restored

@@ -1,11 +1,13 @@
-"""The whole path on the embedded demo: synthetic head CT → preprocess → tune → ensemble → submission.
+"""The whole path on the embedded demo: synthetic head CT → preprocess → tune → fold ensemble → submission.
 
     python ray_jobs/demo.py                 # what `make demo` runs: CPU, local Ray, a few minutes
-    python ray_jobs/demo.py --patients 60 --num-samples 8 --epochs 2,2,4 --size 96
+    python ray_jobs/demo.py --patients 60 --num-samples 8 --epochs 2,2,4 --size 96 --folds 3
 
 Every step is one of the real jobs (ray_jobs/preprocess.py, tune.py, ensemble.py) called with the
-arguments printed in the log, so a user can rerun any step alone. Re-running reuses the generated data and
-shards; the search starts fresh unless --resume is given.
+arguments printed in the log, so a user can rerun any step alone. The ensemble retrains the --top-k best
+configurations on --folds folds (ray_jobs/folds.py) and prints single best vs ensemble out-of-fold (OOF)
+micro-F2. Re-running reuses the generated data and shards; the search and the fold runs start fresh unless
+--resume is given.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--num-samples", type=int, default=4, help="trials of the search (default 4)")
     parser.add_argument("--epochs", default="1,1,2", help="epoch caps of the three stages (default 1,1,2)")
-    parser.add_argument("--top-k", type=int, default=3, help="trials in the ensemble (default 3)")
+    parser.add_argument("--top-k", type=int, default=2, help="configurations retrained on folds (default 2)")
+    parser.add_argument("--folds", type=int, default=2, help="folds of the ensemble (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted demo search")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -122,22 +126,19 @@ def main(args: argparse.Namespace) -> int:
     ]
     run_step("tune", tune, tune_argv + (["--resume"] if args.resume else []))
     submission = out / "submission"
-    run_step(
-        "ensemble",
-        ensemble,
-        [
-            "--experiment",
-            str(runs / "search"),
-            "--top-k",
-            str(args.top_k),
-            "--test",
-            str(shards / "test"),
-            "--out",
-            str(submission),
-        ],
-    )
+    if not args.resume and submission.exists():
+        shutil.rmtree(submission)  # its fold runs were trained on the search just replaced
+    ensemble_argv = ["--experiment", str(runs / "search"), "--top-k", str(args.top_k), "--folds",
+                     str(args.folds), "--test", str(shards / "test"), "--out", str(submission)]  # fmt: skip
+    run_step("ensemble", ensemble, ensemble_argv)
     minutes = (time.perf_counter() - started) / 60
+    summary = json.loads((submission / "fold_ensemble.json").read_text())
     print(f"\nDemo finished in {minutes:.1f} min.")
+    print(f"  OOF micro-F2 ({args.folds} folds, thresholds tuned out of fold / cross-fitted):")
+    print(f"    single best ({summary['single_best']}): {summary['single_f2']['tuned']:.4f} / "
+          f"{summary['single_f2']['cross_fitted']:.4f}")  # fmt: skip
+    print(f"    ensemble of {summary['bag']}: {summary['ensemble_f2']['tuned']:.4f} / "
+          f"{summary['ensemble_f2']['cross_fitted']:.4f}")  # fmt: skip
     print(f"  trials table:     {runs / 'search' / 'trials.csv'}")
     print(f"  submission files: {submission}")
     print(f"  report:           {submission / 'report' / 'index.html'}")

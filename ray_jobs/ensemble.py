@@ -6,12 +6,25 @@ Examples (from the repository root):
     python ray_jobs/ensemble.py --experiment runs/search --top-k 5 --test shards/test --out sub --tta --gpus-per-model 1
     ray job submit --working-dir . -- python ray_jobs/ensemble.py --experiment /shared/runs/search ...
     python ray_jobs/ensemble.py --experiment s3://bucket/runs/search --test s3://bucket/shards/test --out s3://bucket/sub
+    python ray_jobs/ensemble.py --experiment runs/search --folds 5 --top-k 2 --name cv5    # into runs/cv5
+    python ray_jobs/ensemble.py --name cv5 --resume       # continue it, as recorded in runs/cv5/job_args.json
+    python ray_jobs/ensemble.py --smoke-test              # a tiny search plus a 2-fold ensemble (CI)
 
 Reads EXPERIMENT/trials.csv (written by ray_jobs/tune.py), keeps the K best trials (by model_f2) that
 finished and have a checkpoint, and predicts the validation series (the same split as training, from the checkpoint's config)
 and the --test shards with one Ray task per model (--gpus-per-model GPUs each; bf16 on GPU). Probabilities
 are averaged over models; per-class thresholds are tuned on the averaged validation predictions (each
-single model's printed F2 uses its own thresholds tuned on the same validation series).
+single model's printed F2 uses its own thresholds tuned on the same validation series). That score is
+optimistic (the trials were ranked and the thresholds tuned on the series it scores), and the job says so;
+--holdout FRACTION sets that share of the validation series aside (by series, stratified by positive series):
+members (all top-k, or greedy selection if it scores higher) and thresholds are chosen on the rest, and the
+reported score is that of the held-out series. --folds K retrains the configurations on K folds instead
+(ray_jobs/folds.py: out-of-fold members, thresholds and score).
+
+The output folder is --out, or STORAGE/NAME with --name (--storage, default runs/). The job records its
+arguments there (job_args.json) first; --resume with only --out (or --name/--storage) continues it as
+recorded (a value given again must equal the recorded one): fold runs that finished are not retrained, and
+predictions kept in OUT/predictions are reused (keyed by checkpoint, shards and options).
 
 Writes into --out: submission.csv (course leaderboard ID,prediction; DLCV input), test_per_slice.csv
 (dirname,ID,ich,...,edh 0/1), submission_rsna.csv (Kaggle ID,Label; RSNA input), test_probs.parquet,
@@ -31,8 +44,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import tempfile  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -43,16 +59,25 @@ from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.constants import CLASSES  # noqa: E402
 from ichmodel.dataset import SeriesDataset, class_prevalence, split_series  # noqa: E402
+from ichmodel.io import atomic_write  # noqa: E402
 from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
 from ichmodel.predict import prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
 from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import init_ray, setup_logging  # noqa: E402
+from ray_jobs.cli import (  # noqa: E402
+    add_output_arguments,
+    init_ray,
+    output_folder,
+    record_or_resume,
+    setup_logging,
+)
 from ray_jobs.storage import fetch, is_uri  # noqa: E402
 from ray_jobs.worker import predict_fn  # noqa: E402
 
 logger = logging.getLogger("ray_jobs.ensemble")
+#: --smoke-test without --out/--name writes into STORAGE/SMOKE_NAME (its search in SMOKE_NAME/search).
+SMOKE_NAME = "smoke-ensemble"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,17 +88,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--experiment",
-        required=True,
+        default=None,
         help="folder or storage URI (s3://...) of a search (holds trials.csv, optuna.db); a URI's trials "
-        "table and chosen checkpoints are downloaded into OUT/experiment",
+        "table and chosen checkpoints are downloaded into OUT/experiment (required, but for --smoke-test "
+        "and --resume)",
     )
     parser.add_argument("--top-k", type=int, default=3, help="number of best trials to average (default 3)")
     parser.add_argument(
         "--test", default=None, help="test shards (default: the sibling test/ of the training shards)"
     )
     parser.add_argument(
-        "--out", required=True, help="folder or URI for the submission files, ensemble.json and report/"
+        "--out",
+        default=None,
+        help="folder or URI for the submission files, ensemble.json and report/ (or give --name)",
     )
+    add_output_arguments(parser, "ensemble")
     parser.add_argument("--tta", action="store_true", help="also predict left-right flipped slices, average")
     parser.add_argument("--folds", type=int, default=0, help="retrain the top-k configurations on K folds and "
                         "choose members, thresholds and calibration out of fold (ray_jobs/folds.py; default 0: off)")  # fmt: skip
@@ -81,8 +110,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--gpus-per-model", type=float, default=0.0, help="GPUs per prediction task (default 0: CPU)"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
+    parser.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                        help="without --folds: validation series set aside for the reported score; members and "
+                        "thresholds are chosen on the rest (default 0: none, the score is optimistic)")  # fmt: skip
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="a tiny search (ray_jobs/tune.py --smoke-test) plus a 2-fold ensemble of it")  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
+    from ray_jobs.experiment import parse_job_args
+
+    return parse_job_args(get_args_parser(), argv)
 
 
 def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
@@ -202,28 +243,166 @@ def score_model(name: str, val: pd.DataFrame, prevalence: np.ndarray | None) -> 
     return ModelScore(name, score["micro_f2"], score["per_class"], thresholds.tolist())
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.folds:  # the cross-validated ensemble is its own job
-        from ray_jobs import folds
+def check_options(args: argparse.Namespace, folder: str) -> None:
+    """Refuse options that cannot work together, before anything is recorded or started.
 
-        return folds.main(folds.args_from_ensemble(args))
-    setup_logging(args.verbose)
-    with tempfile.TemporaryDirectory(prefix="ich-ensemble-") as staging:
-        out = Path(staging, "out") if is_uri(args.out) else Path(args.out)
-        cache = Path(staging, "experiment") if is_uri(args.out) else out / "experiment"
-        code = run(args, out, cache)
-        if code == 0 and is_uri(args.out):
-            storage.copy_folder(out, args.out)
-            print(f"copied to {args.out}")
+    Raises:
+        ValueError: naming the option and its value.
+    """
+    if args.experiment is None and not args.smoke_test:
+        raise ValueError("--experiment (the search to ensemble) is required, unless --smoke-test or --resume")
+    if not 0 <= args.holdout < 1:
+        raise ValueError(f"--holdout is a fraction of the validation series in [0, 1). Got {args.holdout}")
+    if args.holdout and args.folds:
+        raise ValueError(
+            f"--holdout {args.holdout} is for the ensemble without --folds (--folds {args.folds} scores out of fold)"
+        )
+    if args.smoke_test and is_uri(folder):
+        raise ValueError(f"--smoke-test writes into a local folder. Got {folder}")
+    for option, location in (("--experiment", args.experiment), ("--test", args.test), ("--out", folder)):
+        storage.check_not_in_job_dir(option, location)
+
+
+def run_smoke_search(args: argparse.Namespace, folder: str) -> int:
+    """``--smoke-test``: ray_jobs/tune.py's smoke search into FOLDER/search (continued when it was started
+    before), then the 2-fold ensemble of its 2 trials (their epoch caps); returns the search's exit code."""
+    from ray_jobs import tune
+
+    search = storage.join(folder, "search")
+    # No shared stages: their Train run, fitted in this driver, was seen to keep its controller and CPU
+    # reservation alive afterwards (while Train's placement-group cleaner failed: ray_jobs.cli.init_ray),
+    # and the fold runs that follow in this driver waited for CPUs.
+    argv = ["--smoke-test", "--share-stages", "off", "--storage", folder, "--name", "search"]
+    if storage.is_file(storage.join(search, "job_args.json")):
+        argv.append("--resume")  # a finished search ends at once; an interrupted one continues
+    code = tune.main(tune.parse_args(argv))
+    args.experiment, args.folds, args.top_k = search, args.folds or 2, min(args.top_k, 2)
     return code
 
 
-def run(args: argparse.Namespace, out: Path, cache: Path) -> int:
-    """The ensemble job writing into the local folder ``out`` (a search on storage is downloaded into
-    ``cache``); returns the exit code."""
+def main(args: argparse.Namespace) -> int:
+    """Run (or with ``--resume`` continue) the job; ``args`` from :func:`parse_args` (or a plain
+    ``parse_args``, where every value other than a default counts as given on resume)."""
+    setup_logging(args.verbose)
     try:
-        for option in ("experiment", "test", "out"):
-            storage.check_not_in_job_dir(f"--{option}", getattr(args, option))
+        if args.experiment is not None:  # one spelling, recorded and compared on resume
+            args.experiment = storage.absolute(args.experiment)
+        if args.smoke_test and args.out is None and args.name is None:
+            args.name = SMOKE_NAME
+        if not args.resume:
+            check_options(args, output_folder(args))
+        args = record_or_resume(args, get_args_parser(), "ensemble")
+        folder = output_folder(args)
+        check_options(args, folder)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    if args.smoke_test:
+        code = run_smoke_search(args, folder)
+        if code != 0:
+            return code
+    if args.folds:  # the cross-validated ensemble is its own job
+        from ray_jobs import folds
+
+        return folds.main(folds.args_from_ensemble(args, folder))
+    with tempfile.TemporaryDirectory(prefix="ich-ensemble-") as staging:
+        out = Path(staging, "out") if is_uri(folder) else Path(folder)
+        cache = Path(staging, "experiment") if is_uri(folder) else out / "experiment"
+        code = run(args, out, cache, folder)
+        if code == 0 and is_uri(folder):
+            storage.copy_folder(out, folder)
+            print(f"copied to {folder}")
+    return code
+
+
+def predict_members(ray, args, checkpoints: list[str], trial_ids: list[str], shards: list[str], val_ids: list[str],
+                    cache: Path) -> list[list[pd.DataFrame]]:  # fmt: skip
+    """Each model's ``[validation table, test table]``: from ``cache`` when a file for the same checkpoint,
+    shards, series and TTA is there (a resumed job), else one Ray task per model (then kept in ``cache``)."""
+    task = ray.remote(num_cpus=1, num_gpus=args.gpus_per_model)(predict_fn)
+    files, refs = [], {}
+    for trial, checkpoint in zip(trial_ids, checkpoints, strict=True):
+        key = json.dumps([checkpoint, shards, val_ids, args.tta]).encode()
+        stem = f"{E.check_file_name(trial, 'trial id')}-{hashlib.sha256(key).hexdigest()[:12]}"
+        files.append([cache / f"{stem}-{part}.parquet" for part in ("val", "test")])
+        if not all(f.is_file() for f in files[-1]):
+            refs[trial] = task.remote(
+                checkpoint, shards, [val_ids, None], args.tta, args.batch_size, args.gpus_per_model > 0
+            )
+    logger.info("predicting %d validation series and %s with %d models (%d from %s)", len(val_ids), shards[1],
+                len(checkpoints), len(checkpoints) - len(refs), cache)  # fmt: skip
+    tables = []
+    for trial, pair in zip(trial_ids, files, strict=True):
+        if trial in refs:
+            tables.append(ray.get(refs[trial]))
+            for table, path in zip(tables[-1], pair, strict=True):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, partial(table.to_parquet, index=False))
+        else:
+            tables.append([pd.read_parquet(path) for path in pair])
+    print(f"predictions: {len(refs)} models predicted now, {len(trial_ids) - len(refs)} read from {cache}")
+    return tables
+
+
+def split_holdout(val: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(selection series, held-out series)`` of a labelled validation table, split by series: about
+    ``fraction`` of them held out (at least one, never all), stratified by positive series (any label) so that
+    both parts keep one where there are two, drawn with ``seed``.
+
+    Raises:
+        ValueError: for fewer than 2 series.
+    """
+    labels = [f"label_{c}" for c in CLASSES]
+    positive = val.groupby("series_id")[labels].max().to_numpy().any(axis=1)
+    ids = np.asarray(sorted(val["series_id"].unique()))
+    if len(ids) < 2:
+        raise ValueError(f"--holdout needs at least 2 validation series to split. Got {len(ids)}")
+    n_hold = min(len(ids) - 1, max(1, int(fraction * len(ids) + 0.5)))
+    pos, neg = ids[positive], ids[~positive]
+    n_pos = int(n_hold * len(pos) / len(ids) + 0.5)
+    if len(pos) >= 2:
+        n_pos = min(max(n_pos, 1), len(pos) - 1)
+    n_pos = max(n_pos, n_hold - len(neg))  # enough negatives left to fill the rest
+    rng = np.random.default_rng(seed)
+    held = rng.permutation(pos)[:n_pos].tolist() + rng.permutation(neg)[: n_hold - n_pos].tolist()
+    return sorted(set(ids) - set(held)), sorted(held)
+
+
+def choose_on_selection(
+    names: list[str], vals: list[pd.DataFrame], select: list[str], held: list[str], prevalence
+) -> tuple[list[int], np.ndarray, list[ModelScore]]:
+    """Members and thresholds chosen on the ``select`` series, scored on the ``held`` ones.
+
+    Members: every model, or Caruana's greedy bag (:func:`ichmodel.ensemble.greedy_members`) when it scores
+    higher on the selection series. Returns ``(bag, thresholds, scores)``: ``scores`` holds each model's
+    held-out F2 at its own selection thresholds, then the ensemble's.
+    """
+
+    def part(frame: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
+        return frame[frame["series_id"].isin(ids)]
+
+    probs = [prediction_arrays(part(v, select))[0] for v in vals]
+    labels = prediction_arrays(part(vals[0], select))[1]
+    greedy, every = E.greedy_members(labels, probs), list(range(len(vals)))
+    scored = [E.tuned_f2(labels, E.bag_probs(probs, bag))[0] for bag in (greedy, every)]
+    bag = greedy if scored[0] > scored[1] else every
+    scores = []
+    for name, frames in [(n, [v]) for n, v in zip(names, vals, strict=True)] + [
+        (f"ensemble of {len(bag)}", [vals[i] for i in bag])
+    ]:
+        mean = E.average_predictions(frames)
+        thresholds = E.choose_thresholds(part(mean, select), prevalence)
+        score = E.score_predictions(part(mean, held), thresholds)
+        scores.append(ModelScore(name, score["micro_f2"], score["per_class"], thresholds.tolist()))
+    logger.info("members chosen on %d series: %s (%s)", len(select), [names[i] for i in bag],
+                "greedy" if bag is greedy else "every model")  # fmt: skip
+    return bag, np.asarray(scores[-1].thresholds), scores
+
+
+def run(args: argparse.Namespace, out: Path, cache: Path, folder: str) -> int:
+    """The ensemble job writing into the local folder ``out`` (copied to ``folder`` when that is a URI; a
+    search on storage is downloaded into ``cache``); returns the exit code."""
+    try:
         if is_uri(args.experiment):
             experiment = fetch_experiment(args.experiment, cache, args.top_k)
         else:
@@ -244,40 +423,37 @@ def run(args: argparse.Namespace, out: Path, cache: Path) -> int:
     task_checkpoints = [
         s if isinstance(s, str) and s else p for s, p in zip(sources, checkpoints, strict=True)
     ]
-    task = ray.remote(num_cpus=1, num_gpus=args.gpus_per_model)(predict_fn)
-    refs = [
-        task.remote(
-            p,
-            [cfg.data.shards, test_shards],
-            [val_ids, None],
-            args.tta,
-            args.batch_size,
-            args.gpus_per_model > 0,
-        )
-        for p in task_checkpoints
-    ]
-    logger.info("predicting %d validation series and %s with %d models", len(val_ids), test_shards, len(refs))
+    names = [f"trial {t}" for t in chosen["trial_id"]]
     try:
-        results = ray.get(refs)  # [(val table, test table)] per model
+        results = predict_members(ray, args, task_checkpoints, chosen["trial_id"].astype(str).tolist(),
+                                  [cfg.data.shards, test_shards], val_ids, out / "predictions")  # fmt: skip
     except ray.exceptions.RayTaskError as exc:
         logger.error("a prediction task failed: %s", exc)
         return 1
-    val = E.average_predictions([r[0] for r in results])
-    test = E.average_predictions([r[1] for r in results])
     prevalence = training_prevalence(cfg)
-    scores = [
-        score_model(f"trial {t}", r[0], prevalence) for t, r in zip(chosen["trial_id"], results, strict=True)
-    ]
-    ens = score_model(f"ensemble of {len(checkpoints)}", val, prevalence)
-    scores.append(ens)
-    thresholds = np.asarray(ens.thresholds)
+    vals = [r[0] for r in results]
+    if args.holdout:
+        try:
+            select, held = split_holdout(vals[0], args.holdout)
+        except ValueError as exc:
+            logger.error("%s", exc)
+            return 2
+        bag, thresholds, scores = choose_on_selection(names, vals, select, held, prevalence)
+    else:
+        bag = list(range(len(results)))
+        scores = [score_model(n, v, prevalence) for n, v in zip(names, vals, strict=True)]
+        scores.append(score_model(f"ensemble of {len(checkpoints)}", E.average_predictions(vals), prevalence))
+        thresholds = np.asarray(scores[-1].thresholds)
+    ens = scores[-1]
+    val = E.average_predictions([vals[i] for i in bag])
+    test = E.average_predictions([results[i][1] for i in bag])
     try:
         written = write_outputs(out, val, test, thresholds, cfg.data.shards, val_ids, test_shards)
     except S.SubmissionError as exc:
         logger.error("submission check failed, nothing written under that name: %s", exc)
         return 1
     spec = E.EnsembleSpec(
-        models=task_checkpoints,  # URIs for a search on storage: ensemble.json stays usable elsewhere
+        models=[task_checkpoints[i] for i in bag],  # URIs for a search on storage: usable elsewhere
         thresholds=thresholds.tolist(),
         size=int(train_manifest["size"]),
         windows=train_manifest["windows"],
@@ -285,11 +461,12 @@ def run(args: argparse.Namespace, out: Path, cache: Path) -> int:
         tta=args.tta,
         val_f2=ens.micro_f2,
         single_f2=[s.micro_f2 for s in scores[:-1]],
-        trial_ids=chosen["trial_id"].tolist(),
+        trial_ids=[str(chosen["trial_id"][i]) for i in bag],
     )
     written.append(spec.save(out))
     probs, y_true = prediction_arrays(val)
     log_loss = rsna_weighted_log_loss(y_true, probs)
+    heading = f"Held-out F2 ({args.holdout:g} of the validation series)" if args.holdout else "Validation F2"
     report = make_report(
         out / "report",
         scores,
@@ -298,23 +475,35 @@ def run(args: argparse.Namespace, out: Path, cache: Path) -> int:
         thresholds=thresholds,
         optuna_db=experiment / "optuna.db",
         title=f"Ensemble of {args.experiment.rstrip('/').rsplit('/', 1)[-1]}",
+        score_heading=heading,
     )
-
-    print(f"\n{'model':<28}{'val micro-F2':>14}")
-    for s in scores[:-1]:
-        print(f"{s.name:<28}{s.micro_f2:>14.6f}")
-    print(f"{'single best':<28}{max(s.micro_f2 for s in scores[:-1]):>14.6f}")
-    print(f"ensemble validation micro-F2: {ens.micro_f2:.6f}")
+    print_scores(scores, args.holdout, len(val_ids))
     print(f"ensemble validation RSNA weighted log loss: {log_loss:.4f}")
     print("thresholds: " + ", ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, thresholds, strict=True)))
     print("files:")
     for path in written:
-        print(
-            f"  {storage.join(args.out, Path(path).relative_to(out).as_posix()) if is_uri(args.out) else path}"
-        )
+        print(f"  {storage.join(folder, Path(path).relative_to(out).as_posix()) if is_uri(folder) else path}")
     print(f"report: {report}")
     return 0
 
 
+def print_scores(scores: list[ModelScore], holdout: float, num_val: int) -> None:
+    """Each model's and the ensemble's score, and what that score is worth."""
+    column = "held-out micro-F2" if holdout else "val micro-F2"
+    print(f"\n{'model':<28}{column:>18}")
+    for s in scores[:-1]:
+        print(f"{s.name:<28}{s.micro_f2:>18.6f}")
+    print(f"{'single best':<28}{max(s.micro_f2 for s in scores[:-1]):>18.6f}")
+    if holdout:
+        print(f"ensemble held-out micro-F2: {scores[-1].micro_f2:.6f} ({scores[-1].name}; members and thresholds "
+              f"chosen on the other {1 - holdout:g} of the {num_val} validation series)")  # fmt: skip
+        print("note: the top-k trials were still ranked on every validation series (their training runs' "
+              "model_f2); --folds K gives an out-of-fold estimate")  # fmt: skip
+        return
+    print(f"ensemble validation micro-F2: {scores[-1].micro_f2:.6f}")
+    print(f"note: this validation score is optimistic: the trials were ranked and the thresholds tuned on the "
+          f"same {num_val} series it scores; --holdout FRACTION or --folds K give an honest estimate")  # fmt: skip
+
+
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(parse_args()))

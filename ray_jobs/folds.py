@@ -27,7 +27,9 @@ thresholds, OOF F2 tuned and cross-fitted, bootstrap intervals over series, cali
 submission files (val_* = the OOF predictions), ensemble.json (every fold model of the chosen members) and
 report/index.html. Prints single best vs ensemble OOF micro-F2 with intervals. Predictions of a run are kept
 in --out/predictions and reused while the run is not retrained. A finished run is reused whatever the
-options of the rerun: use a new --out (or --storage) after changing --set/--epochs.
+options of the rerun: use a new --out (or --storage) after changing --set/--epochs. Run as
+ray_jobs/ensemble.py --folds K, the job records its arguments in the output folder and --resume with only
+--name/--storage (or --out) continues it as recorded.
 """
 
 from __future__ import annotations
@@ -104,10 +106,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def args_from_ensemble(args: argparse.Namespace) -> argparse.Namespace:
-    """This job's arguments for ``ray_jobs/ensemble.py --folds K`` (its other options keep their defaults)."""
+def args_from_ensemble(args: argparse.Namespace, out: str | None = None) -> argparse.Namespace:
+    """This job's arguments for ``ray_jobs/ensemble.py --folds K`` writing into ``out`` (default its --out);
+    its other options keep their defaults."""
     argv = ["--experiment", args.experiment, "--top-k", str(args.top_k), "--folds", str(args.folds)]
-    argv += ["--out", args.out, "--batch-size", str(args.batch_size)]
+    argv += ["--out", out or args.out, "--batch-size", str(args.batch_size)]
     argv += ["--test", args.test] if args.test else []
     argv += ["--tta", "flip"] if args.tta else []
     argv += ["--use-gpu"] if args.gpus_per_model > 0 else []

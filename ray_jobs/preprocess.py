@@ -14,6 +14,11 @@ slices it needs. On a cluster, a local --input/--labels/--out must be a folder e
 
 Joins the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else starts a local Ray. Re-running with
 the same arguments reuses finished shards. Exits non-zero only when nothing usable is left.
+
+The output folder is --out, or STORAGE/NAME with --name (--storage, default runs/). The job records its
+arguments there (job_args.json) before it reads anything; --resume with only --out (or --name/--storage)
+continues an interrupted run as recorded (a value given again must equal the recorded one): every shard
+already written for the same series and options is reused, not rewritten.
 """
 
 from __future__ import annotations
@@ -40,7 +45,14 @@ from ichmodel.preprocess import (
 )  # noqa: E402
 from ichmodel.readers import ReadResult, SkipRecord, read_input  # noqa: E402
 from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import init_ray, parse_window, setup_logging  # noqa: E402
+from ray_jobs.cli import (  # noqa: E402
+    add_output_arguments,
+    init_ray,
+    output_folder,
+    parse_window,
+    record_or_resume,
+    setup_logging,
+)
 
 logger = logging.getLogger("ray_jobs.preprocess")
 
@@ -54,19 +66,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--format",
-        required=True,
+        default=None,
         choices=["dlcv", "rsna", "dicom"],
         help="dlcv: <input>/<dirname>/<ID>.jpg (+ train.csv); rsna: flat folder of ID_<hex>.dcm "
-        "(+ stage_2_train.csv); dicom: any folder of DICOM series, searched recursively, no labels",
+        "(+ stage_2_train.csv); dicom: any folder of DICOM series, searched recursively, no labels "
+        "(required, but for --resume)",
     )
     parser.add_argument(
         "--input",
-        required=True,
+        default=None,
         help="image folder; a Blood_data root (train/ + train.csv) or an RSNA root "
-        "(stage_2_train/ + stage_2_train.csv) also works without --labels",
+        "(stage_2_train/ + stage_2_train.csv) also works without --labels (required, but for --resume)",
     )
     parser.add_argument("--labels", default=None, help="label CSV (dlcv: train.csv, rsna: stage_2_train.csv)")
-    parser.add_argument("--out", required=True, help="output folder or URI (s3://...) for the shards")
+    parser.add_argument(
+        "--out", default=None, help="output folder or URI (s3://...) for the shards (or give --name)"
+    )
+    add_output_arguments(parser, "shards")
     parser.add_argument(
         "--size", type=int, default=256, help="side of the square output images (default 256)"
     )
@@ -181,7 +197,7 @@ def check_paths(args: argparse.Namespace) -> dict[str, str | None]:
     Raises:
         ValueError: naming the option and the path.
     """
-    paths = {"--input": args.input, "--labels": args.labels, "--out": args.out}
+    paths = {"--input": args.input, "--labels": args.labels, "--out": output_folder(args)}
     for option, location in paths.items():
         storage.check_not_in_job_dir(option, location)
     paths = {k: None if v is None else storage.absolute(v) for k, v in paths.items()}
@@ -189,10 +205,28 @@ def check_paths(args: argparse.Namespace) -> dict[str, str | None]:
     return paths
 
 
+def restore_or_record(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` recorded in the output folder, or with ``--resume`` the recorded ones
+    (:func:`ray_jobs.cli.record_or_resume`).
+
+    Raises:
+        ValueError: when --format or --input is missing, or a value given on resume differs from the record.
+        FileNotFoundError: on --resume when the folder holds no record.
+    """
+    if not args.resume and (args.format is None or args.input is None):
+        raise ValueError("--format and --input are required (unless --resume)")
+    if args.input is not None:  # one spelling, recorded and compared on resume
+        args.input = storage.absolute(args.input)
+    return record_or_resume(args, get_args_parser(), "preprocess")
+
+
 def main(args: argparse.Namespace) -> int:
+    """Run (or with ``--resume`` continue) the job; ``args`` from :func:`parse_args` (or a plain
+    ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
     with tempfile.TemporaryDirectory(prefix="ich-preprocess-") as folder:
         try:
+            args = restore_or_record(args)
             paths = check_paths(args)
             options = PreprocessOptions(
                 size=args.size, windows=tuple(args.windows), min_slices=args.min_slices
@@ -223,5 +257,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
+    from ray_jobs.experiment import parse_job_args
+
+    return parse_job_args(get_args_parser(), argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(parse_args()))

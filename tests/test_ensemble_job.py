@@ -121,6 +121,25 @@ def test_ensemble_job_writes_checked_files_and_an_f2_that_sklearn_reproduces(
     assert set(submission["prediction"]) <= {0, 1}
     page = (out / "report" / "index.html").read_text()
     assert f"{printed:.4f}" in page and "trial t1" in page
+    assert "note: this validation score is optimistic" in proc.stdout
+    assert "predictions: 2 models predicted now, 0 read from" in proc.stdout
+
+    # Again with --holdout, in the same folder: the kept predictions are reused (no task), members and
+    # thresholds come from the other series, and the printed score is sklearn's on the held-out series.
+    again = ray_head.run([sys.executable, "ray_jobs/ensemble.py", "--experiment", str(experiment), "--top-k", "3",
+                          "--out", str(out), "--holdout", "0.5"], timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert "predictions: 0 models predicted now, 2 read from" in again.stdout
+    held_f2 = float(re.search(r"ensemble held-out micro-F2: ([0-9.]+)", again.stdout).group(1))
+    _, held = job.split_holdout(pd.read_parquet(out / "val_probs.parquet"), 0.5)
+    board = pd.read_csv(out / "val_leaderboard.csv")
+    held_slices = set(shards.loc[shards["series_id"].isin(held), "slice_id"].str.removesuffix(".jpg"))
+    board = board[board["ID"].str.rsplit("_", n=1).str[0].isin(held_slices)]
+    assert len(board) == 5 * len(held_slices) > 0
+    assert held_f2 == pytest.approx(fbeta_score([truth[i] for i in board["ID"]], board["prediction"], beta=2),
+                                    abs=1e-6)  # fmt: skip
+    assert json.loads((out / "ensemble.json").read_text())["val_f2"] == pytest.approx(held_f2, abs=1e-6)
+    assert "optimistic" not in again.stdout
 
 
 def test_test_shards_are_required_when_there_is_no_sibling_folder(demo_shards, experiment, tmp_path):
@@ -166,6 +185,58 @@ def test_a_search_on_storage_is_fetched_best_first_and_then_ensembled_like_a_loc
     assert list(chosen["trial_id"]) == ["t0"]
     with pytest.raises(FileNotFoundError, match="No trials table"):
         job.fetch_experiment(f"file://{tmp_path}/nothing", tmp_path / "cache2", top_k=1)
+
+
+def test_holdout_chooses_members_and_thresholds_on_the_rest_and_scores_the_held_out_series():
+    from tests.test_ensemble import _oof_frames
+
+    frames = {t: f.drop(columns=["fold"]) for t, f in _oof_frames([1.5, 1.2, 50.0]).items()}  # t2: noise
+    vals = list(frames.values())
+    select, held = job.split_holdout(vals[0], 0.3)
+    series = sorted(vals[0]["series_id"].unique())
+    assert sorted(select + held) == series and not set(select) & set(held)
+    assert len(held) == round(0.3 * len(series)) and job.split_holdout(vals[0], 0.3) == (select, held)
+    positive = vals[0].groupby("series_id")[[f"label_{c}" for c in CLASSES]].max().any(axis=1)
+    assert positive[select].any() and positive[held].any()  # stratified: both parts keep positive series
+
+    bag, thresholds, scores = job.choose_on_selection(list(frames), vals, select, held, None)
+    assert 2 not in bag and [s.name for s in scores][:3] == ["t0", "t1", "t2"]
+    mean = job.E.average_predictions([vals[i] for i in bag])
+    on_select, on_held = mean[mean["series_id"].isin(select)], mean[mean["series_id"].isin(held)]
+    assert thresholds.tolist() == job.E.choose_thresholds(on_select).tolist()  # tuned without the held-out
+    assert scores[-1].micro_f2 == pytest.approx(job.E.score_predictions(on_held, thresholds)["micro_f2"])
+    with pytest.raises(ValueError, match="at least 2 validation series"):
+        job.split_holdout(vals[0][vals[0]["series_id"] == series[0]], 0.5)
+
+
+def test_resume_restores_the_recorded_options_and_refuses_a_conflicting_one(tmp_path, caplog):
+    """Checked before any Ray work: the recorded arguments, a conflict naming both values, options refused."""
+    args = job.parse_args(["--experiment", str(tmp_path / "none"), "--name", "e", "--storage", str(tmp_path),
+                           "--holdout", "0.3", "--top-k", "2"])  # fmt: skip
+    assert job.main(args) == 2  # no trials.csv; the arguments were recorded first
+    assert "No trials table" in caplog.text
+    restored = job.record_or_resume(
+        job.parse_args(["--name", "e", "--storage", str(tmp_path), "--resume"]),
+        job.get_args_parser(),
+        "ensemble",
+    )
+    assert (restored.experiment, restored.holdout, restored.top_k) == (str(tmp_path / "none"), 0.3, 2)
+    assert (
+        job.main(job.parse_args(["--name", "e", "--storage", str(tmp_path), "--resume", "--top-k", "3"])) == 2
+    )
+    assert "--top-k 3 given, but the experiment ran with 2" in caplog.text
+    refused = [
+        "--experiment",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--folds",
+        "2",
+        "--holdout",
+        "0.2",
+    ]
+    assert job.main(job.parse_args(refused)) == 2 and "is for the ensemble without --folds" in caplog.text
+    assert not (tmp_path / "o").exists()  # refused before anything is recorded
 
 
 def _predictions(slices: pd.DataFrame) -> pd.DataFrame:

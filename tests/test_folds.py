@@ -1,20 +1,27 @@
 """K-fold splits by series (or patient) and out-of-fold assembly (:mod:`ichmodel.folds`), and the fold
-runner ``ray_jobs/folds.py`` on the session's Ray head (trains each fold once, resumes without retraining)."""
+runner ``ray_jobs/folds.py`` on the session's Ray head through ``ensemble.py --smoke-test`` (killed, then resumed
+from its name without retraining a finished fold)."""
 
 from __future__ import annotations
 
 import json
-import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
+from ichmodel.constants import CLASSES
 from ichmodel.folds import assemble_oof, check_folds, fold_split, make_folds, shard_folds
 from ichmodel.shards import load_manifest, series_index
-from tests.datagen import write_checkpoint
+from ray_jobs.worker import finished_run_report
+from tests.conftest import REPO_ROOT
 
 IDS = [f"s{i:02d}" for i in range(23)]
 POSITIVE = {s: i % 3 == 0 for i, s in enumerate(IDS)}  # 8 positive series
@@ -95,49 +102,88 @@ def test_shard_folds_cover_the_shards(demo_shards):
     assert sorted(s for f in folds for s in f) == ids and all(folds)
 
 
+def _finished_fold_runs(runs: Path) -> dict[str, dict]:
+    """Run name -> last report of each fold's Train run that Ray has recorded as finished."""
+    reports = {p.name: finished_run_report(str(p)) for p in runs.glob("fold-*")}
+    return {name: report for name, report in reports.items() if report is not None}
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
 @pytest.mark.ray
-def test_fold_job_trains_each_fold_once_and_a_rerun_retrains_nothing(ray_head, demo_shards, tmp_path):
-    experiment = tmp_path / "search"
-    ckpt = write_checkpoint(experiment / "train-t0" / "checkpoint.pt", demo_shards[0])
-    rows = [{"trial_id": "t0", "model_f2": 0.5, "checkpoint": str(ckpt), "status": "OK"}]
-    pd.DataFrame(rows).to_csv(experiment / "trials.csv", index=False)
-    out = tmp_path / "folds"
-    args = [sys.executable, "ray_jobs/folds.py", "--experiment", str(experiment), "--folds", "2", "--out", str(out),
-            "--epochs", "1,1,1", "--num-workers", "1"]  # fmt: skip
-    first = ray_head.run(args, timeout=400)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-    runs = pd.read_csv(out / "runs.csv")
-    assert runs["name"].tolist() == ["fold-t0-0of2", "fold-t0-1of2"] and runs["retrained"].all()
-    folds = pd.read_json(out / "folds.json")["folds"].tolist()
-    ids = sorted(series_index(load_manifest(demo_shards[0])))
-    oof = pd.read_parquet(out / "oof_t0.parquet")
-    per_series = oof.groupby("series_id")["fold"].agg(["nunique", "first"])
-    assert sorted(per_series.index) == ids and (per_series["nunique"] == 1).all()  # every series once
-    for i, fold in enumerate(folds):
-        assert set(per_series.index[per_series["first"] == i]) == set(fold)  # by the model that held it out
-    test = pd.read_parquet(out / "test_t0.parquet")
-    assert sorted(test["series_id"].unique()) == sorted(series_index(load_manifest(demo_shards[1])))
+def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_retraining(ray_head, tmp_path):
+    """``ensemble.py --smoke-test`` (tune's smoke search, then 2 folds of its 2 trials: 4 Train runs),
+    ``kill -9`` of its driver once Ray recorded a finished fold run, then ``--name --storage --resume`` only:
+    the finished runs are not trained again, the others continue, and a checked submission is written."""
+    storage = tmp_path / "runs"
+    folder = storage / "smoke-ensemble"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as sink:
+        driver = subprocess.Popen(
+            [sys.executable, "ray_jobs/ensemble.py", "--smoke-test", "--storage", str(storage)],
+            cwd=REPO_ROOT,
+            env=ray_head.env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    deadline, finished = time.time() + 900, {}
+    while time.time() < deadline and not finished and driver.poll() is None:
+        finished = _finished_fold_runs(folder / "runs")
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert finished, (
+        "no fold run finished before the deadline, or the driver ended: " + log.read_text()[-5000:]
+    )
+    trees = {name: _tree(folder / "runs" / name) for name in finished}
+    assert not (folder / "fold_ensemble.json").exists()  # killed before the end
+
+    resumed = ray_head.run([sys.executable, "ray_jobs/ensemble.py", "--name", "smoke-ensemble", "--storage",
+                            str(storage), "--resume"], timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    runs = pd.read_csv(folder / "runs.csv").set_index("name")
+    trials = pd.read_csv(folder / "search" / "trials.csv", dtype={"trial_id": str})["trial_id"]
+    names = {f"fold-{t}-{i}of2" for t in trials for i in range(2)}
+    assert set(runs.index) == names and len(names) == 4  # the recorded smoke options: top 2 trials, 2 folds
+    assert {p.name for p in (folder / "runs").glob("fold-*")} == names  # no other Train run
+    assert not runs.loc[list(finished), "retrained"].any()
+    assert runs["retrained"].sum() <= 4 - len(finished)
+    for name in finished:  # a finished run's folder is untouched
+        assert _tree(folder / "runs" / name) == trees[name], name
+    assert (
+        f"{runs['retrained'].sum()} trained now, {4 - runs['retrained'].sum()} finished before"
+        in resumed.stdout
+    )
+
+    shards = REPO_ROOT / "runs" / "smoke_data" / "shards"
+    folds = pd.read_json(folder / "folds.json")["folds"].tolist()
+    ids = sorted(series_index(load_manifest(shards / "train")))
+    assert sorted(s for f in folds for s in f) == ids  # no series in two folds
+    for trial in trials:
+        oof = pd.read_parquet(folder / f"oof_{trial}.parquet")
+        per_series = oof.groupby("series_id")["fold"].agg(["nunique", "first"])
+        assert sorted(per_series.index) == ids and (per_series["nunique"] == 1).all()  # every series once
+        for i, fold in enumerate(folds):
+            assert set(per_series.index[per_series["first"] == i]) == set(fold)  # by the model holding it out
     for path in runs["checkpoint"]:  # each fold trained all three stages on the other fold
         assert load_checkpoint(path)["finished"], path
-    stamps = {p: os.stat(p).st_mtime_ns for p in runs["checkpoint"]}
-    for name in (
-        "submission.csv",
-        "val_leaderboard.csv",
-        "ensemble.json",
-        "fold_ensemble.json",
-        "report/index.html",
-    ):
-        assert (out / name).is_file(), name
-    assert "RESULT ensemble_oof_f2=" in first.stdout and "OOF RSNA weighted log loss: before" in first.stdout
-    assert json.loads((out / "ensemble.json").read_text())["models"] == runs["checkpoint"].tolist()
-
-    second = ray_head.run(args, timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
-    assert "0 trained now, 2 finished before" in second.stdout
-    again = pd.read_csv(out / "runs.csv")
-    assert not again["retrained"].any() and again["checkpoint"].tolist() == runs["checkpoint"].tolist()
-    assert {p: os.stat(p).st_mtime_ns for p in again["checkpoint"]} == stamps
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "oof_t0.parquet"), oof)
+    for name in ("submission.csv", "val_leaderboard.csv", "ensemble.json", "fold_ensemble.json",
+                 "report/index.html"):  # fmt: skip
+        assert (folder / name).is_file(), name
+    assert (
+        "RESULT ensemble_oof_f2=" in resumed.stdout and "OOF RSNA weighted log loss: before" in resumed.stdout
+    )
+    bag = json.loads((folder / "fold_ensemble.json").read_text())["bag"]
+    models = json.loads((folder / "ensemble.json").read_text())["models"]
+    assert models == [runs.loc[f"fold-{t}-{i}of2", "checkpoint"] for t in bag for i in range(2)]
+    test_ids = S.expected_slices(str(shards / "test"))["slice_id"]
+    submission = pd.read_csv(folder / "submission.csv")
+    assert sorted(submission["ID"]) == sorted(
+        f"{s.removesuffix('.jpg')}_{c}" for s in test_ids for c in CLASSES
+    )
 
 
 def test_fold_summary_chooses_members_calibrates_and_writes_its_files(tmp_path, capsys):

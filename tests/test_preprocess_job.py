@@ -62,6 +62,16 @@ def test_job_end_to_end_on_generated_dlcv_data(tmp_path):
     assert str(bad) in proc.stderr  # the log names the bad file
     assert len(list(out.glob("shard-*.parquet"))) == 2
 
+    # Resumed from the output folder alone: the recorded arguments, every written shard reused as it is.
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+    conflict = _run("--out", str(out), "--resume", "--size", "32", timeout=120)
+    assert conflict.returncode == 2 and "--size 32 given, but the experiment ran with 16" in conflict.stderr
+    resumed = _run("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "shard 1/2 done (reused)" in resumed.stderr and "shard 2/2 done (reused)" in resumed.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")} == stamps
+    assert json.loads((out / "manifest.json").read_text())["num_slices"] == manifest["num_slices"]
+
 
 def test_job_exits_non_zero_when_nothing_is_usable(tmp_path):
     datagen.dlcv(tmp_path / "in", patients=1, slices=(2, 2))
