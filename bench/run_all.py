@@ -48,7 +48,10 @@ BENCHES: dict[str, list[str]] = {
     "inference": ["--size", "64", "--patients", "8", "--rounds", "3"],
     "memory": [],
     "host_syncs": ["--steps", "20"],
+    "search_cost": ["--smoke"],
 }
+#: Seconds a bench may take when more than ``--timeout``: the search-cost smoke runs two searches.
+TIMEOUTS = {"search_cost": 900}
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,20 @@ FIGURES = [
     Figure("memory", "tune --smoke-test peak RSS sum (GiB)", lambda r: r["peak_rss_gib"], "{:.2f}"),
     Figure("memory", "tune --smoke-test peak PSS sum (GiB)", lambda r: r["peak_pss_gib"], "{:.2f}"),
     Figure("memory", "tune --smoke-test wall time (s)", lambda r: r["wall_s"], "{:.0f}"),
+    Figure(
+        "search_cost",
+        "search trial-epochs, shared / plain stages (smoke)",
+        lambda r: r["trial_epochs_ratio"],
+        "{:.2f}",
+        "≤ 0.60",
+        lambda v: v <= 0.6,
+    ),
+    Figure(
+        "search_cost",
+        "best F2 shared − plain (smoke)",
+        lambda r: r["best_f2_shared"] - r["best_f2_plain"],
+        "{:+.3f}",  # no goal at this size: 3 validation series; the goal (≥ −0.01) is the full size's
+    ),
 ]
 
 
@@ -188,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, dict | None] = {}
     for name in args.only:
         print(f"running bench/{name}.py {' '.join(BENCHES[name])}", flush=True)
-        result, seconds, tail = run_bench(name, BENCHES[name], args.timeout)
+        result, seconds, tail = run_bench(name, BENCHES[name], max(args.timeout, TIMEOUTS.get(name, 0)))
         results[name] = result
         print(f"  {'done' if result is not None else 'FAILED'} in {seconds:.0f} s", flush=True)
         if result is None:

@@ -8,9 +8,18 @@ Examples (from the repository root):
         --num-samples 64 --max-concurrent 8 --workers-per-trial 2 --gpus-per-trial 1 --storage s3://bucket/runs
     python ray_jobs/tune.py --name my-search --storage runs --resume   # continue an interrupted search
 
-Search: OptunaSearch (TPE, seeded) proposes a config from --space; ASHA stops weak trials early on
-validation micro-F2, with the global epoch as its time attribute. Each trial trains with
---workers-per-trial DDP workers; a failed trial is retried from its last checkpoint.
+Search: OptunaSearch (TPE, seeded; constant liar when trials run at once) proposes a config from --space;
+ASHA stops weak trials early on validation micro-F2, with the global epoch as its time attribute and a grace
+period that ends one epoch into the stage where the last searched parameter begins to act. Each trial
+trains with --workers-per-trial DDP workers; a failed trial is retried from its last checkpoint.
+--time-budget stops the search after that many seconds (Tune's time_budget_s).
+
+Shared stages (--share-stages, ichmodel/stage_sharing.py): the leading stages that every trial would train
+alike are trained once, as the Train run STORAGE/NAME/shared/<key>, before the trials start; each trial
+continues from its checkpoint (trials.csv: shared_from, shared_epochs). "auto" (default) trains the two
+pretraining stages once at the base config; searched parameters those stages read (γ±, soft F2, p1, p2, ε
+in the default space) then act from fine-tuning on, which the log says. "exact" shares only the
+stages that no searched parameter reads (stages 1-2 for --space loss_weights); "off" shares nothing.
 
 Resuming needs only --name and --storage: the search's arguments and config are recorded in
 STORAGE/NAME/job_args.json before any trial starts and restored (a value given again must be the recorded
@@ -38,6 +47,7 @@ import pandas as pd  # noqa: E402
 
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.demo_data import ensure_demo_data  # noqa: E402
+from ichmodel.stage_sharing import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing  # noqa: E402
 from ray_jobs.cli import (  # noqa: E402
     DEMO_ROOT,
     REPO_ROOT,
@@ -53,9 +63,11 @@ from ray_jobs.experiment import (  # noqa: E402
     TrialsTableCallback,
     attach_experiment,
     parse_job_args,
+    read_job_record,
     resume_job_args,
     write_job_record,
 )
+from ray_jobs.shared_stages import prepare_shared_stages  # noqa: E402
 from ray_jobs.storage import absolute, is_uri, join, write_bytes  # noqa: E402
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report  # noqa: E402
 from search_spaces import load_space  # noqa: E402
@@ -67,6 +79,9 @@ METRIC = "model_f2"
 #: Epoch caps of the three stages unless --epochs, --set or --config say otherwise: a first real search on
 #: --data (ASHA then stops the weak trials after the first stage), the generated demo, the smoke test.
 EPOCHS = {"data": "5,5,10", "demo": "1,1,2", "smoke": "1,1,1"}
+#: Trials at once when not even one fits the cluster now (GPU nodes not up yet): each pending trial asks the
+#: autoscaler for nodes, and TPE proposes from few finished trials; 4 keeps both in bounds.
+PENDING_MAX_CONCURRENT = 4
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,6 +128,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--driver-resource", default=None, help="custom resource a trial driver needs (cluster head)"
     )
+    parser.add_argument(
+        "--share-stages",
+        choices=SHARE_POLICIES,
+        default="auto",
+        help="train leading stages once for all trials: auto (the pretraining stages, searched values act "
+        "from fine-tuning), exact (only stages no searched parameter reads), off (default auto)",
+    )
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="stop the search after this many seconds"
+    )
     parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -135,8 +160,11 @@ def demo_shards(smoke_test: bool) -> Path:
     return ensure_demo_data(DEMO_ROOT)[0]
 
 
-def check_space(space_fn, cfg: Config) -> None:
-    """Draw one sample from the space with plain Optuna and apply it to the config, to fail before launching."""
+def check_space(space_fn, cfg: Config) -> list[str]:
+    """Draw one sample from the space with plain Optuna and apply it to the config, to fail before launching.
+
+    Returns the dotted names the sample set: the searched fields (a conditional space may set more in
+    other samples)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -153,12 +181,23 @@ def check_space(space_fn, cfg: Config) -> None:
     if not params:
         raise ValueError("Search space suggested no parameter")
     cfg.with_overrides(params)  # raises ValueError naming an unknown field or a bad value
+    return sorted(params)
 
 
 def train_trial_fn(
-    config: dict, base: dict, scaling: dict, storage: str, max_failures: int, fail_at_epoch: int | None = None
+    config: dict,
+    base: dict,
+    scaling: dict,
+    storage: str,
+    max_failures: int,
+    fail_at_epoch: int | None = None,
+    start_from: str | None = None,
+    shared_epochs: int = 0,
 ) -> None:
     """One Tune trial: a staged TorchTrainer whose per-epoch reports reach Tune through the callback.
+
+    ``start_from``: the shared stages' checkpoint (:mod:`ray_jobs.shared_stages`), where the trial's Train
+    run starts when it has no checkpoint of its own; ``shared_epochs``: the epochs it holds.
 
     ``fail_at_epoch`` (tests): every trial raises once after that epoch, with Train's own retries off, so
     the error reaches Tune, whose retry resumes the trial from its Train checkpoint.
@@ -174,6 +213,8 @@ def train_trial_fn(
         return
     overrides = {k: v for k, v in config.items() if "." in k}
     loop_config = {"config": base, "overrides": overrides}
+    if start_from:
+        loop_config.update(start_from=start_from, shared_epochs=shared_epochs)
     if fail_at_epoch is not None:
         loop_config.update(fail_at_epoch=fail_at_epoch, fail_marker=f"{storage}/.failed-once-{trial_id}")
         max_failures = 0
@@ -190,14 +231,9 @@ def train_trial_fn(
         raise result.error
 
 
-def build_tuner(
-    args: argparse.Namespace, cfg: Config, storage: str, space_fn, max_concurrent: int | None = None
-):
-    """A new ``Tuner`` for STORAGE/NAME, or with ``--resume`` the one restored from there; either way its
-    study, ASHA and trials table attached to where the experiment is now (:mod:`ray_jobs.experiment`)."""
-    from ray import tune
-
-    scaling = {
+def trial_scaling(args: argparse.Namespace) -> dict:
+    """The ``ScalingConfig`` arguments of every Train run of the search (trials and shared stages)."""
+    return {
         "num_workers": args.workers_per_trial,
         "use_gpu": args.gpus_per_trial > 0,
         "resources_per_worker": {
@@ -205,49 +241,86 @@ def build_tuner(
             **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {}),
         },
     }
+
+
+def make_tune_config(args: argparse.Namespace, cfg: Config, space_fn, grace: int, max_concurrent: int | None):
+    """A new search's ``TuneConfig``: seeded TPE (constant liar unless one trial runs at a time, so trials
+    proposed together are not all alike), ASHA with ``grace`` epochs before its first rung (``--grace-epochs``
+    replaces it), the concurrency cap and ``--time-budget``."""
+    import optuna
+    from ray import tune
+
+    # The study is a file of the experiment (found from where it is at each start) unless --optuna-storage
+    # names one; on a storage URI without --optuna-storage it is in memory, pickled with the searcher's state.
+    study_url = args.optuna_storage or (None if is_uri(args.storage) else "experiment")
+    concurrent = max_concurrent is None or max_concurrent > 1
+    searcher = ExperimentOptunaSearch(
+        study_url=study_url,
+        space=space_fn,
+        metric=METRIC,
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=args.seed, constant_liar=concurrent),
+        study_name=args.name,
+    )
+    total_epochs = sum(cfg.train.max_epochs)
+    scheduler = ExperimentASHA(
+        time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(args.grace_epochs or grace, 1)
+    )
+    return tune.TuneConfig(
+        search_alg=searcher,
+        scheduler=scheduler,
+        metric=METRIC,
+        mode="max",
+        num_samples=args.num_samples or (2 if args.smoke_test else 4),
+        max_concurrent_trials=max_concurrent,
+        time_budget_s=args.time_budget,
+    )
+
+
+def build_tuner(
+    args: argparse.Namespace,
+    cfg: Config,
+    storage: str,
+    space_fn,
+    max_concurrent: int | None = None,
+    grace: int = 1,
+    shared: dict | None = None,
+):
+    """A new ``Tuner`` for STORAGE/NAME, or with ``--resume`` the one restored from there; either way its
+    study, ASHA and trials table attached to where the experiment is now (:mod:`ray_jobs.experiment`).
+
+    ``shared``: the record of :func:`ray_jobs.shared_stages.prepare_shared_stages`; trials start from its
+    ``checkpoint``. A resume of a search interrupted before Tune saved anything starts its Tuner afresh.
+    """
+    from ray import tune
+
     experiment = join(storage, args.name)
     # The trainable is built from the recorded config on resume (Tuner.restore keeps only its name).
     trainable = tune.with_parameters(
         train_trial_fn,
         base=cfg.to_dict(),
-        scaling=scaling,
+        scaling=trial_scaling(args),
         storage=join(experiment, "train_runs"),
         max_failures=args.max_failures,
         fail_at_epoch=args.fail_at_epoch,
+        start_from=(shared or {}).get("checkpoint"),
+        shared_epochs=(shared or {}).get("epochs", 0),
     )
     # A trial's driver only waits on its TorchTrainer: give it no CPU so the workers get them all.
     driver = {"memory": 100 * 1024**2}
     if args.driver_resource:
         driver[args.driver_resource] = 0.01
     trainable = tune.with_resources(trainable, driver)
-    total_epochs = sum(cfg.train.max_epochs)
-    if args.resume:
-        if not tune.Tuner.can_restore(experiment):
-            raise ValueError(f"Nothing to resume at {experiment}; run without --resume first")
+    if args.resume and tune.Tuner.can_restore(experiment):
         logger.info("resuming experiment %s: finished trials are kept, unfinished ones continue", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
         attach_experiment(tuner, experiment)
         return tuner
-    # The study is a file of the experiment (found from where it is at each start) unless --optuna-storage
-    # names one; on a storage URI without --optuna-storage it is in memory, pickled with the searcher's state.
-    study_url = args.optuna_storage or (None if is_uri(storage) else "experiment")
-    searcher = ExperimentOptunaSearch(
-        study_url=study_url, space=space_fn, metric=METRIC, mode="max", seed=args.seed, study_name=args.name
-    )
-    grace = args.grace_epochs or min(total_epochs, cfg.train.max_epochs[0] + 1)
-    scheduler = ExperimentASHA(
-        time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(grace, 1)
-    )
+    if args.resume:
+        logger.info("experiment %s was stopped before its first trial: starting its trials now", experiment)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            metric=METRIC,
-            mode="max",
-            num_samples=args.num_samples or (2 if args.smoke_test else 4),
-            max_concurrent_trials=max_concurrent,
-        ),
+        tune_config=make_tune_config(args, cfg, space_fn, grace, max_concurrent),
         run_config=tune.RunConfig(
             name=args.name,
             storage_path=storage,
@@ -260,24 +333,27 @@ def build_tuner(
     return tuner
 
 
-def default_max_concurrent(total: dict, args: argparse.Namespace) -> int | None:
-    """Trials whose Train workers fit the cluster's resources at once; None when not even one fits yet.
+def default_max_concurrent(total: dict, args: argparse.Namespace) -> tuple[int, bool]:
+    """``(cap, fits_now)``: the trials whose Train workers fit the cluster's resources at once, or, when not
+    even one fits yet (GPU nodes still to come), :data:`PENDING_MAX_CONCURRENT` and False.
 
-    Trial drivers hold no CPU, so without this cap Tune would start every trial and the surplus Train
-    runs would wait for workers (and time out). None leaves the cap to the autoscaler.
+    Trial drivers hold no CPU, so without a cap Tune would start every trial and the surplus Train
+    runs would wait for workers (and time out), each asking the autoscaler for more nodes.
     """
     need = {"CPU": args.workers_per_trial * args.cpus_per_worker}
     if args.gpus_per_trial:
         need["GPU"] = args.workers_per_trial * args.gpus_per_trial
     fits = min(int(total.get(key, 0) // amount) for key, amount in need.items() if amount > 0)
-    return fits or None
+    return (fits, True) if fits else (PENDING_MAX_CONCURRENT, False)
 
 
 def trials_table(results, storage: str = "") -> pd.DataFrame:
     """One row per trial, best ``model_f2`` first: id, F2s, epochs, checkpoint, status and its parameters.
 
     ``model_f2`` is the validation F2 of the weights the trial's checkpoint exports (its stage's best epoch);
-    ``last_val_f2`` and ``last_val_loss`` are those of the last epoch it ran.
+    ``last_val_f2`` and ``last_val_loss`` are those of the last epoch it ran. ``shared_from`` names the shared
+    stages' checkpoint the trial started from ("" for none) and ``shared_epochs`` how many of its ``epochs``
+    were trained there, once for the whole search.
 
     With a URI ``storage`` (``s3://...``) the checkpoint column holds full URIs (Ray reports them without
     the scheme), which ray_jobs/ensemble.py downloads.
@@ -301,6 +377,8 @@ def trials_table(results, storage: str = "") -> pd.DataFrame:
                 "checkpoint": join(str(checkpoint), CHECKPOINT_FILE) if checkpoint else "",
                 "status": "ERROR" if result.error else "OK",
                 "node_id": metrics.get("node_id", ""),
+                "shared_from": metrics.get("shared_from", ""),  # the shared stages' checkpoint it continued
+                "shared_epochs": metrics.get("shared_epochs", 0),  # of ``epochs``, those trained there once
                 **{k: v for k, v in config.items() if "." in k},
             }
         )
@@ -320,10 +398,14 @@ def main(args: argparse.Namespace) -> int:
         if args.resume:  # the experiment's own arguments and config; a conflicting value is an error
             args, recorded = resume_job_args(args, get_args_parser(), experiment, "tune")
             cfg = Config.from_dict(recorded)
+            # An experiment recorded before stages were shared goes on without them.
+            if "share_stages" not in read_job_record(experiment)["args"]:
+                args.share_stages = "off"
         else:
             cfg = base_config(args)
         space_fn = load_space(args.space)
-        check_space(space_fn, cfg)
+        searched = check_space(space_fn, cfg)
+        share = plan_sharing(searched, cfg.train.max_epochs, getattr(args, "share_stages", "auto"))
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
@@ -335,20 +417,28 @@ def main(args: argparse.Namespace) -> int:
         return 2
     max_concurrent = args.max_concurrent
     if max_concurrent is None:
-        max_concurrent = default_max_concurrent(ray.cluster_resources(), args)
-        if max_concurrent is None:
+        max_concurrent, fits_now = default_max_concurrent(ray.cluster_resources(), args)
+        if not fits_now:
             logger.warning(
-                "the cluster has %s now, too little for one trial: waiting for the autoscaler; "
-                "set --max-concurrent to cap how many trials (and nodes) run at once",
+                "the cluster has %s now, too little for one trial: waiting for the autoscaler, with up to "
+                "%d trials at once (--max-concurrent sets it)",
                 ray.cluster_resources(),
+                max_concurrent,
             )
         else:
             logger.info("up to %d trials at once (what the cluster holds now; --max-concurrent sets it)",
                         max_concurrent)  # fmt: skip
     if not args.resume:  # before Tune writes anything: what --resume restores
         write_job_record(experiment, "tune", args, cfg.to_dict())
+    log_sharing(share)
+    shared = prepare_shared_stages(
+        experiment, cfg, share, scaling=trial_scaling(args), max_failures=args.max_failures
+    )
+    grace = grace_epochs(searched, cfg.train.max_epochs, share)
+    logger.info("ASHA: no trial is stopped before global epoch %d (%s)", args.grace_epochs or grace,
+                "--grace-epochs" if args.grace_epochs else "one epoch after every searched parameter acts")  # fmt: skip
     try:
-        tuner = build_tuner(args, cfg, storage, space_fn, max_concurrent)
+        tuner = build_tuner(args, cfg, storage, space_fn, max_concurrent, grace, shared)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
@@ -362,6 +452,23 @@ def main(args: argparse.Namespace) -> int:
         logger.error("no trial finished without error")
         return 1
     return 0
+
+
+def log_sharing(share: SharePlan) -> None:
+    """Say which stages every trial shares, and loudly which searched parameters act later than alone."""
+    if share.stages == 0:
+        logger.info("shared stages: none (%s); every trial trains all stages", share.reason)
+        return
+    logger.info("shared stages: 1..%d trained once for all trials (--share-stages %s: %s)",
+                share.stages, share.policy, share.reason)  # fmt: skip
+    if share.deferred:
+        logger.warning(
+            "searched %s take the base config's values in the shared stages 1..%d and each trial's own values "
+            "only from stage %d on (--share-stages exact or off: every value from where it acts)",
+            ", ".join(share.deferred),
+            share.stages,
+            share.stages + 1,
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,8 +26,10 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
     ``loop_config`` keys: ``config`` (a ``Config.to_dict()`` tree), ``overrides`` (dotted names, e.g. from
     a Tune trial), optionally ``split`` (``{"train": ids, "val": ids}``: explicit series instead of the
-    config's random split), and for tests ``fail_at_epoch`` + ``fail_marker``: raise once after that global epoch,
-    to exercise Train's retry from the last checkpoint.
+    config's random split), ``start_from`` (a ``checkpoint.pt`` path or URI, e.g. a search's shared stages,
+    that a run without a checkpoint of its own continues; reported as ``shared_from``, with
+    ``shared_epochs``, the epochs it holds), and for tests ``fail_at_epoch`` + ``fail_marker``: raise once
+    after that global epoch, to exercise Train's retry from the last checkpoint.
     Rank 0 writes the checkpoint; every rank reports the same metrics (validation is gathered).
     """
     import ray.train
@@ -55,6 +57,9 @@ def train_fn_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    start_from = loop_config.get("start_from")
+    if resume is None and start_from:
+        resume = load_start_checkpoint(start_from)
 
     fail_at = loop_config.get("fail_at_epoch")
     fail_marker = loop_config.get("fail_marker")
@@ -65,6 +70,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
             k: v for k, v in metrics.items() if isinstance(v, int | float | bool) and k not in REPORT_COLUMNS
         }
         metrics["node_id"] = node_id  # where rank 0 ran: shows trial placement on a cluster
+        if start_from:
+            metrics.update(shared_from=start_from, shared_epochs=loop_config.get("shared_epochs", 0))
         if rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
@@ -77,6 +84,25 @@ def train_fn_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"injected failure after global epoch {fail_at} (test hook)")
 
     fit(cfg, train_set, val_set, device, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def load_start_checkpoint(location: str) -> dict:
+    """The checkpoint dict at ``location`` (a local path or a storage URI, downloaded to a temporary file).
+
+    Raises:
+        FileNotFoundError: naming ``location`` when nothing is there.
+    """
+    from ichmodel.checkpoint import load_checkpoint
+    from ray_jobs.storage import fetch, is_uri
+
+    if not is_uri(location):
+        if not Path(location).is_file():
+            raise FileNotFoundError(f"No checkpoint to start from at {location}")
+        return load_checkpoint(location)
+    with tempfile.TemporaryDirectory(prefix="ich-start-") as folder:
+        if not fetch(location, Path(folder) / CHECKPOINT_FILE):
+            raise FileNotFoundError(f"No checkpoint to start from at {location}")
+        return load_checkpoint(Path(folder) / CHECKPOINT_FILE)
 
 
 def quiet_train_worker_logs() -> None:

@@ -87,8 +87,8 @@ def test_preprocess_tune_and_ensemble_with_every_path_on_s3(ray_head, s3, tmp_pa
              "--out", f"{bucket}/shards/{split}", "--size", "32", "--shard-series", "4")  # fmt: skip
     manifest = json.loads(store.read_text(f"{bucket}/shards/train/manifest.json"))
     assert manifest["num_series"] == 8 and manifest["has_labels"]
-    assert sorted(store.list_files(f"{bucket}/shards/train")) == [
-        "manifest.json", "shard-00000.parquet", "shard-00001.parquet", "skipped.csv"
+    assert sorted(store.list_files(f"{bucket}/shards/train")) == [  # job_args.json: resume by name
+        "job_args.json", "manifest.json", "shard-00000.parquet", "shard-00001.parquet", "skipped.csv"
     ]  # fmt: skip
     train = SeriesDataset(f"{bucket}/shards/train")  # the library reads the bucket itself
     assert len(train) == 8 and train[0]["images"].shape[1:] == (3, 32, 32)
@@ -100,6 +100,8 @@ def test_preprocess_tune_and_ensemble_with_every_path_on_s3(ray_head, s3, tmp_pa
     trials = pd.read_csv(io.StringIO(store.read_text(f"{bucket}/runs/s3/trials.csv")))
     assert len(trials) == 1 and trials["status"].tolist() == ["OK"]
     assert trials["checkpoint"][0].startswith(f"{bucket}/runs/s3/") and store.is_file(trials["checkpoint"][0])
+    shared = trials["shared_from"][0]  # stages 1-2 trained once on the bucket, the trial continued from there
+    assert shared.startswith(f"{bucket}/runs/s3/shared/stages2-") and store.is_file(shared)
 
     out = tmp_path / "local_out"
     proc = _run(ray_head, env, "ensemble", "--experiment", f"{bucket}/runs/s3", "--top-k", "1", "--test",

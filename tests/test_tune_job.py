@@ -58,6 +58,20 @@ def test_ray_job_submit_runs_the_smoke_search(ray_head, tmp_path):
     assert {"loss.alpha", "strategy.p1", "loss.gamma_neg"} <= set(table.columns)
     assert list((tmp_path / "smoke").glob("*/events.out.tfevents.*")), "no TensorBoard event files"
     assert (tmp_path / "smoke" / "optuna.db").is_file()
+    # Shared stages (--share-stages auto, the default): stages 1-2 trained once, as one Train run, and both
+    # trials continued from its checkpoint, training only the fine-tuning epoch themselves.
+    shared = tmp_path / "smoke" / "shared"
+    runs = [p for p in shared.iterdir() if p.is_dir()]
+    assert len(runs) == 1 and len(list((tmp_path / "smoke" / "train_runs").glob("train-*"))) == 2
+    (checkpoint,) = shared.glob("*.pt")
+    assert checkpoint.stem == runs[0].name and load_checkpoint(checkpoint)["global_epoch"] == 2
+    assert set(table["shared_from"]) == {str(checkpoint)} and (table["shared_epochs"] == 2).all()
+    assert (table["epochs"] == 3).all()
+    for lines in _trial_results(tmp_path / "smoke").values():
+        assert [r["global_epoch"] for r in lines] == [3]  # no trial trained stages 1-2 again
+    record = json.loads((tmp_path / "smoke" / "shared_stages.json").read_text())
+    assert record["plan"]["stages"] == 2 and "loss.gamma_neg" in record["plan"]["deferred"]
+    assert "take the base config's values in the shared stages" in proc.stdout + proc.stderr
 
 
 def _trial_results(experiment: Path) -> dict[str, list[dict]]:
@@ -163,11 +177,10 @@ def test_interrupted_search_resumes_from_its_name_alone_in_a_copy(ray_head, demo
 
 
 def test_a_failing_trial_is_retried_and_the_search_completes(ray_head, demo_shards, tmp_path):
-    _ok(
-        ray_head.run(
-            job_args("tune", demo_shards[0], tmp_path, "retry", "--num-samples", "1", "--fail-at-epoch", "2")
-        )
-    )
+    args = job_args("tune", demo_shards[0], tmp_path, "retry", "--num-samples", "1", "--fail-at-epoch", "2",
+                    "--share-stages", "off")  # fmt: skip
+    _ok(ray_head.run(args))
+    assert not (tmp_path / "retry" / "shared").exists()  # off: the trial trained every stage itself
     markers = list((tmp_path / "retry" / "train_runs").glob(".failed-once-*"))
     assert len(markers) == 1, "the injected trial failure did not happen"
     table = pd.read_csv(tmp_path / "retry" / "trials.csv")
@@ -247,16 +260,18 @@ def test_trials_table_ranks_trials_and_keeps_the_storage_scheme_on_checkpoints()
     assert local.loc[0, "checkpoint"] == "bucket/runs/a/ckpt/checkpoint.pt"
 
 
-def test_default_concurrency_is_what_the_cluster_holds_now():
+def test_default_concurrency_is_what_the_cluster_holds_now_and_capped_before_gpu_nodes_come():
     from types import SimpleNamespace
 
-    from ray_jobs.tune import default_max_concurrent
+    from ray_jobs.tune import PENDING_MAX_CONCURRENT, default_max_concurrent
 
     args = SimpleNamespace(workers_per_trial=2, cpus_per_worker=1.0, gpus_per_trial=0.0)
-    assert default_max_concurrent({"CPU": 5.0}, args) == 2
+    assert default_max_concurrent({"CPU": 5.0}, args) == (2, True)
     args.gpus_per_trial = 1.0
-    assert default_max_concurrent({"CPU": 16.0, "GPU": 5.0}, args) == 2
-    assert default_max_concurrent({"CPU": 16.0}, args) is None  # GPU nodes not up yet: the autoscaler decides
+    assert default_max_concurrent({"CPU": 16.0, "GPU": 5.0}, args) == (2, True)
+    # GPU nodes not up yet: a bounded number of trials (was None: unbounded, every trial asking for nodes).
+    assert default_max_concurrent({"CPU": 16.0}, args) == (PENDING_MAX_CONCURRENT, False)
+    assert 1 < PENDING_MAX_CONCURRENT <= 8
 
 
 def _stated_caps(parser) -> dict[str, tuple[int, int, int]]:

@@ -1,0 +1,174 @@
+"""Which config fields act in which training stage, and so what a search may train once for all its trials.
+
+The engine's three stages (``ichmodel.engine.stage_plan``) do not all read every field: the two pretraining
+stages run the loss weights α = β = 1, γ = μ = ν = 0 whatever ``loss.*`` says, masking and diversity transfer
+start with stage 2, and the learning-rate warm-up only comes where a stage adds heads (stage 3).
+:data:`FIELD_STAGES` says this as data, one row per field: the first stage (0-based) whose training the field changes, and whether a
+run may take another value of it from a later stage on (a shared stage is trained at the base config's
+value, the trial's value acts after it). A field without a row counts as acting from the first stage and not
+deferrable (the safe reading; ``tests/test_shared_stages.py`` checks the rows against the engine).
+
+:func:`plan_sharing` turns the searched fields and a policy into a :class:`SharePlan` (the leading stages
+trained once for the whole search), :func:`grace_epochs` gives ASHA's grace period (the first epoch at which
+every searched field has acted), :func:`shared_config` and :func:`shared_key` the shared run's config and its
+stable name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from ichmodel.config import Config
+
+#: Stage indices of ``ichmodel.engine.stage_plan``: 0 pretraining, 1 pretraining + strategies, 2 fine-tuning.
+PRETRAIN, STRATEGIES, FINETUNE = 0, 1, 2
+NUM_STAGES = 3
+
+#: dotted field → (first stage that reads it, deferrable). "Deferrable": a run may start from weights trained
+#: with another value of it (not the model's shapes or initialisation, the data split or the selection score).
+FIELD_STAGES: dict[str, tuple[int, bool]] = {
+    # shapes, initial weights: fixed for a run's whole life
+    "model.pretrained_weights": (PRETRAIN, False),
+    "model.in_channels": (PRETRAIN, False),
+    "model.feature_dim": (PRETRAIN, False),
+    "model.rnn_hidden": (PRETRAIN, False),
+    "model.num_classes": (PRETRAIN, False),
+    "model.cpc_steps": (PRETRAIN, False),  # the CPC predictors exist (untrained) from the start
+    "model.dropout": (PRETRAIN, True),
+    "model.transfer_grad": (STRATEGIES, True),  # only diversity transfer's pair images
+    # the pretraining stages run α = β = 1, γ = μ = ν = 0 (engine.PRETRAIN_WEIGHTS)
+    "loss.alpha": (FINETUNE, True),
+    "loss.beta": (FINETUNE, True),
+    "loss.gamma": (FINETUNE, True),
+    "loss.mu": (FINETUNE, True),
+    "loss.nu": (FINETUNE, True),
+    "loss.aux_scale": (FINETUNE, True),  # scales LP, DC, CPC: 0 before fine-tuning
+    "loss.cpc_score": (FINETUNE, True),
+    "loss.cpc_temperature": (FINETUNE, True),
+    "loss.lp_class_weights": (FINETUNE, True),
+    "loss.gamma_pos": (PRETRAIN, True),  # ASL of MC and AC, every stage
+    "loss.gamma_neg": (PRETRAIN, True),
+    "loss.clip": (PRETRAIN, True),
+    "loss.soft_f2": (PRETRAIN, True),
+    "strategy.p1": (STRATEGIES, True),
+    "strategy.p2": (STRATEGIES, True),
+    "strategy.epsilon": (STRATEGIES, True),
+    "strategy.pool_size": (STRATEGIES, True),
+    "augment.flip_prob": (PRETRAIN, True),
+    "augment.rotate_degrees": (PRETRAIN, True),
+    "augment.brightness": (PRETRAIN, True),
+    "augment.contrast": (PRETRAIN, True),
+    "augment.crop_scale_min": (PRETRAIN, True),
+    "augment.reverse_prob": (PRETRAIN, True),
+    "augment.enabled": (PRETRAIN, True),
+    "data.shards": (PRETRAIN, False),  # the data and its split: never changed under a run
+    "data.val_fraction": (PRETRAIN, False),
+    "data.split_seed": (PRETRAIN, False),
+    "data.batch_size": (PRETRAIN, True),
+    "data.max_slices": (PRETRAIN, True),
+    "data.num_workers": (PRETRAIN, True),
+    "train.lr": (PRETRAIN, True),
+    "train.weight_decay": (PRETRAIN, True),
+    "train.lr_factor": (PRETRAIN, True),
+    "train.lr_patience": (PRETRAIN, True),
+    "train.min_lr": (PRETRAIN, True),
+    "train.max_epochs": (PRETRAIN, False),  # cap j acts in stage j; the shared run keeps the shared caps
+    "train.max_nonfinite_steps": (PRETRAIN, True),
+    "train.log_every": (PRETRAIN, True),
+    "train.seed": (PRETRAIN, False),  # initial weights
+    "train.amp_bf16": (PRETRAIN, True),
+    "train.channels_last": (PRETRAIN, True),
+    "train.threshold": (PRETRAIN, True),
+    "train.select_metric": (PRETRAIN, False),  # the best score carried over from the shared stages
+    "train.warmup_epochs": (FINETUNE, True),  # warm-up only where a stage adds heads (engine.adds_heads)
+    "train.init_cls_bias": (PRETRAIN, False),  # initial weights
+}
+SHARE_POLICIES = ("auto", "exact", "off")
+
+
+def field_stage(name: str) -> tuple[int, bool]:
+    """``(first stage that reads name, deferrable)``; a field without a row: ``(0, False)``."""
+    return FIELD_STAGES.get(name, (PRETRAIN, False))
+
+
+@dataclass(frozen=True)
+class SharePlan:
+    """``stages`` leading stages are trained once for every trial (0: none). ``deferred``: searched fields
+    read by those stages, trained there at the base config's value; each trial's value acts from stage
+    ``stages`` on."""
+
+    policy: str
+    stages: int
+    deferred: tuple[str, ...]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "deferred": list(self.deferred)}  # as JSON holds it
+
+
+def plan_sharing(searched: Iterable[str], max_epochs: tuple[int, ...], policy: str = "auto") -> SharePlan:
+    """Which leading stages a search trains once, from its searched fields and the stage caps.
+
+    ``"exact"`` shares the stages before the first one that reads a searched field: every trial trains exactly
+    what it would alone. ``"auto"`` shares every stage before fine-tuning (the paper's two pretraining stages)
+    when every searched field they read is deferrable, else falls back to ``"exact"``; those fields' trial
+    values act from fine-tuning on. ``"off"`` shares nothing. Stages with no epochs are never shared.
+
+    Raises:
+        ValueError: for a policy other than :data:`SHARE_POLICIES`.
+    """
+    if policy not in SHARE_POLICIES:
+        raise ValueError(f"share policy must be one of {list(SHARE_POLICIES)}. Got {policy!r}")
+    searched = sorted(set(searched))
+    if policy == "off":
+        return SharePlan(policy, 0, (), "--share-stages off")
+    stages = min([field_stage(n)[0] for n in searched] + [FINETUNE])
+    reason = f"no searched field acts before stage {stages + 1}"
+    fixed = [n for n in searched if not field_stage(n)[1] and field_stage(n)[0] < FINETUNE]
+    if policy == "auto" and fixed:
+        reason += f" ({', '.join(fixed)} cannot change after a shared stage, so nothing is deferred)"
+    elif policy == "auto" and stages < FINETUNE:
+        stages = FINETUNE
+        reason = (
+            "the pretraining stages are trained once at the base config; searched values act from fine-tuning"
+        )
+    if stages > 0 and sum(max_epochs[:stages]) == 0:
+        return SharePlan(policy, 0, (), f"nothing to share: stages 1..{stages} have no epochs")
+    deferred = tuple(n for n in searched if field_stage(n)[0] < stages)
+    return SharePlan(policy, stages, deferred, reason)
+
+
+def grace_epochs(searched: Iterable[str], max_epochs: tuple[int, ...], share: SharePlan) -> int:
+    """ASHA's grace period: one epoch into the stage in which the last searched field begins to act (a
+    deferred field acts from the first unshared stage), counted in global epochs at the stage caps; at most
+    the run's total epochs, at least 1. Before it, a trial differs from the others by chance only."""
+    acting = [max(field_stage(n)[0], share.stages if n in share.deferred else 0) for n in searched]
+    stage = max(acting, default=PRETRAIN)
+    total = sum(max_epochs)
+    return max(1, min(total, sum(max_epochs[:stage]) + 1))
+
+
+def shared_config(base: Config, share: SharePlan) -> Config:
+    """The config of the run that trains the shared stages: ``base`` with the later stages' caps at 0."""
+    caps = tuple(base.train.max_epochs)
+    return base.with_overrides(
+        {"train.max_epochs": [*caps[: share.stages], *[0] * (NUM_STAGES - share.stages)]}
+    )
+
+
+def shared_key(cfg: Config, stages: int) -> str:
+    """A stable name for the run of ``cfg``'s first ``stages`` stages: ``stages<k>-<hash>`` over the fields
+    those stages read (with only their caps), so a config that differs only where they do not read maps to the
+    same run."""
+    tree = cfg.to_dict()
+    read = {}
+    for section, values in sorted(tree.items()):
+        for name, value in sorted(values.items()):
+            dotted = f"{section}.{name}"
+            if field_stage(dotted)[0] < stages:
+                read[dotted] = list(value)[:stages] if dotted == "train.max_epochs" else value
+    digest = hashlib.sha256(json.dumps(read, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"stages{stages}-{digest}"
