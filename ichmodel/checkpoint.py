@@ -86,13 +86,17 @@ def load_model(
 
     The model is built with ``pretrained_weights=None``: the checkpoint holds every weight, so the ImageNet
     file named in the saved config need not exist where the model is loaded. The returned config is the
-    saved one, unchanged.
+    saved one, unchanged, except that a checkpoint written before ``model.prediction`` existed predicts
+    with MC alone, as its thresholds were tuned.
 
     Returns:
         ``(model in eval mode on device, saved config, checkpoint dict)``.
     """
     ckpt = load_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
+    saved = ckpt["config"]
+    if "model" in saved and "prediction" not in saved["model"]:  # written before model.prediction: MC only
+        saved = {**saved, "model": {**saved["model"], "prediction": "mc"}}
+    cfg = Config.from_dict(saved)
     model = build_model(dataclasses.replace(cfg.model, pretrained_weights=None))
     model.load_state_dict(ckpt["best_model"] or ckpt["model"])
     model.to(device).eval()

@@ -59,7 +59,7 @@ from ichmodel.dataset import (
 )
 from ichmodel.diagnostics import format_shares, gradient_shares
 from ichmodel.losses import build_loss
-from ichmodel.model import ICHModel, build_model
+from ichmodel.model import ICHModel, build_model, slice_probs
 from ichmodel.predict import autocast
 from ichmodel.strategies import build_transfer_pool, make_transfer_batch, plan_strategies, transfer_labels
 
@@ -400,7 +400,7 @@ def evaluate(
             sums[key] = sums.get(key, 0.0) + float(value) * n
         weight += n
         keep = valid.cpu()
-        probs.append(torch.sigmoid(outputs["mc_logits"]).cpu()[keep].numpy())
+        probs.append(slice_probs(outputs, predict.unwrap(model).cfg.prediction).cpu()[keep].numpy())
         labels.append(batch["labels"][keep].numpy())
         groups.extend(sid for sid, n in zip(batch["series_ids"], keep.sum(1).tolist(), strict=True)
                       for _ in range(n))  # fmt: skip
@@ -771,6 +771,7 @@ def fit(
     ``make_checkpoint()`` builds the checkpoint dict (the caller decides where, and on which rank, to
     write it). ``resume`` is such a checkpoint dict: training continues at its stage and epoch.
     """
+    check_prediction_trained(cfg)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
@@ -803,6 +804,20 @@ def fit(
     if run.best_model is not None:
         net.load_state_dict(run.best_model)
     return net, state
+
+
+def check_prediction_trained(cfg: Config) -> None:
+    """Refuse ``model.prediction = "mc+ac"`` when no stage trains AC: its head would add noise.
+
+    Raises:
+        ValueError: naming the fields to change.
+    """
+    trained = [s for s in stage_plan(cfg) if s.max_epochs > 0]
+    if cfg.model.prediction == "mc+ac" and trained and not any(s.weights.get("ac", 0.0) > 0 for s in trained):
+        raise ValueError(
+            'model.prediction "mc+ac" averages in the AC head, which no stage trains here (loss.beta = 0 '
+            "and no pretraining epochs): set model.prediction=mc"
+        )
 
 
 def every_head_trains(stage: Stage, cfg: Config) -> bool:

@@ -321,6 +321,15 @@ def _add_pair_differences(
     return g + info[slot.clamp(0, U - 1)] * use.unsqueeze(-1).to(g.dtype)
 
 
+def slice_probs(outputs: dict[str, torch.Tensor], prediction: str) -> torch.Tensor:
+    """The slice probabilities ``[B, T, 5]`` of a forward's ``outputs`` as ``prediction`` (``model.prediction``)
+    says: ``sigmoid(mc_logits)``, or with ``"mc+ac"`` its mean with ``sigmoid(ac_logits)``."""
+    probs = torch.sigmoid(outputs["mc_logits"])
+    if prediction == "mc+ac":
+        probs = (probs + torch.sigmoid(outputs["ac_logits"])) / 2
+    return probs
+
+
 def predict_future(context: torch.Tensor, predictors: nn.ModuleList | list[nn.Linear]) -> torch.Tensor:
     """Apply the K linear CPC predictors in one batched product: ``[B, T, Dc] → [B, T, K, D]``.
 

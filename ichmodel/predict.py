@@ -31,6 +31,7 @@ from ichmodel.augment import normalize, reverse_padded
 from ichmodel.config import AugmentConfig
 from ichmodel.constants import CLASSES, NUM_CLASSES
 from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images
+from ichmodel.model import slice_probs
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def series_probs(
     tta: Sequence[str] = (),
     amp_bf16: bool = True,
 ) -> torch.Tensor:
-    """MC probabilities ``sigmoid(mc_logits)`` of one model on one normalised, padded batch.
+    """Slice probabilities (:func:`ichmodel.model.slice_probs`) of one model on one normalised, padded batch.
 
     Args:
         model: an :class:`ichmodel.model.ICHModel` (put in eval mode here).
@@ -156,7 +157,8 @@ def series_probs(
         for reverse in (False, True) if "reverse" in tta else (False,):
             x = images.flip(-1) if flip else images  # mirror along W: slice-level labels do not change
             x = reverse_padded(x, lengths) if reverse else x
-            probs = torch.sigmoid(eval_outputs(model, x, lengths, amp_bf16)["mc_logits"])  # [B, T, 5]
+            outputs = eval_outputs(model, x, lengths, amp_bf16)
+            probs = slice_probs(outputs, unwrap(model).cfg.prediction)  # [B, T, 5]
             total += reverse_padded(probs, lengths) if reverse else probs
             views += 1
     return total / views

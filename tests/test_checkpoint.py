@@ -71,3 +71,15 @@ def test_load_model_needs_no_pretrained_weights_file(tmp_path):
     assert saved_cfg.model.pretrained_weights == str(imagenet)  # the saved config is returned unchanged
     for key, value in model.state_dict().items():
         torch.testing.assert_close(rebuilt.state_dict()[key], value)
+
+
+def test_a_checkpoint_from_before_model_prediction_keeps_predicting_with_mc(tmp_path):
+    """Its thresholds were tuned on MC probabilities: it must not switch to today's default, "mc+ac"."""
+    cfg = _cfg(feature_dim=32, rnn_hidden=16, cpc_steps=2)
+    ckpt = checkpoint_dict(build_model(cfg.model), cfg, TrainState())
+    del ckpt["config"]["model"]["prediction"]
+    _, old_cfg, _ = load_model(save_checkpoint(ckpt, tmp_path / "old.pt"))
+    assert old_cfg.model.prediction == "mc" and cfg.model.prediction == "mc+ac"
+    _, new_cfg, _ = load_model(save_checkpoint(checkpoint_dict(build_model(cfg.model), cfg, TrainState()),
+                                                tmp_path / "new.pt"))  # fmt: skip
+    assert new_cfg == cfg

@@ -356,3 +356,10 @@ def test_only_a_stage_that_adds_a_task_to_trained_weights_adds_heads():
     assert [adds_heads(plan, TrainState(stage=i)) for i in range(3)] == [False, False, True]
     mc_only = stage_plan(Config().with_overrides({"train.max_epochs": [0, 0, 4]}))
     assert not adds_heads(mc_only, TrainState(stage=2))  # nothing trained before: no hand-over
+
+
+def test_mc_plus_ac_prediction_is_refused_when_no_stage_trains_ac(data):
+    cfg, train_set, val_set = data
+    mc_only = cfg.with_overrides({"train.max_epochs": [0, 0, 1], "loss.beta": 0.0})
+    with pytest.raises(ValueError, match="model.prediction=mc"):
+        fit(mc_only.with_overrides({"model.prediction": "mc+ac"}), train_set, val_set, CPU)

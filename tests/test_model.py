@@ -269,3 +269,16 @@ def test_tiny_model_overfits_eight_series() -> None:
     assert f2 > 0.95, (
         f"micro-F2 {f2:.3f} after {time.monotonic() - start:.0f}s, loss {parts['loss'].item():.3f}"
     )
+
+
+def test_mc_plus_ac_prediction_is_the_mean_of_the_two_heads_probabilities() -> None:
+    images, lengths = _images(B=2, T=4), torch.tensor([4, 2])
+    mc_model = _model(seed=3, prediction="mc")
+    both = _model(seed=3)  # the same weights, the default prediction: mc+ac
+    outputs = mc_model.eval()(images, lengths)
+    mc, ac = torch.sigmoid(outputs["mc_logits"]), torch.sigmoid(outputs["ac_logits"])
+    assert not torch.allclose(mc, ac, atol=1e-3)  # the two heads differ, so the mean is a real change
+    torch.testing.assert_close(series_probs(mc_model, images, lengths), mc, rtol=0, atol=1e-5)
+    torch.testing.assert_close(series_probs(both, images, lengths), (mc + ac) / 2, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="model.prediction"):
+        ModelConfig(prediction="ac")

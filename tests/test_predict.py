@@ -165,7 +165,9 @@ def test_eval_outputs_run_in_eval_mode_without_gradients(model_and_data):
         eval_outputs(model, images, batch["lengths"])["mc_logits"], outputs["mc_logits"]
     )
     probs = series_probs(model, images, batch["lengths"])
-    torch.testing.assert_close(probs, torch.sigmoid(outputs["mc_logits"]))
+    mc, ac = torch.sigmoid(outputs["mc_logits"]), torch.sigmoid(outputs["ac_logits"])
+    assert model.cfg.prediction == "mc+ac"  # the default
+    torch.testing.assert_close(probs, (mc + ac) / 2)
 
 
 def test_predict_dataset_rejects_bad_arguments(model_and_data):
