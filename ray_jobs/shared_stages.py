@@ -73,17 +73,25 @@ def prepare_shared_stages(
                 )
             with result.checkpoint.as_directory() as local:
                 write_bytes(checkpoint, (Path(local) / CHECKPOINT_FILE).read_bytes())
-        record.update(run=join(folder, key), checkpoint=checkpoint, epochs=_check_stage(checkpoint, share))
+        epochs = _check_stage(checkpoint, share, base.train.max_epochs)
+        record.update(run=join(folder, key), checkpoint=checkpoint, epochs=epochs)
     write_bytes(join(experiment, SHARED_RECORD), json.dumps(record, indent=2, sort_keys=True).encode())
     return record
 
 
-def _check_stage(checkpoint: str, share: SharePlan) -> int:
-    """The global epochs the shared checkpoint holds, after checking it ends the shared stages."""
+def _check_stage(checkpoint: str, share: SharePlan, max_epochs: tuple[int, ...]) -> int:
+    """The global epochs the shared checkpoint holds, after checking it ends the shared stages.
+
+    A run stands at the start of the first stage after the shared ones, or at the start of an earlier stage
+    when every stage from there to the end of the shared ones has no epoch (``--epochs 2,0,4``: after stage 1
+    the run stands at stage 2, which the trial skips).
+    """
     import torch
 
     state = torch.load(io.BytesIO(read_bytes(checkpoint)), map_location="cpu", weights_only=True)
-    if state.get("stage") != share.stages or state.get("stage_started") or state.get("finished"):
+    stage = state.get("stage")
+    at_end = isinstance(stage, int) and stage <= share.stages and not any(max_epochs[stage : share.stages])
+    if not at_end or state.get("stage_started") or state.get("finished"):
         raise RuntimeError(
             f"{checkpoint} should stand at the start of stage {share.stages + 1}; it is at stage "
             f"{state.get('stage', 0) + 1} (started: {state.get('stage_started')}, finished: {state.get('finished')})"

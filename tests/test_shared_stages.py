@@ -205,6 +205,13 @@ def test_shared_stages_found_trained_are_not_trained_again_and_the_decision_is_r
     torch.save({"stage": 1, "stage_started": True, "finished": False, "global_epoch": 2}, checkpoint)
     with pytest.raises(RuntimeError, match="should stand at the start of stage 3"):
         shared_stages.prepare_shared_stages(str(tmp_path), base, share, scaling={}, max_failures=0)
+    # --epochs 1,0,3: after stage 1 the run stands at stage 2, which has no epoch: that ends them too.
+    no_stage2 = base.with_overrides({"train.max_epochs": [1, 0, 3]})
+    share2 = SP.plan_sharing(["loss.alpha"], no_stage2.train.max_epochs, "auto")
+    _, checkpoint2 = shared_stages.shared_checkpoint(str(tmp_path), no_stage2, share2)
+    torch.save({"stage": 1, "stage_started": False, "finished": False, "global_epoch": 1}, checkpoint2)
+    record = shared_stages.prepare_shared_stages(str(tmp_path), no_stage2, share2, scaling={}, max_failures=0)
+    assert record["epochs"] == 1
     off = SP.plan_sharing(["loss.alpha"], base.train.max_epochs, "off")
     assert shared_stages.prepare_shared_stages(str(tmp_path), base, off, scaling={}, max_failures=0) == {
         "plan": off.to_dict()
