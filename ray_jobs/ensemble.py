@@ -265,14 +265,25 @@ def check_options(args: argparse.Namespace, folder: str) -> None:
 
 def run_smoke_search(args: argparse.Namespace, folder: str) -> int:
     """``--smoke-test``: ray_jobs/tune.py's smoke search into FOLDER/search (continued when it was started
-    before), then the 2-fold ensemble of its 2 trials (their epoch caps); returns the search's exit code."""
+    before; caps 1,0,1), then the 2-fold ensemble of its 2 trials (their epoch caps); returns the search's
+    exit code."""
     from ray_jobs import tune
 
     search = storage.join(folder, "search")
     # No shared stages: their Train run, fitted in this driver, was seen to keep its controller and CPU
     # reservation alive afterwards (while Train's placement-group cleaner failed: ray_jobs.cli.init_ray),
     # and the fold runs that follow in this driver waited for CPUs.
-    argv = ["--smoke-test", "--share-stages", "off", "--storage", folder, "--name", "search"]
+    argv = [
+        "--smoke-test",
+        "--share-stages",
+        "off",
+        "--epochs",
+        "1,0,1",
+        "--storage",
+        folder,
+        "--name",
+        "search",
+    ]
     if storage.is_file(storage.join(search, "job_args.json")):
         argv.append("--resume")  # a finished search ends at once; an interrupted one continues
     code = tune.main(tune.parse_args(argv))

@@ -22,7 +22,7 @@ def test_two_smoke_searches_at_once_each_with_its_own_local_ray_both_finish(tmp_
     demo_shards(smoke_test=True)  # the smoke data, made once before both start (they would race to make it)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each starts a local Ray
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")  # throwaway: no ~/.ray/auth_token
-    # The smallest smoke search: one trial.
+    # The smallest smoke search: one trial of one epoch, no shared stages (one Train run per search).
     drivers = {
         name: subprocess.Popen(
             [
@@ -31,6 +31,10 @@ def test_two_smoke_searches_at_once_each_with_its_own_local_ray_both_finish(tmp_
                 "--smoke-test",
                 "--num-samples",
                 "1",
+                "--epochs",
+                "1,0,0",
+                "--share-stages",
+                "off",
                 "--storage",
                 str(tmp_path / name),
                 "--name",
@@ -52,6 +56,6 @@ def test_two_smoke_searches_at_once_each_with_its_own_local_ray_both_finish(tmp_
         experiment = tmp_path / name / "search"
         table = pd.read_csv(experiment / "trials.csv")
         assert len(table) == 1 and (table["status"] == "OK").all() and table["finished"].all()
-        assert (table["epochs"] == 3).all()  # the smoke caps 1,1,1
+        assert (table["epochs"] == 1).all()  # the caps 1,0,0
         for checkpoint in table["checkpoint"]:  # each search's checkpoints lie in its own experiment
             assert checkpoint.startswith(str(experiment)) and Path(checkpoint).is_file()
