@@ -76,9 +76,10 @@ class ModelConfig(_Section):
     #: What the model predicts for a slice (validation, thresholds, predictions, submissions): "mc", the
     #: paper's sigmoid(MC logits), or "mc+ac", the mean of the MC and AC probabilities (the sequence head
     #: and the per-slice head that training also fits: an ensemble of two views inside one model). Default
-    #: "mc+ac": held-out micro-F2 of the default recipe, same trained models (bench/ablation.py setup,
-    #: epochs 1,1,2, seeds 0-2): 0.526 vs MC's 0.514 on 128 series at 64 px, 0.481 vs 0.430 over six runs on
-    #: 64 series. A run that never trains AC (β = 0 and no pretraining stage) must use "mc".
+    #: "mc+ac": held-out micro-F2 of the default recipe (bench/ablation.py, epochs 1,1,2, seeds 0-2) 0.550 vs
+    #: 0.451 with "mc" on 96 series at 128 px (variants default and default_mc); on the same trained models
+    #: 0.526 vs 0.514 on 128 series at 64 px, 0.481 vs 0.430 over six runs on 64 series. A run that never
+    #: trains AC (β = 0 and no pretraining stage) must use "mc".
     prediction: str = "mc+ac"
 
     def validate(self) -> None:

@@ -738,9 +738,11 @@ def run_stage(
         shares = {}
         if done:
             _next_stage(state, plan)
-        if state.finished:
+        # The run ends here also when every stage left has no epoch (--epochs 1,0,0): report it as finished.
+        ends = state.finished or not any(s.max_epochs > 0 for s in plan[state.stage :])
+        if ends:
             metrics["final_f2"] = state.best_f2
-        metrics["finished"] = state.finished
+        metrics["finished"] = ends
         state.history.append({k: float(v) for k, v in metrics.items()})
         _log_epoch(stage, metrics)
         if on_epoch_end is not None:
