@@ -570,7 +570,9 @@ def adds_heads(plan: list[Stage], state: TrainState) -> bool:
     return any(weight > 0 and task not in trained for task, weight in plan[state.stage].weights.items())
 
 
-def start_stage(run: RunContext, resume: dict[str, Any] | None) -> tuple[torch.optim.Optimizer, Any, int]:
+def start_stage(
+    run: RunContext, plan: list[Stage], resume: dict[str, Any] | None
+) -> tuple[torch.optim.Optimizer, Any, int]:
     """A fresh AdamW + ``ReduceLROnPlateau`` for the current stage, or theirs from ``resume`` mid-stage.
 
     A stage that starts afresh begins from the best weights so far (with ``select_metric`` "loss" it also
@@ -583,7 +585,7 @@ def start_stage(run: RunContext, resume: dict[str, Any] | None) -> tuple[torch.o
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
     )
-    warmup = cfg.train.warmup_epochs if adds_heads(stage_plan(cfg), state) else 0
+    warmup = cfg.train.warmup_epochs if adds_heads(plan, state) else 0
     if state.stage_started and resume is not None and resume.get("optimizer"):
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -706,7 +708,7 @@ def run_stage(
     cfg, state = run.cfg, run.state
     stage = plan[state.stage]
     fresh = not state.stage_started
-    optimizer, scheduler, warmup = start_stage(run, resume)
+    optimizer, scheduler, warmup = start_stage(run, plan, resume)
     loss_fn = build_loss(cfg.loss, weights_override=stage.weights)
     ctx = StepContext(
         run.model, loss_fn, optimizer, run.device, cfg, stage, run.pool, torch.Generator(), state
