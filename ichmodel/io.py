@@ -103,8 +103,8 @@ def read_bytes(location: str | Path) -> bytes:
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"No file at {location}")
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    with fs.open_input_file(path) as f:  # one ranged read of the known size (a stream reads in small parts)
+        return f.read()
 
 
 def read_text(location: str | Path) -> str:
@@ -178,16 +178,37 @@ def atomic_write_bytes(location: str | Path, data: bytes) -> str | Path:
     return atomic_write(location, lambda tmp: tmp.write_bytes(data))
 
 
+DOWNLOAD_CHUNK = 64 * 2**20
+
+
 def download(location: str | Path, local: str | Path) -> bool:
     """Copy one file from ``location`` to the local path ``local``; False when there is no file there."""
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.File:
         return False
-    local = Path(local)
-    with atomic_path(local) as tmp:
-        pafs.copy_files(path, str(tmp.absolute()), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+    with atomic_path(local) as tmp, fs.open_input_file(path) as source:
+        _copy_stream(source, tmp)
     return True
+
+
+def copy_from(fs: pafs.FileSystem, path: str, target: str | Path) -> None:
+    """Copy the file ``path`` of the filesystem ``fs`` (e.g. a Ray checkpoint's) whole to ``target``.
+
+    Within one object store the server copies it (nothing passes through this machine; an object appears
+    only when the copy completes); otherwise the bytes are read with large ranged reads and written whole.
+    """
+    target_fs, target_path = resolve(target)
+    if not is_local(target) and target_fs.equals(fs):
+        target_fs.copy_file(path, target_path)
+        return
+    with fs.open_input_file(path) as source:
+        atomic_write(target, lambda tmp: _copy_stream(source, tmp))
+
+
+def _copy_stream(source, local: Path) -> None:
+    with open(local, "wb") as target:
+        while chunk := source.read(DOWNLOAD_CHUNK):  # large ranged reads: copy_files reads 1 MiB at a time
+            target.write(chunk)
 
 
 def copy_folder(source: str | Path, target: str | Path) -> list[str]:

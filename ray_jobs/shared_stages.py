@@ -15,11 +15,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-from pathlib import Path
 
 from ichmodel.config import Config
 from ichmodel.stage_sharing import SharePlan, shared_config, shared_key
-from ray_jobs.storage import is_file, join, read_bytes, write_bytes
+from ray_jobs.storage import copy_from, is_file, join, read_bytes, write_bytes
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer
 
 logger = logging.getLogger("ray_jobs.shared_stages")
@@ -71,8 +70,8 @@ def prepare_shared_stages(
                 raise RuntimeError(
                     f"The shared stages' Train run {join(folder, key)} failed: {result.error!r}"
                 )
-            with result.checkpoint.as_directory() as local:
-                write_bytes(checkpoint, (Path(local) / CHECKPOINT_FILE).read_bytes())
+            ckpt = result.checkpoint  # copied where it lies (a server-side copy within one bucket)
+            copy_from(ckpt.filesystem, f"{ckpt.path}/{CHECKPOINT_FILE}", checkpoint)
         epochs = _check_stage(checkpoint, share, base.train.max_epochs)
         record.update(run=join(folder, key), checkpoint=checkpoint, epochs=epochs)
     write_bytes(join(experiment, SHARED_RECORD), json.dumps(record, indent=2, sort_keys=True).encode())

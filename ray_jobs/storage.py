@@ -19,6 +19,7 @@ from ichmodel.io import (  # noqa: F401  (re-exported: the jobs import every fil
     atomic_write_bytes,
     atomic_write_text,
     copy_folder,
+    copy_from,
     download,
     exists,
     is_file,

@@ -68,6 +68,20 @@ def test_uris_keep_their_query_and_name_the_same_server(s3, monkeypatch):
         store.read_bytes(f"{bucket}/q/missing")
 
 
+def test_large_files_copy_whole_within_the_bucket_and_to_local_disk(s3, monkeypatch, tmp_path):
+    env, bucket, fs = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    data = bytes(range(256)) * (3 * 2**20 // 256 + 7)  # over two of the 1 MiB parts a stream would read
+    store.atomic_write_bytes(f"{bucket}/big/a.bin", data)
+    source_fs, source = store.resolve(f"{bucket}/big/a.bin")
+    store.copy_from(source_fs, source, f"{bucket}/big/b.bin")  # a server-side copy
+    store.copy_from(source_fs, source, tmp_path / "c.bin")
+    assert store.read_bytes(f"{bucket}/big/b.bin") == data and (tmp_path / "c.bin").read_bytes() == data
+    assert store.download(f"{bucket}/big/b.bin", tmp_path / "d.bin") and (tmp_path / "d.bin").read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
 def _run(ray_head, env, script: str, *args: str, timeout: float = 300):
     proc = subprocess.run([sys.executable, f"ray_jobs/{script}.py", *args], cwd=REPO_ROOT, env=ray_head.env | env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
