@@ -14,7 +14,7 @@ See ``docs/architecture.md`` ("Batches").
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +91,15 @@ class SeriesDataset(Dataset):
             self._files[name] = open_shard(self.shard_dir, name)
         return self._files[name]
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Series ``key``; ``(i, epoch)`` draws the crop window of that epoch (what :class:`EpochBatches`
+        yields: a persistent loader worker's copy of the dataset never sees :meth:`set_epoch`)."""
+        i, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         series_id = self.series_ids[i]
         file, row_group, length = self._index[series_id]
         start, stop = 0, length
         if 0 < self.max_slices < length:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, epoch, i])
             start = int(rng.integers(0, length - self.max_slices + 1))
             stop = start + self.max_slices
         table = self._file(file).read_row_group(
@@ -203,6 +206,39 @@ def train_batches(
     return BatchSampler(sampler, batch_size, drop_last=False)
 
 
+class EpochBatches:
+    """The batch sampler of a training loader that lives for a whole run: each epoch (:meth:`set_epoch`,
+    before iterating) gives :func:`train_batches` of that epoch, every index as ``(i, epoch)``.
+
+    The sampler runs in the main process, so with persistent loader workers the epoch still reaches every
+    worker's copy of the dataset through the indices.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.num_items, self.batch_size, self.seed, self.rank, self.world = (
+            num_items,
+            batch_size,
+            seed,
+            rank,
+            world,
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> BatchSampler:
+        return train_batches(self.num_items, self.batch_size, self.seed, self.epoch, self.rank, self.world)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        for batch in self._batches():
+            yield [(i, epoch) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 def eval_batches(num_items: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """Batches of series indices ``rank, rank + world, …`` in order: no padding, each series once overall.
 
@@ -228,6 +264,7 @@ def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_worker
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,  # keep a GPU fed across slow shard reads
+        persistent_workers=num_workers > 0,  # one set of workers per loader, not one per epoch
     )
 
 

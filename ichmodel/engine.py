@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ichmodel import metrics as M
 from ichmodel import predict
@@ -49,13 +50,13 @@ from ichmodel.checkpoint import checkpoint_dict
 from ichmodel.config import Config
 from ichmodel.constants import CLASSES
 from ichmodel.dataset import (
+    EpochBatches,
     SeriesDataset,
     class_prevalence,
     eval_batches,
     make_loader,
     prepare_images,
     series_labels,
-    train_batches,
 )
 from ichmodel.diagnostics import format_shares, gradient_shares
 from ichmodel.losses import build_loss
@@ -458,6 +459,9 @@ class RunContext:
     state: TrainState
     best_model: dict[str, torch.Tensor] | None
     prevalence: np.ndarray | None = None  # training share of each class: thresholds where validation has none
+    batches: EpochBatches | None = None  # this rank's training batches, set to each epoch in turn
+    train_loader: DataLoader | None = None  # built once per run: persistent workers when data.num_workers > 0
+    val_loader: DataLoader | None = None
 
 
 def state_from_checkpoint(ckpt: dict[str, Any]) -> TrainState:
@@ -525,14 +529,17 @@ def selection_score(metric: str, val: dict[str, Any]) -> float:
     return -float(val["val_mc" if metric == "mc_loss" else "val_loss"])
 
 
-def epoch_batches(run: RunContext) -> Any:
-    """This rank's training batches of the current epoch (:func:`ichmodel.dataset.train_batches`); sets the
-    dataset's epoch for its random series crops."""
+def epoch_batches(run: RunContext) -> EpochBatches:
+    """This rank's training batches (:class:`ichmodel.dataset.EpochBatches`, one for the run) set to the
+    current epoch: its order and the series' random crops."""
     cfg, state = run.cfg, run.state
-    run.train_set.set_epoch(state.global_epoch)
-    return train_batches(
-        len(run.train_set), cfg.data.batch_size, cfg.train.seed, state.global_epoch, run.rank, run.world
-    )
+    if run.batches is None:
+        run.batches = EpochBatches(
+            len(run.train_set), cfg.data.batch_size, cfg.train.seed, run.rank, run.world
+        )
+    run.batches.set_epoch(state.global_epoch)
+    run.train_set.set_epoch(state.global_epoch)  # for plain ``train_set[i]`` reads
+    return run.batches
 
 
 def steps_per_epoch(run: RunContext) -> int:
@@ -682,13 +689,17 @@ def run_epoch(
     cfg, state = run.cfg, run.state
     seed = cfg.train.seed * 1_000_003 + state.global_epoch
     ctx.generator = torch.Generator().manual_seed(seed * 31 + run.rank)  # augmentation and strategies
-    loader = make_loader(run.train_set, epoch_batches(run), cfg.data.num_workers)
-    train = train_one_epoch(ctx, loader, progress)
-    val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
+    batches = epoch_batches(run)
+    if run.train_loader is None:  # one loader (and one set of workers) for every epoch of the run
+        run.train_loader = make_loader(run.train_set, batches, cfg.data.num_workers)
+    train = train_one_epoch(ctx, run.train_loader, progress)
+    if run.val_loader is None:
+        val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
+        run.val_loader = make_loader(run.val_set, val_batches, cfg.data.num_workers)
     val = evaluate(
         run.model,
         ctx.loss_fn,
-        make_loader(run.val_set, val_batches, cfg.data.num_workers),
+        run.val_loader,
         run.device,
         cfg.train.threshold,
         cfg.train.amp_bf16,

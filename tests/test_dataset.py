@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from ichmodel import preprocess as pp
 from ichmodel import readers
 from ichmodel.dataset import (
+    EpochBatches,
     SeriesDataset,
     collate_series,
     eval_batches,
@@ -124,6 +125,25 @@ def test_collate_rejects_mixed_image_shapes(shards):
     small = dict(item, images=item["images"][:, :, :8, :8])
     with pytest.raises(ValueError, match="same image shape"):
         collate_series([item, small])
+
+
+def test_a_persistent_loader_draws_each_epochs_order_and_crops_as_the_main_process_does(shards):
+    """One loader for the whole run (``persistent_workers``): its worker's dataset copy never sees
+    ``set_epoch``, the ``(i, epoch)`` indices of ``EpochBatches`` carry the epoch to it."""
+    root, _ = shards
+    batches = EpochBatches(8, 3, seed=5)
+    loader = make_loader(SeriesDataset(root / "train", max_slices=3, seed=7), batches, num_workers=1)
+    assert loader.persistent_workers
+    plain = SeriesDataset(root / "train", max_slices=3, seed=7)
+    seen = []
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        order = [i for batch in train_batches(8, 3, 5, epoch) for i in batch]
+        got = [sid for batch in loader for sid in batch["slice_ids"]]
+        assert len(batches) == 3 and got == [plain[i]["slice_ids"] for i in order]
+        seen.append(got)
+    assert seen[0] != seen[1] != seen[2]  # new order and crops each epoch, from the same workers
 
 
 def test_dataloader_and_pickling(shards):

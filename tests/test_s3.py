@@ -78,7 +78,10 @@ def test_large_files_copy_whole_within_the_bucket_and_to_local_disk(s3, monkeypa
     store.copy_from(source_fs, source, f"{bucket}/big/b.bin")  # a server-side copy
     store.copy_from(source_fs, source, tmp_path / "c.bin")
     assert store.read_bytes(f"{bucket}/big/b.bin") == data and (tmp_path / "c.bin").read_bytes() == data
-    assert store.download(f"{bucket}/big/b.bin", tmp_path / "d.bin") and (tmp_path / "d.bin").read_bytes() == data
+    assert (
+        store.download(f"{bucket}/big/b.bin", tmp_path / "d.bin")
+        and (tmp_path / "d.bin").read_bytes() == data
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
 
 
