@@ -194,16 +194,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, epochs_help: str) -> N
     parser.add_argument("--epochs", default=None, metavar="E1,E2,E3", help=epochs_help)
 
 
-def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Config:
+#: Defaults of a run whose workers each have a GPU (``train.py --use-gpu``, ``tune.py --gpus-per-trial``):
+#: a batch well above the paper's 4 series keeps the GPU busy (``bench/gpu.py`` measures 16 at 256 px) and
+#: loader workers decode the next batches meanwhile (3: a g5.xlarge has 4 vCPUs per GPU). ``--config`` and
+#: ``--set`` override them; a 24 GB card with long series may need ``data.max_slices`` or a smaller batch.
+GPU_DEFAULTS: dict[str, Any] = {"data.batch_size": 16, "data.num_workers": 3}
+
+
+def build_config(
+    args: argparse.Namespace, defaults: dict[str, Any] | None = None, *, gpu: bool = False
+) -> Config:
     """The run's config from :func:`add_config_arguments`' options; each layer overrides the ones before:
 
-    :class:`Config`'s defaults → ``defaults`` (the job's, e.g. demo shards or its epoch caps) → the
-    ``--config`` file → each ``--set`` → ``--epochs`` → ``--data`` (made absolute unless it is a URI).
+    :class:`Config`'s defaults → :data:`GPU_DEFAULTS` when ``gpu`` → ``defaults`` (the job's, e.g. demo
+    shards or its epoch caps) → the ``--config`` file → each ``--set`` → ``--epochs`` → ``--data`` (made
+    absolute unless it is a URI).
 
     Raises:
         ValueError: naming the field of a bad value or an unknown name (``FileNotFoundError`` for --config).
     """
-    overrides = dict(defaults or {})
+    overrides = (dict(GPU_DEFAULTS) if gpu else {}) | dict(defaults or {})
     if args.config:
         overrides.update(load_overrides(args.config))
     overrides.update(parse_overrides(args.set))

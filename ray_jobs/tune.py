@@ -107,7 +107,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="trials at once (default: as many as the cluster's current CPUs/GPUs hold)",
     )
     parser.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial (default 1)")
-    parser.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per worker; > 0 trains on GPU")
+    parser.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per worker; > 0 trains on GPU, with 16 "
+                        "series per batch and 3 loader workers by default (--set overrides)")  # fmt: skip
     parser.add_argument(
         "--cpus-per-worker", type=float, default=1, help="CPUs per training worker (default 1)"
     )
@@ -150,7 +151,7 @@ def base_config(args: argparse.Namespace) -> Config:
     defaults = {"train.max_epochs": EPOCHS[kind].split(",")}
     if args.data is None:
         defaults.update({"data.shards": str(demo_shards(args.smoke_test)), "data.val_fraction": 0.25})
-    return build_config(args, defaults)
+    return build_config(args, defaults, gpu=args.gpus_per_trial > 0)
 
 
 def demo_shards(smoke_test: bool) -> Path:

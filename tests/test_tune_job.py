@@ -301,6 +301,26 @@ def test_trials_get_the_epoch_caps_that_the_help_states(monkeypatch, tmp_path, a
     assert tune.base_config(parser.parse_args(argv)).train.max_epochs == caps[stated_as]
 
 
+def test_gpu_trials_and_runs_default_to_larger_batches_that_the_user_can_override(tmp_path):
+    from ray_jobs import train, tune
+    from ray_jobs.cli import GPU_DEFAULTS
+
+    data = ["--data", str(tmp_path)]
+    parser = tune.get_args_parser()
+    cpu = tune.base_config(parser.parse_args(data)).data
+    gpu = tune.base_config(parser.parse_args([*data, "--gpus-per-trial", "1"])).data
+    assert (cpu.batch_size, cpu.num_workers) == (4, 0)  # the paper's 4 series on CPU
+    assert (gpu.batch_size, gpu.num_workers) == (
+        GPU_DEFAULTS["data.batch_size"],
+        GPU_DEFAULTS["data.num_workers"],
+    )
+    assert gpu.batch_size >= 16
+    mine = parser.parse_args([*data, "--gpus-per-trial", "1", "--set", "data.batch_size=6"])
+    assert tune.base_config(mine).data.batch_size == 6
+    run = train.get_args_parser().parse_args([*data, "--use-gpu"])
+    assert train.run_config(run).data.batch_size == GPU_DEFAULTS["data.batch_size"]
+
+
 def test_epoch_caps_from_the_command_line_or_a_config_file_replace_the_jobs_default(tmp_path):
     from ray_jobs import tune
 
