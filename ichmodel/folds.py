@@ -108,6 +108,30 @@ def fold_split(folds: Sequence[Sequence[str]], i: int) -> tuple[list[str], list[
     return train, sorted(folds[i])
 
 
+def inner_split(
+    train_ids: Sequence[str],
+    val_fraction: float,
+    seed: int,
+    positive: Mapping[str, bool] | None = None,
+) -> tuple[list[str], list[str]]:
+    """``(fit_ids, select_ids)``: a validation part of a fold's training series, stratified like the folds.
+
+    A fold's Train run picks its epoch and drives its learning-rate plateau on ``select_ids``, so its
+    held-out fold is used for nothing but the out-of-fold prediction. About ``val_fraction`` of the series
+    (at least one; :func:`make_folds` with ``round(1 / val_fraction)`` parts, the first one).
+
+    Raises:
+        ValueError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 series.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1). Got {val_fraction}")
+    parts = min(len(train_ids), max(2, round(1.0 / val_fraction)))
+    if parts < 2:
+        raise ValueError(f"An inner validation split needs at least 2 series. Got {len(train_ids)}")
+    select = make_folds(train_ids, parts, seed, positive)[0]
+    return sorted(set(train_ids) - set(select)), select
+
+
 def check_folds(folds: Sequence[Sequence[str]]) -> None:
     """Raise ``ValueError`` naming a series that is in two folds (or twice in one)."""
     seen: dict[str, int] = {}

@@ -9,7 +9,9 @@ Examples (from the repository root):
 Reads EXPERIMENT/trials.csv (ray_jobs/tune.py), takes the --top-k best usable trials and each one's saved
 config (inside its checkpoint), splits the training shards' series into --folds folds (stratified by positive
 series; by series, as the shards carry no patient id: ichmodel/folds.py) and trains every (config, fold) pair
-as its own Ray Train run on the other folds, with the held-out fold as the run's validation split. Runs go
+as its own Ray Train run on the other folds. The run's validation split (its epoch choice and learning-rate
+steps) is an inner part of those folds (data.val_fraction of them, folds.json's inner_val), so the held-out
+fold is used only for the out-of-fold prediction. Runs go
 as many at once as the cluster's CPUs (GPUs with --use-gpu) hold for --num-workers workers each. Each run
 has a stable name, fold-<trial>-<i>of<K>, under --storage: a rerun (after a kill) resumes an unfinished run
 from its last checkpoint and skips a finished one (its Train record says so), as ray_jobs/train.py does.
@@ -54,6 +56,7 @@ from ichmodel import folds as F  # noqa: E402
 from ichmodel import submission as S  # noqa: E402
 from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
+from ichmodel.dataset import series_positive  # noqa: E402
 from ichmodel.io import atomic_write, atomic_write_text  # noqa: E402
 from ichmodel.predict import PROB_COLUMNS, prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
@@ -218,12 +221,20 @@ def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, 
     test_shards = args.test or storage.join(storage.parent(shards), "test")
     load_manifest(test_shards)  # FileNotFoundError naming it when absent
     folds = F.shard_folds(shards, args.folds, args.fold_seed)
-    atomic_write_text(out / "folds.json", json.dumps({"seed": args.fold_seed, "folds": folds}, indent=1))
+    positive = series_positive(shards) if load_manifest(shards).get("has_labels") else None
+    val_fraction = configs[0][1].data.val_fraction
+    # Each fold run trains on the other folds less an inner validation part, which picks its epoch and its
+    # learning-rate steps: the held-out fold is only predicted (out of fold), never looked at in training.
+    inner = [F.inner_split(F.fold_split(folds, i)[0], val_fraction, args.fold_seed + i, positive)
+             for i in range(args.folds)]  # fmt: skip
+    record = {"seed": args.fold_seed, "folds": folds, "inner_val": [select for _, select in inner]}
+    atomic_write_text(out / "folds.json", json.dumps(record, indent=1))
     jobs = []
     for trial_id, cfg in configs:
         for i in range(args.folds):
-            train_ids, val_ids = F.fold_split(folds, i)
-            split = {"train": train_ids, "val": val_ids}
+            fit_ids, select_ids = inner[i]
+            val_ids = F.fold_split(folds, i)[1]
+            split = {"train": fit_ids, "val": select_ids}
             jobs.append(
                 {
                     "name": fold_run_name(trial_id, i, args.folds),

@@ -18,7 +18,7 @@ import pytest
 from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
-from ichmodel.folds import assemble_oof, check_folds, fold_split, make_folds, shard_folds
+from ichmodel.folds import assemble_oof, check_folds, fold_split, inner_split, make_folds, shard_folds
 from ichmodel.shards import load_manifest, series_index
 from ray_jobs.worker import finished_run_report
 from tests.conftest import REPO_ROOT
@@ -47,6 +47,18 @@ def test_groups_keep_a_patient_in_one_fold():
             fold_of_patient.setdefault(groups[s], set()).add(i)
     assert all(len(v) == 1 for v in fold_of_patient.values()), fold_of_patient
     assert sorted(s for f in folds for s in f) == IDS
+
+
+def test_inner_split_takes_a_stratified_part_of_the_training_folds_only():
+    folds = make_folds(IDS, 3, seed=0, positive=POSITIVE)
+    train, held = fold_split(folds, 0)
+    fit, select = inner_split(train, 0.25, seed=1, positive=POSITIVE)
+    assert sorted(fit + select) == train and not set(fit) & set(select) and not set(select) & set(held)
+    assert len(select) == round(len(train) / 4) and any(POSITIVE[s] for s in select)
+    assert inner_split(train, 0.25, seed=1, positive=POSITIVE) == (fit, select)
+    assert inner_split(["a", "b"], 0.1, seed=0) in ((["a"], ["b"]), (["b"], ["a"]))
+    with pytest.raises(ValueError, match="at least 2 series"):
+        inner_split(["a"], 0.1, seed=0)
 
 
 def test_fold_split_holds_its_fold_out():
@@ -159,9 +171,12 @@ def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_re
     )
 
     shards = REPO_ROOT / "runs" / "smoke_data" / "shards"
-    folds = pd.read_json(folder / "folds.json")["folds"].tolist()
+    record = json.loads((folder / "folds.json").read_text())
+    folds = record["folds"]
     ids = sorted(series_index(load_manifest(shards / "train")))
     assert sorted(s for f in folds for s in f) == ids  # no series in two folds
+    for i, select in enumerate(record["inner_val"]):  # each run picked its epoch inside its training folds
+        assert select and set(select) <= set(fold_split(folds, i)[0])
     for trial in trials:
         oof = pd.read_parquet(folder / f"oof_{trial}.parquet")
         per_series = oof.groupby("series_id")["fold"].agg(["nunique", "first"])
