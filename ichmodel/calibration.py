@@ -47,11 +47,16 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def fit_platt(y: np.ndarray, p: np.ndarray, fit_bias: bool = True, steps: int = 50) -> tuple[float, float]:
     """``(a, b)`` maximising the likelihood of ``y`` under ``sigmoid(a · logit(p) + b)``, by Newton steps.
 
-    A tiny ridge (1e-6) keeps the step defined when one class of ``y`` is absent; then the map is close to
-    the identity only if the data says so. ``fit_bias=False`` fixes ``b = 0`` (temperature scaling).
+    The targets are Platt's (1999) smoothed ones, ``(N+ + 1) / (N+ + 2)`` for a positive and ``1 / (N- + 2)``
+    for a negative: on separable data (a small fold) the plain likelihood has no finite maximum and the map
+    would send probabilities to 0 and 1, which a weighted log loss punishes without bound. A tiny ridge
+    (1e-6) keeps the step defined when one class of ``y`` is absent. ``fit_bias=False`` fixes ``b = 0``
+    (temperature scaling).
     """
     x = logit(p)
     y = np.asarray(y, dtype=np.float64)
+    positives, negatives = float(y.sum()), float(len(y) - y.sum())
+    y = np.where(y > 0.5, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
     design = np.stack([x, np.ones_like(x)], axis=1) if fit_bias else x[:, None]  # [N, 1 or 2]
     w = np.zeros(design.shape[1])
     w[0] = 1.0  # start at the identity map
