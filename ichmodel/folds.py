@@ -88,12 +88,29 @@ def shard_folds(
     shard_dir: str | Path, k: int, seed: int = 0, groups: Mapping[str, str] | None = None
 ) -> list[list[str]]:
     """:func:`make_folds` over every series of a shard folder, stratified by positive series when labelled."""
+    return _shard_folds(shard_dir, k, seed, groups)[0]
+
+
+def shard_fold_runs(
+    shard_dir: str | Path, k: int, seed: int, val_fraction: float
+) -> tuple[list[list[str]], list[tuple[list[str], list[str]]]]:
+    """``(folds, inner)``: :func:`shard_folds`, and for fold ``i`` the :func:`inner_split` ``(fit_ids,
+    select_ids)`` of its training series (seed ``seed + i``); the labels are read once for both."""
+    folds, positive = _shard_folds(shard_dir, k, seed)
+    inner = [inner_split(fold_split(folds, i)[0], val_fraction, seed + i, positive) for i in range(k)]
+    return folds, inner
+
+
+def _shard_folds(
+    shard_dir: str | Path, k: int, seed: int, groups: Mapping[str, str] | None = None
+) -> tuple[list[list[str]], dict[str, bool] | None]:
+    """The folds of a shard folder and the positive map they were stratified by (None when unlabelled)."""
     manifest = load_manifest(shard_dir)
     ids = list(series_index(manifest))
     positive = series_positive(shard_dir) if manifest.get("has_labels") else None
     folds = make_folds(ids, k, seed, positive, groups)
     logger.info("%d folds of %s: %s series", k, shard_dir, [len(f) for f in folds])
-    return folds
+    return folds, positive
 
 
 def fold_split(folds: Sequence[Sequence[str]], i: int) -> tuple[list[str], list[str]]:

@@ -56,7 +56,6 @@ from ichmodel import folds as F  # noqa: E402
 from ichmodel import submission as S  # noqa: E402
 from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
-from ichmodel.dataset import series_positive  # noqa: E402
 from ichmodel.io import atomic_write, atomic_write_text  # noqa: E402
 from ichmodel.predict import PROB_COLUMNS, prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
@@ -220,20 +219,15 @@ def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, 
         )
     test_shards = args.test or storage.join(storage.parent(shards), "test")
     load_manifest(test_shards)  # FileNotFoundError naming it when absent
-    folds = F.shard_folds(shards, args.folds, args.fold_seed)
-    positive = series_positive(shards) if load_manifest(shards).get("has_labels") else None
-    val_fraction = configs[0][1].data.val_fraction
     # Each fold run trains on the other folds less an inner validation part, which picks its epoch and its
     # learning-rate steps: the held-out fold is only predicted (out of fold), never looked at in training.
-    inner = [F.inner_split(F.fold_split(folds, i)[0], val_fraction, args.fold_seed + i, positive)
-             for i in range(args.folds)]  # fmt: skip
+    folds, inner = F.shard_fold_runs(shards, args.folds, args.fold_seed, configs[0][1].data.val_fraction)
     record = {"seed": args.fold_seed, "folds": folds, "inner_val": [select for _, select in inner]}
     atomic_write_text(out / "folds.json", json.dumps(record, indent=1))
     jobs = []
     for trial_id, cfg in configs:
-        for i in range(args.folds):
-            fit_ids, select_ids = inner[i]
-            val_ids = F.fold_split(folds, i)[1]
+        for i, (fit_ids, select_ids) in enumerate(inner):
+            val_ids = folds[i]  # the held-out fold (sorted, as fold_split gives it)
             split = {"train": fit_ids, "val": select_ids}
             jobs.append(
                 {
