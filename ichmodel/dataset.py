@@ -215,13 +215,11 @@ class EpochBatches:
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.num_items, self.batch_size, self.seed, self.rank, self.world = (
-            num_items,
-            batch_size,
-            seed,
-            rank,
-            world,
-        )
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world = world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

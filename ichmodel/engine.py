@@ -538,7 +538,6 @@ def epoch_batches(run: RunContext) -> EpochBatches:
             len(run.train_set), cfg.data.batch_size, cfg.train.seed, run.rank, run.world
         )
     run.batches.set_epoch(state.global_epoch)
-    run.train_set.set_epoch(state.global_epoch)  # for plain ``train_set[i]`` reads
     return run.batches
 
 
