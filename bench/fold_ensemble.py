@@ -2,12 +2,14 @@
 
     python bench/fold_ensemble.py [--series 48 --test-series 32 --size 64 --epochs 1,1,2 --folds 3 --seed 0]
 
-Generates labelled training series and, from another seed, labelled held-out series (both preprocessed), trains
-two configurations with ray_jobs/train.py (the "trials": 10 % validation, thresholds tuned on it), retrains
-both on K folds with ray_jobs/folds.py, and scores on the held-out series: the best trial at its validation
-thresholds, the fold ensemble at its OOF thresholds. Ends with ``RESULT {json}``: ``single_test_f2``,
-``ensemble_test_f2``, ``ensemble_oof_f2`` (cross-fitted), ``single_oof_f2``, log loss before/after calibration,
-wall seconds.
+Generates labelled training series and, from other seeds, labelled held-out series and reference series (all
+preprocessed), trains two configurations with ray_jobs/train.py (the "trials": 10 % validation, thresholds
+tuned on it), retrains both on K folds with ray_jobs/folds.py (its OOF rows aligned to the ensemble's scale on
+the reference series, whose labels it never reads; the held-out series serve only the score), and scores on
+the held-out series: the best trial at its validation thresholds, the fold ensemble at its OOF thresholds.
+Ends with ``RESULT {json}``: ``single_test_f2``, ``ensemble_test_f2``, ``ensemble_oof_f2`` (cross-fitted),
+``ensemble_test_f2_unaligned`` (thresholds tuned on the raw OOF rows of the same bag, as before the
+alignment), ``single_oof_f2``, log loss before/after calibration, wall seconds.
 """
 
 from __future__ import annotations
@@ -69,12 +71,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", default="1,1,2")
     parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--reference-series", type=int, default=32, help="unlabelled-use reference series")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
     out = Path(args.out) / f"seed{args.seed}"
     train = labelled_shards(out / "train", args.series, args.size, args.seed)
     held = labelled_shards(out / "heldout", args.test_series, args.size, args.seed + 1000)
+    reference = labelled_shards(out / "reference", args.reference_series, args.size, args.seed + 2000)
     rows = []
     for name, extra in CONFIGS.items():
         run(
@@ -118,6 +122,8 @@ def main() -> None:
             str(folds_out),
             "--test",
             str(held),
+            "--reference",
+            str(reference),
             "--num-workers",
             "1",
         ]
@@ -126,6 +132,8 @@ def main() -> None:
     summary = json.loads((folds_out / "fold_ensemble.json").read_text())
     ensemble_test = pd.read_parquet(folds_out / "test_ensemble.parquet")
     oof_single_test = pd.read_parquet(folds_out / f"test_{summary['single_best']}.parquet")
+    raw_oof = E.average_predictions([pd.read_parquet(folds_out / f"oof_{t}.parquet") for t in summary["bag"]])
+    unaligned_thresholds = E.tuned_f2(*reversed(prediction_arrays(raw_oof)))[1]
     result = {
         "seed": args.seed,
         "single_val_f2": float(best["model_f2"]),
@@ -139,6 +147,7 @@ def main() -> None:
             )[1],
         ),
         "ensemble_test_f2": f2_at(ensemble_test, summary["thresholds"]),
+        "ensemble_test_f2_unaligned": f2_at(ensemble_test, unaligned_thresholds),
         "ensemble_oof_f2": summary["ensemble_f2"]["cross_fitted"],
         "ensemble_oof_f2_tuned": summary["ensemble_f2"]["tuned"],
         "single_oof_f2": summary["single_f2"]["cross_fitted"],

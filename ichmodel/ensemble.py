@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ichmodel import metrics as M
+from ichmodel.calibration import logit
 from ichmodel.constants import CLASSES
 from ichmodel.io import atomic_write_text
 from ichmodel.predict import KEY_COLUMNS, LABEL_COLUMNS, PROB_COLUMNS, prediction_arrays
@@ -255,20 +257,36 @@ def cross_fitted_f2(labels: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> 
     return M.f2_score(labels, pred)
 
 
-def top_k_members(labels: np.ndarray, member_probs: Sequence[np.ndarray], k: int) -> list[int]:
-    """Indices of the ``k`` members with the best OOF micro-F2 (each at its own tuned thresholds), best first."""
+#: Maps a bag (member indices, with repeats) to its ``[N, 5]`` OOF probabilities.
+BagProbs = Callable[[Sequence[int]], np.ndarray]
+
+
+def top_k_members(
+    labels: np.ndarray, member_probs: Sequence[np.ndarray], k: int, combine: BagProbs | None = None
+) -> list[int]:
+    """Indices of the ``k`` members with the best OOF micro-F2 (each at its own tuned thresholds), best first.
+
+    ``combine`` gives a bag's OOF probabilities (default :func:`bag_probs` of ``member_probs``; the fold job
+    passes one that also aligns the folds' scales, :func:`align_folds`).
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1. Got {k}")
-    scores = [tuned_f2(labels, p)[0] for p in member_probs]
+    combine = combine or partial(bag_probs, member_probs)
+    scores = [tuned_f2(labels, combine([i]))[0] for i in range(len(member_probs))]
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
-def greedy_members(labels: np.ndarray, member_probs: Sequence[np.ndarray], max_steps: int = 10) -> list[int]:
+def greedy_members(
+    labels: np.ndarray,
+    member_probs: Sequence[np.ndarray],
+    max_steps: int = 10,
+    combine: BagProbs | None = None,
+) -> list[int]:
     """Caruana-style forward selection with replacement on OOF micro-F2 at tuned thresholds.
 
     Starts from the best single member and adds, one at a time, the member whose addition to the bag (mean
-    of the bag's probabilities) scores best, while that strictly improves the score, at most ``max_steps``
-    members in all. A member may be added again (its weight grows).
+    of the bag's probabilities, or ``combine(bag)``) scores best, while that strictly improves the score, at
+    most ``max_steps`` members in all. A member may be added again (its weight grows).
 
     Returns:
         The bag: member indices, with repeats (weights = counts / length).
@@ -278,15 +296,15 @@ def greedy_members(labels: np.ndarray, member_probs: Sequence[np.ndarray], max_s
     """
     if not member_probs:
         raise ValueError("greedy_members needs at least one member. Got 0")
-    bag = [top_k_members(labels, member_probs, 1)[0]]
-    total = np.asarray(member_probs[bag[0]], dtype=np.float64).copy()
-    best = tuned_f2(labels, total)[0]
+    combine = combine or partial(bag_probs, member_probs)
+    bag = [top_k_members(labels, member_probs, 1, combine)[0]]
+    best = tuned_f2(labels, combine(bag))[0]
     while len(bag) < max_steps:
-        trials = [tuned_f2(labels, (total + p) / (len(bag) + 1))[0] for p in member_probs]
+        trials = [tuned_f2(labels, combine([*bag, i]))[0] for i in range(len(member_probs))]
         i = int(np.argmax(trials))
         if trials[i] <= best + 1e-12:
             break
-        best, total = trials[i], total + member_probs[i]
+        best = trials[i]
         bag.append(i)
     logger.info("greedy selection: bag %s, OOF micro-F2 %.4f", bag, best)
     return bag
@@ -295,6 +313,90 @@ def greedy_members(labels: np.ndarray, member_probs: Sequence[np.ndarray], max_s
 def bag_probs(member_probs: Sequence[np.ndarray], bag: Sequence[int]) -> np.ndarray:
     """Mean probabilities of the bag's members (a repeated member counts once per repeat)."""
     return np.mean([np.asarray(member_probs[i], dtype=np.float64) for i in bag], axis=0)
+
+
+# ------------------------------------------------------------------- one scale for every fold's rows
+
+#: Below this spread of logits a predictor's scale is not stretched, only shifted.
+MIN_LOGIT_SD = 1e-3
+
+
+@dataclass
+class FoldAlignment:
+    """Per-class logit mean and spread of each fold's predictor and of the whole ensemble on reference series.
+
+    ``folds``: ``{fold: [[mean, sd] x 5]}``; ``ensemble``: ``[[mean, sd] x 5]``; ``reference_slices``: how
+    many slices the figures come from.
+    """
+
+    folds: dict[int, list[list[float]]]
+    ensemble: list[list[float]]
+    reference_slices: int
+
+    @staticmethod
+    def _moments(probs: np.ndarray) -> np.ndarray:
+        z = logit(probs)
+        return np.stack([z.mean(0), z.std(0)], axis=1)  # [5, 2]
+
+    @classmethod
+    def fit(cls, fold_reference: dict[int, np.ndarray]) -> FoldAlignment:
+        """From each fold predictor's probabilities ``[R, 5]`` on the same reference slices; the ensemble is
+        their mean (the test-time average of the fold models).
+
+        Raises:
+            ValueError: for no folds, or folds predicting different numbers of reference slices.
+        """
+        if not fold_reference:
+            raise ValueError("FoldAlignment.fit needs the reference predictions of at least one fold. Got 0")
+        shapes = {np.shape(p) for p in fold_reference.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] < 2:
+            raise ValueError(f"Every fold must predict the same >= 2 reference slices. Got shapes {shapes}")
+        ensemble = np.mean([np.asarray(p, np.float64) for p in fold_reference.values()], axis=0)
+        return cls(
+            folds={
+                int(k): cls._moments(np.asarray(p, np.float64)).tolist() for k, p in fold_reference.items()
+            },
+            ensemble=cls._moments(ensemble).tolist(),
+            reference_slices=int(ensemble.shape[0]),
+        )
+
+    def apply(self, probs: np.ndarray, fold: np.ndarray) -> np.ndarray:
+        """``probs`` ``[N, 5]`` of rows each predicted by the predictor of its ``fold``, on the ensemble's scale.
+
+        Per class, a row's logit is standardised by its fold predictor's reference mean and spread and given
+        the ensemble's: ``z' = (z - m_k) / s_k * s + m``. The map rises, so it keeps every fold's ranking.
+
+        Raises:
+            ValueError: for a fold without reference figures.
+        """
+        fold = np.asarray(fold)
+        missing = sorted(set(np.unique(fold).tolist()) - set(self.folds))
+        if missing:
+            raise ValueError(f"No reference figures for folds {missing}; have {sorted(self.folds)}")
+        z = logit(probs)
+        target = np.asarray(self.ensemble)
+        out = np.empty_like(z)
+        for k, moments in self.folds.items():
+            rows = fold == k
+            m = np.asarray(moments)
+            scale = np.where(m[:, 1] > MIN_LOGIT_SD, target[:, 1] / np.maximum(m[:, 1], MIN_LOGIT_SD), 1.0)
+            out[rows] = (z[rows] - m[:, 0]) * scale + target[:, 0]
+        return 0.5 * (1.0 + np.tanh(0.5 * out))
+
+
+def align_folds(
+    oof_probs: np.ndarray, fold: np.ndarray, fold_reference: dict[int, np.ndarray]
+) -> tuple[np.ndarray, FoldAlignment]:
+    """OOF probabilities put on the scale of the fold models' average, and the :class:`FoldAlignment` used.
+
+    Each OOF row comes from one fold's models; a test row from the mean of all folds' models, whose
+    probabilities spread less, and fold models trained briefly differ in their scale besides. Thresholds
+    tuned on raw OOF rows therefore fit neither the other folds (cross-fitting) nor the test average. Aligning
+    each fold's rows by the logit mean and spread its predictor and the ensemble have on the same reference
+    series (unlabelled: e.g. the test series; no label is read) fixes both, keeping each fold's ranking.
+    """
+    alignment = FoldAlignment.fit(fold_reference)
+    return alignment.apply(oof_probs, fold), alignment
 
 
 def _series_counts(labels: np.ndarray, pred: np.ndarray, series: np.ndarray) -> np.ndarray:
@@ -360,7 +462,9 @@ class FoldEnsemble:
     ``"top_k"`` (every member once) or ``"greedy"`` (:func:`greedy_members`), whichever has the higher
     cross-fitted OOF micro-F2. F2 figures are ``{"tuned": at thresholds tuned on all OOF rows,
     "cross_fitted": thresholds tuned on the other folds}``. ``bootstrap``: :func:`bootstrap_f2` of the single
-    best member against the ensemble, each at its tuned thresholds.
+    best member against the ensemble, each at its tuned thresholds. ``alignment``: the bag's
+    :class:`FoldAlignment` as a dict when the OOF rows were aligned (the thresholds then hold for the mean of
+    the fold models), else ``None``.
     """
 
     members: list[str]
@@ -374,13 +478,27 @@ class FoldEnsemble:
     greedy_f2: dict[str, float]
     per_class: dict[str, float]
     bootstrap: dict[str, dict[str, float]]
+    alignment: dict | None = None
 
 
-def choose_fold_ensemble(oof: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0) -> FoldEnsemble:
+def choose_fold_ensemble(
+    oof: dict[str, pd.DataFrame],
+    n_boot: int = 1000,
+    seed: int = 0,
+    reference: dict[str, dict[int, np.ndarray]] | None = None,
+) -> tuple[FoldEnsemble, np.ndarray]:
     """Choose members and thresholds of an ensemble from each member's OOF table (same rows, ``fold`` column).
 
+    With ``reference`` (``{member: {fold: [R, 5] probabilities of that fold's model on the same reference
+    slices}}``) every bag's OOF rows are aligned to the scale of its fold models' mean (:func:`align_folds`)
+    before members, thresholds and scores are taken from them; without it the raw OOF rows are used.
+
+    Returns:
+        ``(choice, the chosen bag's OOF probabilities [N, 5])``, rows sorted by ``series_id, position``.
+
     Raises:
-        ValueError: for no members, unlabelled tables, or tables over other rows than the first.
+        ValueError: for no members, unlabelled tables, tables over other rows than the first, or a
+            ``reference`` that lacks a member or a fold.
     """
     if not oof:
         raise ValueError("choose_fold_ensemble needs at least one member. Got 0")
@@ -392,35 +510,57 @@ def choose_fold_ensemble(oof: dict[str, pd.DataFrame], n_boot: int = 1000, seed:
     probs = [_labelled_arrays(f)[0] for f in frames]
     labels = _labelled_arrays(frames[0])[1]
     fold, series = frames[0]["fold"].to_numpy(), frames[0]["series_id"].to_numpy()
+    if reference is not None:
+        missing = [n for n in names if set(reference.get(n, {})) != set(np.unique(fold).tolist())]
+        if missing:
+            raise ValueError(f"reference predictions lack members or folds: {missing}")
+
+    def alignment_of(bag: Sequence[int]) -> FoldAlignment | None:
+        if reference is None:
+            return None
+        return FoldAlignment.fit(
+            {
+                k: bag_probs([reference[names[i]][k] for i in bag], range(len(bag)))
+                for k in reference[names[0]]
+            }
+        )
+
+    def combine(bag: Sequence[int]) -> np.ndarray:
+        alignment = alignment_of(bag)
+        raw = bag_probs(probs, bag)
+        return raw if alignment is None else alignment.apply(raw, fold)
 
     def figures(p: np.ndarray) -> dict[str, float]:
         return {"tuned": tuned_f2(labels, p)[0], "cross_fitted": cross_fitted_f2(labels, p, fold)}
 
-    best = top_k_members(labels, probs, 1)[0]
-    greedy = greedy_members(labels, probs)
-    top_k_f2, greedy_f2 = figures(bag_probs(probs, range(len(probs)))), figures(bag_probs(probs, greedy))
+    best = top_k_members(labels, probs, 1, combine)[0]
+    greedy = greedy_members(labels, probs, combine=combine)
+    every = list(range(len(probs)))
+    top_k_f2, greedy_f2 = figures(combine(every)), figures(combine(greedy))
     use_greedy = greedy_f2["cross_fitted"] > top_k_f2["cross_fitted"]
-    bag = greedy if use_greedy else list(range(len(probs)))
-    ensemble = bag_probs(probs, bag)
+    bag = greedy if use_greedy else every
+    ensemble, single = combine(bag), combine([best])
     thresholds = tuned_f2(labels, ensemble)[1]
-    single_thresholds = tuned_f2(labels, probs[best])[1]
     decisions = {
-        "single": M.binarize(probs[best], single_thresholds),
+        "single": M.binarize(single, tuned_f2(labels, single)[1]),
         "ensemble": M.binarize(ensemble, thresholds),
     }
-    return FoldEnsemble(
+    alignment = alignment_of(bag)
+    choice = FoldEnsemble(
         members=names,
         single_best=names[best],
         bag=[names[i] for i in bag],
         method="greedy" if use_greedy else "top_k",
         thresholds=thresholds.tolist(),
-        single_f2=figures(probs[best]),
+        single_f2=figures(single),
         ensemble_f2=greedy_f2 if use_greedy else top_k_f2,
         top_k_f2=top_k_f2,
         greedy_f2=greedy_f2,
         per_class=dict(zip(CLASSES, map(float, M.per_class_f2(labels, decisions["ensemble"])), strict=True)),
         bootstrap=bootstrap_f2(labels, decisions, series, n_boot=n_boot, seed=seed),
+        alignment=None if alignment is None else asdict(alignment),
     )
+    return choice, ensemble
 
 
 # ------------------------------------------------------------------------------------ ensemble spec

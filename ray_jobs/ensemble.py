@@ -106,6 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="also predict left-right flipped slices, average")
     parser.add_argument("--folds", type=int, default=0, help="retrain the top-k configurations on K folds and "
                         "choose members, thresholds and calibration out of fold (ray_jobs/folds.py; default 0: off)")  # fmt: skip
+    parser.add_argument("--reference", default=None, metavar="SHARDS|test|none",
+                        help="with --folds: unlabelled series that put the OOF rows on the fold models' "
+                        "average scale before thresholds are tuned (default: the test shards; none: off)")  # fmt: skip
     parser.add_argument(
         "--gpus-per-model", type=float, default=0.0, help="GPUs per prediction task (default 0: CPU)"
     )

@@ -17,15 +17,20 @@ has a stable name, fold-<trial>-<i>of<K>, under --storage: a rerun (after a kill
 from its last checkpoint and skips a finished one (its Train record says so), as ray_jobs/train.py does.
 
 Then each fold model predicts its held-out series (out-of-fold, OOF) and the test shards (--test, default the
-training shards' sibling test/). Members are chosen on OOF micro-F2 (every configuration, or Caruana-style
-greedy selection when its cross-fitted OOF F2 is higher), thresholds are tuned on the ensemble's OOF
+training shards' sibling test/). An OOF row comes from one fold's models, a test row from the mean of all
+folds' models, which spreads less, and briefly trained fold models differ in scale besides: thresholds tuned
+on raw OOF rows fit neither. So each fold's OOF rows are first put on the ensemble's scale (per class, the
+logit mean and spread that fold's models and the whole ensemble have on --reference series: by default the
+test series, whose labels are never read; `--reference none` turns this off; ichmodel.ensemble.align_folds).
+Members are chosen on OOF micro-F2 (every configuration, or Caruana-style
+greedy selection when its cross-fitted OOF F2 is higher), thresholds are tuned on the ensemble's aligned OOF
 probabilities, and a per-class calibration (platt or isotonic, whichever lowers the cross-fitted OOF RSNA
 weighted log loss) is fitted for the RSNA probability file. ray_jobs/ensemble.py --folds K runs this job.
 
 Writes into --out: folds.json, runs.csv (one row per run: trial, fold, retrained or not, checkpoint),
 oof_<trial>.parquet (every labelled series once, with its fold), test_<trial>.parquet (mean over the trial's
-folds), oof_ensemble.parquet, test_ensemble.parquet, test_calibrated.parquet, fold_ensemble.json (members,
-thresholds, OOF F2 tuned and cross-fitted, bootstrap intervals over series, calibration), ray_jobs/ensemble.py's
+folds), oof_ensemble.parquet (aligned), test_ensemble.parquet, test_calibrated.parquet, fold_ensemble.json (members,
+thresholds, OOF F2 tuned and cross-fitted, bootstrap intervals over series, alignment, calibration), ray_jobs/ensemble.py's
 submission files (val_* = the OOF predictions), ensemble.json (every fold model of the chosen members) and
 report/index.html. Prints single best vs ensemble OOF micro-F2 with intervals. Predictions of a run are kept
 in --out/predictions and reused while the run is not retrained. A finished run is reused whatever the
@@ -42,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -84,6 +90,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--test", default=None, help="test shards (default: sibling test/ of the training shards)"
     )
     parser.add_argument(
+        "--reference",
+        default="test",
+        metavar="SHARDS|test|none",
+        help="unlabelled series on which each fold's models and the whole ensemble are compared, to put the "
+        "OOF rows on the ensemble's scale before thresholds are tuned (default: the test shards; their labels "
+        "are never read); none: tune on the raw OOF rows",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -114,6 +128,7 @@ def args_from_ensemble(args: argparse.Namespace, out: str | None = None) -> argp
     argv = ["--experiment", args.experiment, "--top-k", str(args.top_k), "--folds", str(args.folds)]
     argv += ["--out", out or args.out, "--batch-size", str(args.batch_size)]
     argv += ["--test", args.test] if args.test else []
+    argv += ["--reference", args.reference] if getattr(args, "reference", None) else []
     argv += ["--tta", "flip"] if args.tta else []
     argv += ["--use-gpu"] if args.gpus_per_model > 0 else []
     return get_args_parser().parse_args(argv + (["-v"] if args.verbose else []))
@@ -155,11 +170,14 @@ def train_fold_fn(loop_config: dict, name: str, storage_path: str, num_workers: 
 
 @dataclass
 class FoldRuns:
-    """What :func:`run_folds` returns: per trial its OOF table and mean test table; one record per run."""
+    """What :func:`run_folds` returns: per trial its OOF table and mean test table; one record per run;
+    per trial and fold the fold model's probabilities ``[R, 5]`` on the reference series (empty: none)."""
 
     oof: dict[str, pd.DataFrame] = field(default_factory=dict)
     test: dict[str, pd.DataFrame] = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
+    reference: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    reference_name: str | None = None
 
 
 def _at_once(ray, num_workers: int, use_gpu: bool) -> int:
@@ -187,27 +205,49 @@ def train_all(ray, jobs: list[dict], storage_path: str, num_workers: int, use_gp
     return [results[j["name"]] for j in jobs]
 
 
-def predict_all(ray, runs: list[dict], test_shards: str, out: Path, args: argparse.Namespace) -> list[list]:
-    """Each run's ``[held-out table, test table]``, from ``out/predictions`` when the run was not retrained."""
+def predict_all(
+    ray, runs: list[dict], test_shards: str, out: Path, args: argparse.Namespace, reference: str | None = None
+) -> list[list]:
+    """Each run's ``[held-out table, test table(, reference table)]``, from ``out/predictions`` when the run
+    was not retrained and every table is there."""
     cache = out / "predictions"
     task = ray.remote(num_cpus=1, num_gpus=1 if args.use_gpu else 0)(predict_fn)
+    # the reference's file names carry its path: a rerun with another --reference predicts it anew
+    parts = (
+        ("oof", "test", f"reference-{hashlib.sha1(reference.encode()).hexdigest()[:8]}")
+        if reference
+        else ("oof", "test")
+    )
     refs = {}
     for run in runs:
-        files = [cache / f"{run['name']}-{part}.parquet" for part in ("oof", "test")]
+        files = [cache / f"{run['name']}-{part}.parquet" for part in parts]
         if not run["retrained"] and all(f.is_file() for f in files):
             run["tables"] = [pd.read_parquet(f) for f in files]
         else:
-            shard_dirs = [run["shards"], test_shards]
+            shard_dirs = [run["shards"], test_shards, *([reference] if reference else [])]
+            ids = [run["val"], None, *([None] if reference else [])]
             refs[run["name"]] = task.remote(
-                run["checkpoint"], shard_dirs, [run["val"], None], args.tta, args.batch_size, args.use_gpu
+                run["checkpoint"], shard_dirs, ids, args.tta, args.batch_size, args.use_gpu
             )
     for run in runs:
         if run["name"] in refs:
             run["tables"] = ray.get(refs[run["name"]])
             cache.mkdir(parents=True, exist_ok=True)
-            for table, part in zip(run["tables"], ("oof", "test"), strict=True):
+            for table, part in zip(run["tables"], parts, strict=True):
                 atomic_write(cache / f"{run['name']}-{part}.parquet", partial(table.to_parquet, index=False))
     return [run["tables"] for run in runs]
+
+
+def reference_shards(args: argparse.Namespace, test_shards: str) -> tuple[str | None, str | None]:
+    """``(shards to predict besides the test shards or None, what the reference is)`` for ``--reference``:
+    ``"test"`` reuses the test predictions, ``"none"`` turns the alignment off (``(None, None)``)."""
+    choice = str(args.reference or "test")
+    if choice.lower() == "none":
+        return None, None
+    if choice.lower() == "test" or storage.absolute(choice) == storage.absolute(test_shards):
+        return None, test_shards
+    load_manifest(storage.absolute(choice))  # FileNotFoundError naming it when absent
+    return storage.absolute(choice), storage.absolute(choice)
 
 
 def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, out: Path) -> FoldRuns:
@@ -240,19 +280,29 @@ def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, 
                     "loop_config": {"config": cfg.to_dict(), "overrides": {}, "split": split},
                 }
             )
+    extra, reference = reference_shards(args, test_shards)
     storage_path = storage.absolute(args.storage or out / "runs")
     records = train_all(ray, jobs, storage_path, args.num_workers, args.use_gpu)
     runs = [
         {**{k: v for k, v in j.items() if k != "loop_config"}, **r}
         for j, r in zip(jobs, records, strict=True)
     ]
-    tables = predict_all(ray, runs, test_shards, out, args)
+    tables = predict_all(ray, runs, test_shards, out, args, extra)
     result = FoldRuns(runs=runs)
     for trial_id, _ in configs:
-        mine = [t for run, t in zip(runs, tables, strict=True) if run["trial_id"] == trial_id]
-        result.oof[trial_id] = F.assemble_oof([t[0] for t in mine], folds)
-        result.test[trial_id] = E.average_predictions([t[1] for t in mine])
+        mine = [(run, t) for run, t in zip(runs, tables, strict=True) if run["trial_id"] == trial_id]
+        result.oof[trial_id] = F.assemble_oof([t[0] for _, t in mine], folds)
+        result.test[trial_id] = E.average_predictions([t[1] for _, t in mine])
+        if reference:
+            result.reference[trial_id] = {
+                run["fold"]: _sorted_probs(t[-1]) for run, t in mine
+            }  # the test table (t[1]) when the reference is the test set
+    result.reference_name = reference
     return result
+
+
+def _sorted_probs(table: pd.DataFrame) -> np.ndarray:
+    return prediction_arrays(table.sort_values(["series_id", "position"], kind="stable"))[0]
 
 
 def write_results(result: FoldRuns, out: Path) -> None:
@@ -288,12 +338,16 @@ def calibrate(oof: pd.DataFrame, test: pd.DataFrame, out: Path) -> tuple[dict, p
 
 def summarize(result: FoldRuns, out: Path, n_boot: int = 1000) -> dict:
     """Member choice, OOF thresholds, bootstrap and calibration of the fold ensemble; writes
-    ``oof_ensemble.parquet``, ``test_ensemble.parquet`` and ``fold_ensemble.json``; returns the summary."""
-    choice = E.choose_fold_ensemble(result.oof, n_boot=n_boot)
+    ``oof_ensemble.parquet`` (the bag's OOF probabilities, aligned to the ensemble's scale when there is a
+    reference), ``test_ensemble.parquet`` and ``fold_ensemble.json``; returns the summary."""
+    choice, probs = E.choose_fold_ensemble(result.oof, n_boot=n_boot, reference=result.reference or None)
     oof = E.average_predictions([result.oof[t] for t in choice.bag])
+    oof[list(PROB_COLUMNS)] = probs.astype(np.float32)  # same row order: both sorted by series, position
     oof["fold"] = (
         result.oof[choice.bag[0]].sort_values(["series_id", "position"], kind="stable")["fold"].to_numpy()
     )
+    if choice.alignment is not None:
+        choice.alignment["reference"] = result.reference_name
     test = E.average_predictions([result.test[t] for t in choice.bag])
     oof.to_parquet(out / "oof_ensemble.parquet", index=False)
     test.to_parquet(out / "test_ensemble.parquet", index=False)
@@ -319,6 +373,14 @@ def print_summary(summary: dict) -> None:
         f"members: {summary['method']} bag {summary['bag']} (top-k {summary['top_k_f2']['cross_fitted']:.4f}, "
         f"greedy {summary['greedy_f2']['cross_fitted']:.4f} cross-fitted)"
     )
+    alignment = summary.get("alignment")
+    if alignment:
+        print(
+            f"OOF rows aligned to the ensemble's scale on {alignment['reference_slices']} reference slices "
+            f"({alignment['reference']}; unlabelled use) before thresholds were tuned"
+        )
+    else:
+        print("OOF rows not aligned (--reference none): thresholds tuned on the raw OOF probabilities")
     losses = summary["calibration"]["oof_log_loss"]
     print(
         "OOF RSNA weighted log loss: "

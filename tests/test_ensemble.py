@@ -239,13 +239,72 @@ def _oof_frames(noise: list[float], seed: int = 0) -> dict[str, pd.DataFrame]:
 
 
 def test_choose_fold_ensemble_prefers_greedy_when_a_member_is_noise():
-    choice = E.choose_fold_ensemble(_oof_frames([1.5, 1.2, 1.5, 50.0]), n_boot=200)
+    choice, probs = E.choose_fold_ensemble(_oof_frames([1.5, 1.2, 1.5, 50.0]), n_boot=200)
+    assert choice.alignment is None and probs.shape == (1200, 5)
     assert choice.single_best == "t1" and choice.method == "greedy" and "t3" not in choice.bag
     assert choice.greedy_f2["cross_fitted"] > choice.top_k_f2["cross_fitted"]
     assert choice.ensemble_f2["tuned"] > choice.single_f2["tuned"] + 0.02
     assert choice.bootstrap["ensemble - single"]["low"] > 0
     assert choice.bootstrap["ensemble"]["f2"] == pytest.approx(choice.ensemble_f2["tuned"])
     assert len(choice.thresholds) == 5 and set(choice.per_class) == set(CLASSES)
+
+
+def _scaled(probs: np.ndarray, scale: float, shift: float) -> np.ndarray:
+    z = np.log(probs) - np.log1p(-probs)
+    return 1 / (1 + np.exp(-(z * scale + shift)))
+
+
+def test_alignment_gives_each_fold_the_ensembles_reference_scale_and_keeps_its_ranking():
+    rng = np.random.default_rng(0)
+    base = 1 / (1 + np.exp(-rng.normal(-1.0, 1.5, (400, 5))))
+    reference = {0: _scaled(base, 0.5, -1.0), 1: _scaled(base, 2.0, 1.0), 2: _scaled(base, 1.0, 0.0)}
+    reference[2][:, 4] = 0.3  # a class this fold's model never separates: shifted, not stretched
+    alignment = E.FoldAlignment.fit(reference)
+    ensemble = np.mean(list(reference.values()), axis=0)
+    z_ens = np.log(ensemble) - np.log1p(-ensemble)
+    np.testing.assert_allclose(alignment.ensemble, np.stack([z_ens.mean(0), z_ens.std(0)], 1), rtol=1e-9)
+    for k, probs in reference.items():
+        aligned = alignment.apply(probs, np.full(len(probs), k))
+        z = np.log(aligned) - np.log1p(-aligned)
+        np.testing.assert_allclose(z.mean(0), z_ens.mean(0), atol=1e-6)
+        stretched = slice(0, 4) if k == 2 else slice(0, 5)
+        np.testing.assert_allclose(z.std(0)[stretched], z_ens.std(0)[stretched], rtol=1e-6)
+        for c in range(5):  # the map rises: every fold keeps its order
+            order = np.argsort(probs[:, c], kind="stable")
+            assert np.all(np.diff(aligned[order, c]) >= -1e-12)
+    with pytest.raises(ValueError, match="No reference figures for folds \\[3\\]"):
+        alignment.apply(base[:2], np.array([0, 3]))
+    with pytest.raises(ValueError, match="same >= 2 reference slices"):
+        E.FoldAlignment.fit({0: base, 1: base[:-1]})
+
+
+def test_aligned_oof_rows_share_one_threshold_where_raw_fold_scales_differ():
+    frames = _oof_frames([1.0, 1.0])
+    rng = np.random.default_rng(1)
+    ref_base = 1 / (1 + np.exp(-rng.normal(-1.5, 1.2, (300, 5))))
+    moves = {0: (0.4, -2.0), 1: (2.5, 1.5), 2: (1.0, 0.0)}  # fold models trained briefly: other scales
+    reference = {}
+    for name, frame in frames.items():
+        probs = frame[list(CLASSES)].to_numpy()
+        for k, (scale, shift) in moves.items():
+            rows = frame["fold"].to_numpy() == k
+            probs[rows] = _scaled(probs[rows], scale, shift)
+        frame[list(CLASSES)] = probs
+        reference[name] = {k: _scaled(ref_base, scale, shift) for k, (scale, shift) in moves.items()}
+    raw, _ = E.choose_fold_ensemble(frames, n_boot=50)
+    aligned, probs = E.choose_fold_ensemble(frames, n_boot=50, reference=reference)
+    assert aligned.ensemble_f2["cross_fitted"] > raw.ensemble_f2["cross_fitted"] + 0.05
+    assert aligned.alignment["reference_slices"] == 300 and sorted(aligned.alignment["folds"]) == [0, 1, 2]
+    fold = frames["t0"].sort_values(["series_id", "position"])["fold"].to_numpy()
+    raw_probs = np.mean([f.sort_values(["series_id", "position"])[list(CLASSES)] for f in frames.values()], 0)
+
+    def fold_spreads(p: np.ndarray) -> np.ndarray:  # [3 folds, 5] logit sd of each fold's rows
+        return np.array([(np.log(p[fold == k]) - np.log1p(-p[fold == k])).std(0) for k in range(3)])
+
+    assert np.all(fold_spreads(raw_probs).max(0) / fold_spreads(raw_probs).min(0) > 3)
+    assert np.all(fold_spreads(probs).max(0) / fold_spreads(probs).min(0) < 1.3)  # now they spread alike
+    with pytest.raises(ValueError, match="lack members or folds: \\['t1'\\]"):
+        E.choose_fold_ensemble(frames, reference={"t0": reference["t0"]})
 
 
 def test_choose_fold_ensemble_refuses_members_over_other_slices():

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ichmodel import ensemble as E
 from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
@@ -191,10 +192,15 @@ def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_re
     assert (
         "RESULT ensemble_oof_f2=" in resumed.stdout and "OOF RSNA weighted log loss: before" in resumed.stdout
     )
-    bag = json.loads((folder / "fold_ensemble.json").read_text())["bag"]
+    summary = json.loads((folder / "fold_ensemble.json").read_text())
+    bag, alignment = summary["bag"], summary["alignment"]
+    test_slices = S.expected_slices(str(shards / "test"))
+    assert alignment["reference"] == str(shards / "test")  # by default the test series, labels unread
+    assert alignment["reference_slices"] == len(test_slices) and sorted(alignment["folds"]) == ["0", "1"]
+    assert "OOF rows aligned to the ensemble's scale" in resumed.stdout
     models = json.loads((folder / "ensemble.json").read_text())["models"]
     assert models == [runs.loc[f"fold-{t}-{i}of2", "checkpoint"] for t in bag for i in range(2)]
-    test_ids = S.expected_slices(str(shards / "test"))["slice_id"]
+    test_ids = test_slices["slice_id"]
     submission = pd.read_csv(folder / "submission.csv")
     assert sorted(submission["ID"]) == sorted(
         f"{s.removesuffix('.jpg')}_{c}" for s in test_ids for c in CLASSES
@@ -225,6 +231,23 @@ def test_fold_summary_chooses_members_calibrates_and_writes_its_files(tmp_path, 
     print_summary(summary)
     printed = capsys.readouterr().out
     assert "RESULT ensemble_oof_f2=" in printed and "single best (t1)" in printed
+    assert summary["alignment"] is None and "not aligned" in printed
+
+    # with reference predictions the OOF rows are aligned, and the summary says on what
+    rng = np.random.default_rng(0)
+    reference = {t: {k: rng.uniform(0.01, 0.6 + 0.2 * k, (50, 5)) for k in range(3)} for t in oof}
+    runs = FoldRuns(oof=oof, test=test, reference=reference, reference_name="shards/test")
+    (tmp_path / "aligned").mkdir()
+    summary = summarize(runs, tmp_path / "aligned", n_boot=100)
+    assert (
+        summary["alignment"]["reference"] == "shards/test" and summary["alignment"]["reference_slices"] == 50
+    )
+    aligned = pd.read_parquet(tmp_path / "aligned" / "oof_ensemble.parquet")
+    raw = E.average_predictions([oof[t] for t in summary["bag"]])
+    assert not np.allclose(aligned[list(CLASSES)], raw[list(CLASSES)], atol=1e-3)
+    assert aligned["series_id"].equals(raw["series_id"]) and aligned["position"].equals(raw["position"])
+    print_summary(summary)
+    assert "aligned to the ensemble's scale on 50 reference slices (shards/test" in capsys.readouterr().out
 
 
 def test_ensemble_job_folds_option_maps_to_the_fold_job():
@@ -249,6 +272,9 @@ def test_ensemble_job_folds_option_maps_to_the_fold_job():
     mapped = folds.args_from_ensemble(args)
     assert (mapped.experiment, mapped.top_k, mapped.folds, mapped.out) == ("runs/s", 2, 3, "o")
     assert mapped.tta == ["flip"] and mapped.use_gpu and mapped.test is None
+    assert mapped.reference == "test"  # by default the test series align the folds
+    args.reference = "none"
+    assert folds.args_from_ensemble(args).reference == "none"
 
 
 def test_fold_job_refuses_a_storage_uri_for_out(tmp_path, monkeypatch, caplog):
