@@ -464,7 +464,8 @@ class FoldEnsemble:
     "cross_fitted": thresholds tuned on the other folds}``. ``bootstrap``: :func:`bootstrap_f2` of the single
     best member against the ensemble, each at its tuned thresholds. ``alignment``: the bag's
     :class:`FoldAlignment` as a dict when the OOF rows were aligned (the thresholds then hold for the mean of
-    the fold models), else ``None``.
+    the fold models; the single best's figures are then those of its rows aligned to its own fold models'
+    mean), else ``None``.
     """
 
     members: list[str]
@@ -518,12 +519,8 @@ def choose_fold_ensemble(
     def alignment_of(bag: Sequence[int]) -> FoldAlignment | None:
         if reference is None:
             return None
-        return FoldAlignment.fit(
-            {
-                k: bag_probs([reference[names[i]][k] for i in bag], range(len(bag)))
-                for k in reference[names[0]]
-            }
-        )
+        folds = reference[names[0]]
+        return FoldAlignment.fit({k: np.mean([reference[names[i]][k] for i in bag], axis=0) for k in folds})
 
     def combine(bag: Sequence[int]) -> np.ndarray:
         alignment = alignment_of(bag)
