@@ -3,8 +3,9 @@ JPEGs → grey levels; and the window map from HU to ``uint8`` grey levels, used
 synthetic JPEG writer alike.
 
 HU = stored pixel × RescaleSlope + RescaleIntercept, after the RSNA 12-bit fix (:func:`fix_12bit`).
-Uncompressed little-endian 16-bit slices are read straight from the buffer; everything else goes through
-``pydicom``'s ``pixel_array``, whose compressed transfer syntaxes (JPEG Lossless and Extended, JPEG-LS,
+Uncompressed little-endian 16-bit slices are read straight from the file (a scan of the top-level elements,
+:func:`_scan_native`, ~5x faster than ``pydicom.dcmread``) or, from a pydicom dataset, from its buffer;
+everything else, and anything unusual, goes through ``pydicom`` and its ``pixel_array``, whose compressed transfer syntaxes (JPEG Lossless and Extended, JPEG-LS,
 JPEG 2000, RLE) are decoded by the ``pylibjpeg`` plugins this package depends on.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,11 @@ def _raw_number(elem: Any, kind: str) -> int | float | None:
     raw = elem.value
     if not elem.is_little_endian or not isinstance(raw, bytes) or elem.VR not in (None, kind):
         return None  # implicit VR files carry no VR
+    return _number_from_bytes(raw, kind)
+
+
+def _number_from_bytes(raw: bytes, kind: str) -> int | float | None:
+    """The one plain number little-endian value bytes of VR ``kind`` (``US``, ``IS``, ``DS``) hold, else None."""
     if kind == "US":
         return int.from_bytes(raw, "little") if len(raw) == 2 else None
     text = raw.strip(b" \0")
@@ -193,13 +200,108 @@ def _read_dicom(path: str | Path) -> Any:
         raise ValueError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 
 
+# Value representations whose explicit-VR header has 2 reserved bytes and a 4-byte length.
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+_PIXEL_TAGS = {tag: keyword for keyword, (tag, _, _) in _PIXEL_HEADER.items()}
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _scan_native(data: bytes) -> tuple[dict[str, bytes], int, int] | None:
+    """``(raw values of the _PIXEL_HEADER elements found, pixel data offset, its length)`` of a DICOM file's
+    bytes: preamble and ``DICM``, the file meta group, then the top-level elements in Implicit or Explicit VR
+    Little Endian up to (7FE0,0010). ``None`` for anything else or anything unusual (another transfer syntax,
+    an undefined length, an unknown VR, an element running past the end, no pixel data): the caller then reads
+    the file with pydicom, which either decodes it or names the problem.
+    """
+    n, unpack = len(data), struct.unpack_from
+    if n < 132 or data[128:132] != b"DICM":
+        return None
+    pos, syntax = 132, None
+    while pos + 8 <= n and unpack("<H", data, pos)[0] == 0x0002:  # file meta: always explicit VR LE
+        element, vr = unpack("<H", data, pos + 2)[0], data[pos + 4 : pos + 6]
+        long = vr in _LONG_VRS
+        length, header = (unpack("<I", data, pos + 8)[0], 12) if long else (unpack("<H", data, pos + 6)[0], 8)
+        if not (long or vr in _SHORT_VRS) or length == _UNDEFINED or pos + header + length > n:
+            return None
+        if element == 0x0010:
+            syntax = data[pos + header : pos + header + length].rstrip(b"\0 ")
+        pos += header + length
+    if syntax not in (b"1.2.840.10008.1.2", b"1.2.840.10008.1.2.1"):
+        return None
+    explicit, found = syntax.endswith(b".1"), {}
+    while pos + 8 <= n:
+        group, element = unpack("<HH", data, pos)
+        tag = group << 16 | element
+        if explicit:
+            vr = data[pos + 4 : pos + 6]
+            long = vr in _LONG_VRS
+            if not (long or vr in _SHORT_VRS):
+                return None
+            length, header = (
+                (unpack("<I", data, pos + 8)[0], 12) if long else (unpack("<H", data, pos + 6)[0], 8)
+            )
+        else:
+            length, header = unpack("<I", data, pos + 4)[0], 8
+        if length == _UNDEFINED or pos + header + length > n:
+            return None
+        if tag == _PIXEL_DATA:
+            return found, pos + header, length
+        if tag in _PIXEL_TAGS:
+            found[_PIXEL_TAGS[tag]] = data[pos + header : pos + header + length]
+        pos += header + length
+    return None
+
+
+def _native_file_pixels(path: str | Path) -> tuple[np.ndarray, float, float] | None:
+    """:func:`load_dicom_pixels` without pydicom for the common case: an uncompressed little-endian 16-bit
+    single-frame grayscale file (:func:`_scan_native`; ~0.05 ms against ~0.26 ms at 512 px). The values are
+    the pydicom path's own (``tests/test_decode.py`` compares both on every file pydicom ships); ``None``
+    whenever the file is anything else, which then goes through pydicom."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None  # pydicom names the problem
+    scanned = _scan_native(data)
+    if scanned is None:
+        return None
+    raw, offset, length = scanned
+    header: dict[str, Any] = {}
+    for keyword, (_, kind, default) in _PIXEL_HEADER.items():
+        value = default if keyword not in raw else _number_from_bytes(raw[keyword], kind)
+        if keyword in raw and value is None:
+            return None  # empty, several values, exponent notation: as pydicom converts it
+        header[keyword] = value
+    if header["BitsAllocated"] != 16 or header["SamplesPerPixel"] != 1 or header["NumberOfFrames"] != 1:
+        return None
+    if header["Rows"] is None or header["Columns"] is None:
+        return None
+    rows, columns = header["Rows"], header["Columns"]
+    bits_stored, signed = header["BitsStored"], header["PixelRepresentation"] == 1
+    if (signed and bits_stored != 16) or length < rows * columns * 2 or not 0 < bits_stored <= 16:
+        return None
+    pixels = np.frombuffer(
+        data, dtype="<i2" if signed else "<u2", count=rows * columns, offset=offset
+    ).reshape(rows, columns)
+    if not signed and bits_stored < 16:
+        pixels = pixels & np.uint16((1 << bits_stored) - 1)
+    slope, intercept = float(header["RescaleSlope"] or 1.0), float(header["RescaleIntercept"] or 0.0)
+    pixels, intercept = fix_12bit(pixels, bits_stored, header["PixelRepresentation"], intercept)
+    return pixels, slope, intercept
+
+
 def load_dicom_pixels(path: str | Path) -> tuple[np.ndarray, float, float]:
     """Read one DICOM file: ``(pixels [H, W], slope, intercept)`` with HU = pixels × slope + intercept.
+
+    Uncompressed little-endian 16-bit slices are read by :func:`_native_file_pixels`, everything else (and
+    anything unusual) by pydicom.
 
     Raises:
         ValueError: naming the file when it is not DICOM, is truncated, or has no usable pixel data.
     """
-    return dataset_pixels(_read_dicom(path), path)
+    native = _native_file_pixels(path)
+    return native if native is not None else dataset_pixels(_read_dicom(path), path)
 
 
 def load_dicom_hu(path: str | Path) -> np.ndarray:
@@ -208,7 +310,8 @@ def load_dicom_hu(path: str | Path) -> np.ndarray:
     Raises:
         ValueError: naming the file when it is not DICOM, is truncated, or has no usable pixel data.
     """
-    return dataset_to_hu(_read_dicom(path), path)
+    pixels, slope, intercept = load_dicom_pixels(path)  # the 12-bit fix is applied: none again in to_hu
+    return to_hu(pixels, slope, intercept, bits_stored=16, pixel_representation=1)
 
 
 def load_dlcv_image(path: str | Path) -> np.ndarray:

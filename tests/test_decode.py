@@ -121,6 +121,78 @@ def test_a_file_without_rows_is_a_clear_error_not_a_crash(tmp_path):
         decode.load_dicom_pixels(path)
 
 
+def _both_paths(path):
+    """``(pydicom-free reading or None, pydicom's dcmread + dataset_pixels)`` of one file."""
+    return decode._native_file_pixels(path), decode.dataset_pixels(pydicom.dcmread(path), path)
+
+
+def _assert_same(native, reference, path):
+    pixels, slope, intercept = native
+    assert pixels.dtype == reference[0].dtype and pixels.shape == reference[0].shape, path
+    np.testing.assert_array_equal(pixels, reference[0], err_msg=str(path))
+    assert (slope, intercept) == reference[1:] and all(type(v) is float for v in (slope, intercept)), path
+
+
+def test_the_pydicom_free_reader_equals_pydicom_on_every_file_pydicom_ships():
+    # Every file it reads gives pydicom's pixels, slope and intercept exactly; the rest (compressed, big
+    # endian, 8-bit, colour, multi-frame, deflated, odd headers) it leaves to pydicom by returning None.
+    import pathlib
+
+    root = pathlib.Path(pydicom.data.__file__).parent / "test_files"
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix not in (".py", ".json", ".gz", ".txt")
+    )
+    taken = set()
+    for path in files:
+        native = decode._native_file_pixels(path)
+        if native is not None:
+            _assert_same(native, decode.dataset_pixels(pydicom.dcmread(path), path), path)
+            taken.add(path.name)
+    assert {"CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm"} <= taken
+    assert not taken & {"MR_small_bigendian.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm"}
+    assert 10 <= len(taken) < len(files) // 2
+
+
+def test_the_pydicom_free_reader_handles_the_rsna_cases_and_leaves_sequences_it_cannot_skip(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from ichmodel import synth
+
+    hu = np.clip(datagen.test_hu(), -1000, 3000)
+    raw = np.full((4, 4), 5000, np.uint16)  # bits above BitsStored = 12 are masked, as pydicom does
+    masked = synth.make_ct_dataset(
+        raw, study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", z_mm=0, instance_number=1,
+        patient_id="x", bits_stored=12, pixel_representation=0, intercept=-1024,
+    )  # fmt: skip
+    masked.save_as(tmp_path / "masked.dcm", enforce_file_format=True)
+    icon = Dataset()  # a nested image before the slice's own pixels: skipped by its length
+    icon.Rows, icon.Columns, icon.BitsAllocated, icon.PixelData = 2, 2, 16, b"\x07\x00" * 4
+    paths = {
+        "wrapped": datagen.wrapped_12bit_file(tmp_path / "wrapped.dcm", hu),
+        "masked": tmp_path / "masked.dcm",
+        "scaled": datagen.ct_file(tmp_path / "scaled.dcm", hu, RescaleSlope="0.5", RescaleIntercept="-3000.25"),
+        "icon": datagen.ct_file(tmp_path / "icon.dcm", hu, IconImageSequence=Sequence([icon])),
+    }  # fmt: skip
+    for name, path in paths.items():
+        native, reference = _both_paths(path)
+        assert native is not None, name
+        _assert_same(native, reference, path)
+    undefined = pydicom.dcmread(paths["icon"])
+    undefined["IconImageSequence"].is_undefined_length = True  # its end is a delimiter, not a length
+    undefined.save_as(tmp_path / "undefined.dcm")
+    assert decode._native_file_pixels(tmp_path / "undefined.dcm") is None
+    _assert_same(
+        decode.load_dicom_pixels(tmp_path / "undefined.dcm"), _both_paths(paths["icon"])[1], "undefined"
+    )
+    np.testing.assert_allclose(decode.load_dicom_hu(paths["wrapped"]), hu, atol=0.5)  # the 12-bit fix, once
+    exponent = datagen.ct_file(tmp_path / "exponent.dcm", RescaleSlope="2.5E-1")
+    assert decode._native_file_pixels(exponent) is None  # pydicom converts that one
+    assert decode.load_dicom_pixels(exponent)[1] == 0.25
+    signed12 = datagen.ct_file(tmp_path / "signed12.dcm", BitsStored=12)
+    assert decode._native_file_pixels(signed12) is None  # needs sign extension: pydicom
+
+
 def test_load_dlcv_image_error_names_the_file(tmp_path):
     bad = datagen.text_file(tmp_path / "x_1.jpg", "not a jpeg")
     with pytest.raises(ValueError, match="x_1.jpg: unreadable image"):
