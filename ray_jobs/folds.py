@@ -22,16 +22,16 @@ folds' models, which spreads less, and briefly trained fold models differ in sca
 on raw OOF rows fit neither. So each fold's OOF rows are first put on the ensemble's scale (per class, the
 logit mean and spread that fold's models and the whole ensemble have on --reference series: by default the
 test series, whose labels are never read; `--reference none` turns this off; ichmodel.ensemble.align_folds).
-Members are chosen on OOF micro-F2 (every configuration, or Caruana-style
-greedy selection when its cross-fitted OOF F2 is higher), thresholds are tuned on the ensemble's aligned OOF
-probabilities, and a per-class calibration (platt or isotonic, whichever lowers the cross-fitted OOF RSNA
-weighted log loss) is fitted for the RSNA probability file. ray_jobs/ensemble.py --folds K runs this job.
+Members are chosen on OOF micro-F2 (every configuration, or Caruana-style greedy selection when its
+cross-fitted OOF F2 is higher), thresholds are tuned on the ensemble's aligned OOF probabilities, and a
+per-class calibration (platt or isotonic, whichever lowers the cross-fitted OOF RSNA weighted log loss) is
+fitted for the RSNA probability file. ray_jobs/ensemble.py --folds K runs this job.
 
 Writes into --out: folds.json, runs.csv (one row per run: trial, fold, retrained or not, checkpoint),
 oof_<trial>.parquet (every labelled series once, with its fold), test_<trial>.parquet (mean over the trial's
-folds), oof_ensemble.parquet (aligned), test_ensemble.parquet, test_calibrated.parquet, fold_ensemble.json (members,
-thresholds, OOF F2 tuned and cross-fitted, bootstrap intervals over series, alignment, calibration), ray_jobs/ensemble.py's
-submission files (val_* = the OOF predictions), ensemble.json (every fold model of the chosen members) and
+folds), oof_ensemble.parquet (aligned), test_ensemble.parquet, test_calibrated.parquet, fold_ensemble.json
+(members, thresholds, OOF F2 tuned and cross-fitted, bootstrap intervals over series, alignment,
+calibration), ray_jobs/ensemble.py's submission files (val_* = the OOF predictions), ensemble.json (every fold model of the chosen members) and
 report/index.html. Prints single best vs ensemble OOF micro-F2 with intervals. Predictions of a run are kept
 in --out/predictions and reused while the run is not retrained. A finished run is reused whatever the
 options of the rerun: use a new --out (or --storage) after changing --set/--epochs. Run as

@@ -115,6 +115,23 @@ def test_shard_folds_cover_the_shards(demo_shards):
     assert sorted(s for f in folds for s in f) == ids and all(folds)
 
 
+def test_reference_option_names_what_aligns_the_folds(demo_shards, tmp_path):
+    from ray_jobs import folds
+
+    train, test = (str(p) for p in demo_shards)
+
+    def choose(value):
+        return folds.reference_shards(folds.get_args_parser().parse_args([*base, "--reference", value]), test)
+
+    base = ["--experiment", "e", "--out", "o"]
+    assert folds.reference_shards(folds.get_args_parser().parse_args(base), test) == (None, test)  # default
+    assert choose("test") == (None, test) and choose(test) == (None, test)  # the test predictions serve
+    assert choose("none") == choose("NONE") == (None, None)
+    assert choose(train) == (train, train)  # other shards: predicted besides the test shards
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        choose(str(tmp_path / "nowhere"))
+
+
 def _finished_fold_runs(runs: Path) -> dict[str, dict]:
     """Run name -> last report of each fold's Train run that Ray has recorded as finished."""
     reports = {p.name: finished_run_report(str(p)) for p in runs.glob("fold-*")}
