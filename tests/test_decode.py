@@ -68,18 +68,24 @@ def test_load_dicom_hu_errors_name_the_file(tmp_path):
         decode.load_dicom_hu(no_pixels)
 
 
+def _masked_12bit_file(path):
+    """A 12-bit unsigned slice whose stored values have bits above BitsStored set (pydicom masks them)."""
+    from ichmodel import synth
+
+    ds = synth.make_ct_dataset(
+        np.full((4, 4), 5000, np.uint16), study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", z_mm=0,
+        instance_number=1, patient_id="x", bits_stored=12, pixel_representation=0, intercept=-1024,
+    )  # fmt: skip
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def test_native_pixel_path_equals_pydicom_pixel_array(tmp_path):
     from ichmodel import synth
 
     synth.write_dicom_folder(tmp_path, num_patients=2, slices=(1, 1), size=datagen.SIZE, seed=0)
     paths = [*sorted(tmp_path.rglob("*.dcm")), get_testdata_file("CT_small.dcm")]
-    raw = np.full((4, 4), 5000, np.uint16)  # bits above BitsStored = 12 are masked, as pydicom does
-    ds = synth.make_ct_dataset(
-        raw, study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", z_mm=0, instance_number=1,
-        patient_id="x", bits_stored=12, pixel_representation=0, intercept=-1024,
-    )  # fmt: skip
-    ds.save_as(tmp_path / "masked.dcm", enforce_file_format=True)
-    paths.append(tmp_path / "masked.dcm")
+    paths.append(_masked_12bit_file(tmp_path / "masked.dcm"))
     bits = set()
     for path in paths:
         ds = pydicom.dcmread(path)
@@ -157,20 +163,12 @@ def test_the_pydicom_free_reader_handles_the_rsna_cases_and_leaves_sequences_it_
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    from ichmodel import synth
-
     hu = np.clip(datagen.test_hu(), -1000, 3000)
-    raw = np.full((4, 4), 5000, np.uint16)  # bits above BitsStored = 12 are masked, as pydicom does
-    masked = synth.make_ct_dataset(
-        raw, study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", z_mm=0, instance_number=1,
-        patient_id="x", bits_stored=12, pixel_representation=0, intercept=-1024,
-    )  # fmt: skip
-    masked.save_as(tmp_path / "masked.dcm", enforce_file_format=True)
     icon = Dataset()  # a nested image before the slice's own pixels: skipped by its length
     icon.Rows, icon.Columns, icon.BitsAllocated, icon.PixelData = 2, 2, 16, b"\x07\x00" * 4
     paths = {
         "wrapped": datagen.wrapped_12bit_file(tmp_path / "wrapped.dcm", hu),
-        "masked": tmp_path / "masked.dcm",
+        "masked": _masked_12bit_file(tmp_path / "masked.dcm"),
         "scaled": datagen.ct_file(tmp_path / "scaled.dcm", hu, RescaleSlope="0.5", RescaleIntercept="-3000.25"),
         "icon": datagen.ct_file(tmp_path / "icon.dcm", hu, IconImageSequence=Sequence([icon])),
     }  # fmt: skip
