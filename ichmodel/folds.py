@@ -1,9 +1,10 @@
 """K-fold cross-validation over series, and assembly of out-of-fold (OOF) predictions.
 
-Folds are split by *series* (the unit the model reads). The shards carry no patient id (the readers do not
-keep RSNA's ``PatientID``; a DLCV series is one patient's folder already), so grouping by patient is left to
-the caller: :func:`make_folds` takes an optional ``groups`` map (series → patient) and then keeps every
-series of one patient in the same fold. Folds are stratified by whether a series has a positive slice, so
+Folds are split by *series* (the unit the model reads), and by *patient* where the data names one: the
+DICOM readers keep each series' ``PatientID`` (RSNA's, a DICOM folder's), preprocessing writes it into the
+manifest, and :func:`shard_groups` turns it into the ``groups`` map (series → patient) with which
+:func:`make_folds` keeps every series of one patient in the same fold, and :func:`inner_split` on one side
+(a DLCV series is one patient's folder already, so those stay split by series). Folds are stratified by whether a series has a positive slice, so
 each fold holds about the same number of positive series, and a seed reproduces them.
 
 OOF assembly (:func:`assemble_oof`): fold ``i``'s model, trained on every fold but ``i``, predicts fold
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ichmodel.dataset import series_positive
-from ichmodel.shards import load_manifest, series_index
+from ichmodel.shards import load_manifest, series_index, series_patients
 
 logger = logging.getLogger(__name__)
 
@@ -87,30 +88,44 @@ def make_folds(
 def shard_folds(
     shard_dir: str | Path, k: int, seed: int = 0, groups: Mapping[str, str] | None = None
 ) -> list[list[str]]:
-    """:func:`make_folds` over every series of a shard folder, stratified by positive series when labelled."""
+    """:func:`make_folds` over every series of a shard folder, stratified by positive series when labelled,
+    a patient's series in one fold (``groups``, default :func:`shard_groups`)."""
     return _shard_folds(shard_dir, k, seed, groups)[0]
+
+
+def shard_groups(manifest: dict) -> dict[str, str] | None:
+    """``{series_id: group}`` from the patient ids the manifest holds (``patient:<id>``; a series without
+    one is its own group, ``series:<id>``), or ``None`` when no series names a patient."""
+    patients = series_patients(manifest)
+    if not patients:
+        return None
+    return {s: f"patient:{patients[s]}" if s in patients else f"series:{s}" for s in series_index(manifest)}
 
 
 def shard_fold_runs(
     shard_dir: str | Path, k: int, seed: int, val_fraction: float
-) -> tuple[list[list[str]], list[tuple[list[str], list[str]]]]:
-    """``(folds, inner)``: :func:`shard_folds`, and for fold ``i`` the :func:`inner_split` ``(fit_ids,
-    select_ids)`` of its training series (seed ``seed + i``); the labels are read once for both."""
-    folds, positive = _shard_folds(shard_dir, k, seed)
-    inner = [inner_split(fold_split(folds, i)[0], val_fraction, seed + i, positive) for i in range(k)]
-    return folds, inner
+) -> tuple[list[list[str]], list[tuple[list[str], list[str]]], int | None]:
+    """``(folds, inner, patients)``: :func:`shard_folds`; for fold ``i`` the :func:`inner_split` ``(fit_ids,
+    select_ids)`` of its training series (seed ``seed + i``), a patient's series on one side; and how many
+    patients the series belong to (``None`` when the shards name none). Labels are read once for both."""
+    folds, positive, groups = _shard_folds(shard_dir, k, seed)
+    inner = [inner_split(fold_split(folds, i)[0], val_fraction, seed + i, positive, groups) for i in range(k)]
+    return folds, inner, None if groups is None else len(set(groups.values()))
 
 
 def _shard_folds(
     shard_dir: str | Path, k: int, seed: int, groups: Mapping[str, str] | None = None
-) -> tuple[list[list[str]], dict[str, bool] | None]:
-    """The folds of a shard folder and the positive map they were stratified by (None when unlabelled)."""
+) -> tuple[list[list[str]], dict[str, bool] | None, Mapping[str, str] | None]:
+    """The folds of a shard folder, the positive map they were stratified by (None when unlabelled) and the
+    groups that kept series together (None: each series alone)."""
     manifest = load_manifest(shard_dir)
     ids = list(series_index(manifest))
     positive = series_positive(shard_dir) if manifest.get("has_labels") else None
+    groups = shard_groups(manifest) if groups is None else groups
     folds = make_folds(ids, k, seed, positive, groups)
-    logger.info("%d folds of %s: %s series", k, shard_dir, [len(f) for f in folds])
-    return folds, positive
+    by = "series" if groups is None else f"{len(set(groups.values()))} patients' series"
+    logger.info("%d folds of %s (by %s): %s series", k, shard_dir, by, [len(f) for f in folds])
+    return folds, positive, groups
 
 
 def fold_split(folds: Sequence[Sequence[str]], i: int) -> tuple[list[str], list[str]]:
@@ -130,8 +145,10 @@ def inner_split(
     val_fraction: float,
     seed: int,
     positive: Mapping[str, bool] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """``(fit_ids, select_ids)``: a validation part of a fold's training series, stratified like the folds.
+    """``(fit_ids, select_ids)``: a validation part of a fold's training series, stratified like the folds,
+    a group's (patient's) series on one side.
 
     A fold's Train run picks its epoch and drives its learning-rate plateau on ``select_ids``, so its
     held-out fold is used for nothing but the out-of-fold prediction. About ``val_fraction`` of the series
@@ -142,10 +159,11 @@ def inner_split(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1). Got {val_fraction}")
-    parts = min(len(train_ids), max(2, round(1.0 / val_fraction)))
+    units = len(train_ids) if groups is None else len({groups[s] for s in train_ids})
+    parts = min(units, max(2, round(1.0 / val_fraction)))
     if parts < 2:
-        raise ValueError(f"An inner validation split needs at least 2 series. Got {len(train_ids)}")
-    select = make_folds(train_ids, parts, seed, positive)[0]
+        raise ValueError(f"An inner validation split needs at least 2 series (or patients). Got {units}")
+    select = make_folds(train_ids, parts, seed, positive, groups)[0]
     return sorted(set(train_ids) - set(select)), select
 
 

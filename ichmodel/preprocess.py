@@ -390,9 +390,14 @@ def write_shard(task: ShardTask, out_dir: str | Path, options: PreprocessOptions
             table, skipped = process_series(series, options)
             result.skipped.extend(SkipRecord(uris.get(s.path, s.path), s.reason) for s in skipped)
             if table is not None:
-                result.series.append(
-                    {"series_id": series.series_id, "row_group": len(tables), "num_slices": table.num_rows}
-                )
+                entry = {
+                    "series_id": series.series_id,
+                    "row_group": len(tables),
+                    "num_slices": table.num_rows,
+                }
+                if series.patient_id:
+                    entry["patient_id"] = series.patient_id  # folds keep a patient's series together
+                result.series.append(entry)
                 tables.append(table)
     result.num_rows = sum(t.num_rows for t in tables)
     info = {

@@ -55,11 +55,13 @@ class SliceRecord:
 
 @dataclass(frozen=True)
 class SeriesRecord:
-    """A series with its slices in order. ``kind`` says how to decode a slice: ``"dicom"`` or ``"jpeg"``."""
+    """A series with its slices in order. ``kind`` says how to decode a slice: ``"dicom"`` or ``"jpeg"``.
+    ``patient_id``: the DICOM PatientID where the files carry one (folds keep a patient's series together)."""
 
     series_id: str
     slices: tuple[SliceRecord, ...]
     kind: str
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,7 @@ class DicomHeader:
     series_uid: str
     position: float  # along the slice normal, mm
     instance_number: int
+    patient_id: str = ""
 
 
 def read_dicom_header(path: str | Path) -> DicomHeader | SkipRecord:
@@ -291,7 +294,8 @@ def read_dicom_header(path: str | Path) -> DicomHeader | SkipRecord:
             position = float(ipp[2])
     else:
         position = float(instance)
-    return DicomHeader(str(path), str(ds.get("StudyInstanceUID", "")).strip(), series_uid, position, instance)
+    study_uid, patient_id = (str(ds.get(k, "")).strip() for k in ("StudyInstanceUID", "PatientID"))
+    return DicomHeader(str(path), study_uid, series_uid, position, instance, patient_id)
 
 
 def read_dicom_headers(paths: Sequence[str | Path]) -> list[DicomHeader | SkipRecord]:
@@ -330,7 +334,8 @@ def group_dicom_series(
         for h in members:
             slice_id = slice_id_fn(h)
             records.append(SliceRecord(slice_id, h.path, None if labels is None else labels[slice_id]))
-        series.append(SeriesRecord(series_id, tuple(records), "dicom"))
+        patient_id = next((h.patient_id for h in members if h.patient_id), None)
+        series.append(SeriesRecord(series_id, tuple(records), "dicom", patient_id))
     return series
 
 

@@ -60,6 +60,17 @@ def read_shard_table(shard_dir: str | Path, file: str, columns: list[str]) -> pa
         return pq.read_table(f, columns=columns)
 
 
+def series_patients(manifest: dict) -> dict[str, str]:
+    """``{series_id: patient_id}`` of the series whose DICOM files named a patient (RSNA, DICOM folders);
+    series without one (DLCV folders, shards written before patient ids were kept) are absent."""
+    return {
+        entry["series_id"]: str(entry["patient_id"])
+        for shard in manifest["shards"]
+        for entry in shard["series"]
+        if entry.get("patient_id")
+    }
+
+
 def series_index(manifest: dict) -> dict[str, tuple[str, int, int]]:
     """``{series_id: (shard file, row group, num_slices)}`` from a manifest.
 

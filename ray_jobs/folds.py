@@ -8,7 +8,7 @@ Examples (from the repository root):
 
 Reads EXPERIMENT/trials.csv (ray_jobs/tune.py), takes the --top-k best usable trials and each one's saved
 config (inside its checkpoint), splits the training shards' series into --folds folds (stratified by positive
-series; by series, as the shards carry no patient id: ichmodel/folds.py) and trains every (config, fold) pair
+series; a patient's series in one fold where the DICOM files name patients, e.g. RSNA: ichmodel/folds.py) and trains every (config, fold) pair
 as its own Ray Train run on the other folds. The run's validation split (its epoch choice and learning-rate
 steps) is an inner part of those folds (data.val_fraction of them, folds.json's inner_val), so the held-out
 fold is used only for the out-of-fold prediction. Runs go
@@ -261,8 +261,16 @@ def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, 
     load_manifest(test_shards)  # FileNotFoundError naming it when absent
     # Each fold run trains on the other folds less an inner validation part, which picks its epoch and its
     # learning-rate steps: the held-out fold is only predicted (out of fold), never looked at in training.
-    folds, inner = F.shard_fold_runs(shards, args.folds, args.fold_seed, configs[0][1].data.val_fraction)
-    record = {"seed": args.fold_seed, "folds": folds, "inner_val": [select for _, select in inner]}
+    folds, inner, patients = F.shard_fold_runs(
+        shards, args.folds, args.fold_seed, configs[0][1].data.val_fraction
+    )
+    record = {
+        "seed": args.fold_seed,
+        "split_by": "series" if patients is None else "patient",
+        "patients": patients,
+        "folds": folds,
+        "inner_val": [select for _, select in inner],
+    }
     atomic_write_text(out / "folds.json", json.dumps(record, indent=1))
     jobs = []
     for trial_id, cfg in configs:

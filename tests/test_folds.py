@@ -13,13 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from ichmodel import ensemble as E
 from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
-from ichmodel.folds import assemble_oof, check_folds, fold_split, inner_split, make_folds, shard_folds
+from ichmodel.folds import (
+    assemble_oof,
+    check_folds,
+    fold_split,
+    inner_split,
+    make_folds,
+    shard_fold_runs,
+    shard_folds,
+)
 from ichmodel.shards import load_manifest, series_index
 from ray_jobs.worker import finished_run_report
 from tests.conftest import REPO_ROOT
@@ -115,6 +124,43 @@ def test_shard_folds_cover_the_shards(demo_shards):
     assert sorted(s for f in folds for s in f) == ids and all(folds)
 
 
+def test_a_patients_series_share_a_fold_and_an_inner_side_from_the_dicom_files_to_the_folds(tmp_path):
+    # RSNA-style files where three patients have two series each (a follow-up scan): the reader keeps the
+    # PatientID, preprocessing writes it into the manifest, and the folds and inner splits keep the pairs.
+    from ichmodel import readers, shards, synth
+    from ichmodel.preprocess import PreprocessOptions, preprocess
+
+    synth.write_rsna_dataset(tmp_path / "raw", 12, (2, 3), 32, seed=0)
+    images = tmp_path / "raw" / "stage_2_train"
+    by_series: dict[str, list[Path]] = {}
+    for path in sorted(images.glob("*.dcm")):
+        by_series.setdefault(
+            str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID), []
+        ).append(path)
+    uids = sorted(by_series)
+    for first, second in zip(uids[0:6:2], uids[1:6:2], strict=True):
+        patient = pydicom.dcmread(by_series[first][0], stop_before_pixels=True).PatientID
+        for path in by_series[second]:
+            ds = pydicom.dcmread(path)
+            ds.PatientID = patient
+            ds.save_as(path)
+    result = readers.read_rsna(images, tmp_path / "raw" / "stage_2_train.csv")
+    preprocess(result, tmp_path / "shards", PreprocessOptions(size=32))
+    manifest = load_manifest(tmp_path / "shards")
+    patients = shards.series_patients(manifest)
+    assert len(patients) == 12 and len(set(patients.values())) == 9
+    pairs = [(a, b) for a, b in zip(uids[0:6:2], uids[1:6:2], strict=True)]
+    assert all(patients[a] == patients[b] for a, b in pairs)
+    for seed in range(4):
+        folds, inner, count = shard_fold_runs(tmp_path / "shards", 3, seed, 0.25)
+        assert count == 9 and sorted(s for f in folds for s in f) == sorted(patients)
+        fold_of = {s: i for i, f in enumerate(folds) for s in f}
+        assert all(fold_of[a] == fold_of[b] for a, b in pairs), (seed, folds)  # never in two folds
+        for fit, select in inner:
+            for a, b in pairs:
+                assert not ({a, b} & set(fit) and {a, b} & set(select)), (seed, a, b)
+
+
 def test_reference_option_names_what_aligns_the_folds(demo_shards, tmp_path):
     from ray_jobs import folds
 
@@ -193,6 +239,7 @@ def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_re
     folds = record["folds"]
     ids = sorted(series_index(load_manifest(shards / "train")))
     assert sorted(s for f in folds for s in f) == ids  # no series in two folds
+    assert (record["split_by"], record["patients"]) == ("series", None)  # DLCV folders: one patient each
     for i, select in enumerate(record["inner_val"]):  # each run picked its epoch inside its training folds
         assert select and set(select) <= set(fold_split(folds, i)[0])
     for trial in trials:

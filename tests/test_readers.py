@@ -97,6 +97,7 @@ def test_read_rsna_groups_and_orders_by_position(tmp_path):
         z = [float(h.ImagePositionPatient[2]) for h in headers]
         assert z == sorted(z)
         assert [int(h.InstanceNumber) for h in headers] == list(range(1, len(headers) + 1))
+        assert series.patient_id == str(headers[0].PatientID) and series.patient_id  # kept for the folds
     # file names are random: ordering by name would not give slice order
     names = [s.slice_id for s in result.series[0].slices]
     assert names != sorted(names)
