@@ -16,6 +16,7 @@ import math
 import re
 import struct
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,11 @@ def dataset_pixels(ds: Any, source: str | Path = "<dataset>") -> tuple[np.ndarra
             raise ValueError(f"{source}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
     if pixels.ndim != 2:
         raise ValueError(f"{source}: expected one 2-D grayscale frame. Got pixel array shape {pixels.shape}")
+    return _rescaled(pixels, header)
+
+
+def _rescaled(pixels: np.ndarray, header: dict[str, Any]) -> tuple[np.ndarray, float, float]:
+    """``(pixels, slope, intercept)`` from a :func:`_pixel_header` header, the 12-bit fix applied."""
     slope = float(header["RescaleSlope"] or 1.0)
     intercept = float(header["RescaleIntercept"] or 0.0)
     bits_stored, representation = int(header["BitsStored"]), int(header["PixelRepresentation"])
@@ -166,20 +172,33 @@ def _native_pixels(ds: Any, header: dict[str, Any], source: str | Path) -> np.nd
     """
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax not in _NATIVE_LITTLE_ENDIAN:
+    if syntax not in _NATIVE_LITTLE_ENDIAN or not _plain_16bit(header):
         return None
-    if header["BitsAllocated"] != 16 or int(header["SamplesPerPixel"]) != 1:
-        return None
-    if int(header["NumberOfFrames"] or 1) != 1:
-        return None
-    bits_stored, signed = int(header["BitsStored"]), int(header["PixelRepresentation"]) == 1
-    if signed and bits_stored != 16:
-        return None  # needs sign extension: leave it to pydicom
-    if header["Rows"] is None or header["Columns"] is None:
-        return None  # pydicom names what is missing
-    rows, columns = int(header["Rows"]), int(header["Columns"])
     raw = ds.get_item(0x7FE00010).value  # bytes as read (the conversion would only wrap them)
-    data = raw if isinstance(raw, bytes) else ds.PixelData
+    return _buffer_pixels(raw if isinstance(raw, bytes) else ds.PixelData, header, source)
+
+
+def _plain_16bit(header: dict[str, Any]) -> bool:
+    """Whether a :func:`_pixel_header` header describes pixels :func:`_buffer_pixels` reads: 16 bits
+    allocated, one sample, one frame, rows and columns given, unsigned or a full 16 signed bits."""
+    if header["BitsAllocated"] != 16 or int(header["SamplesPerPixel"]) != 1:
+        return False
+    if int(header["NumberOfFrames"] or 1) != 1:
+        return False
+    if int(header["PixelRepresentation"]) == 1 and int(header["BitsStored"]) != 16:
+        return False  # needs sign extension: leave it to pydicom
+    return header["Rows"] is not None and header["Columns"] is not None  # else pydicom names what is missing
+
+
+def _buffer_pixels(data: bytes | memoryview, header: dict[str, Any], source: str | Path) -> np.ndarray:
+    """``[Rows, Columns]`` little-endian 16-bit pixels of a :func:`_plain_16bit` header from the pixel data's
+    bytes, unsigned data masked to BitsStored (as pydicom does).
+
+    Raises:
+        ValueError: naming ``source`` when the pixel data is shorter than Rows × Columns × 2 bytes.
+    """
+    rows, columns = int(header["Rows"]), int(header["Columns"])
+    bits_stored, signed = int(header["BitsStored"]), int(header["PixelRepresentation"]) == 1
     if len(data) < rows * columns * 2:
         raise ValueError(f"{source}: pixel data truncated ({len(data)} bytes, {rows}x{columns}x2 expected)")
     pixels = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * columns).reshape(
@@ -190,12 +209,13 @@ def _native_pixels(ds: Any, header: dict[str, Any], source: str | Path) -> np.nd
     return pixels
 
 
-def _read_dicom(path: str | Path) -> Any:
+def _read_dicom(path: str | Path, data: bytes | None = None) -> Any:
+    """``pydicom.dcmread`` of ``path``, or of its bytes ``data`` when already read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path if data is None else BytesIO(data))
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 
@@ -254,15 +274,15 @@ def _scan_native(data: bytes) -> tuple[dict[str, bytes], int, int] | None:
     return None
 
 
-def _native_file_pixels(path: str | Path) -> tuple[np.ndarray, float, float] | None:
-    """:func:`load_dicom_pixels` without pydicom for the common case: an uncompressed little-endian 16-bit
-    single-frame grayscale file (:func:`_scan_native`; ~0.05 ms against ~0.26 ms at 512 px). The values are
-    the pydicom path's own (``tests/test_decode.py`` compares both on every file pydicom ships); ``None``
-    whenever the file is anything else, which then goes through pydicom."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return None  # pydicom names the problem
+def _native_file_pixels(data: bytes, source: str | Path) -> tuple[np.ndarray, float, float] | None:
+    """:func:`load_dicom_pixels` of a file's bytes without pydicom, for the common case: an uncompressed
+    little-endian 16-bit single-frame grayscale file (:func:`_scan_native`; ~0.05 ms against ~0.26 ms at
+    512 px). The values are the pydicom path's own (``tests/test_decode.py`` compares both on every file
+    pydicom ships); ``None`` whenever the file is anything else, which then goes through pydicom.
+
+    Raises:
+        ValueError: naming ``source`` when the pixel data is shorter than Rows × Columns × 2 bytes.
+    """
     scanned = _scan_native(data)
     if scanned is None:
         return None
@@ -273,35 +293,27 @@ def _native_file_pixels(path: str | Path) -> tuple[np.ndarray, float, float] | N
         if keyword in raw and value is None:
             return None  # empty, several values, exponent notation: as pydicom converts it
         header[keyword] = value
-    if header["BitsAllocated"] != 16 or header["SamplesPerPixel"] != 1 or header["NumberOfFrames"] != 1:
+    if not _plain_16bit(header) or not 0 < header["BitsStored"] <= 16:
         return None
-    if header["Rows"] is None or header["Columns"] is None:
-        return None
-    rows, columns = header["Rows"], header["Columns"]
-    bits_stored, signed = header["BitsStored"], header["PixelRepresentation"] == 1
-    if (signed and bits_stored != 16) or length < rows * columns * 2 or not 0 < bits_stored <= 16:
-        return None
-    pixels = np.frombuffer(
-        data, dtype="<i2" if signed else "<u2", count=rows * columns, offset=offset
-    ).reshape(rows, columns)
-    if not signed and bits_stored < 16:
-        pixels = pixels & np.uint16((1 << bits_stored) - 1)
-    slope, intercept = float(header["RescaleSlope"] or 1.0), float(header["RescaleIntercept"] or 0.0)
-    pixels, intercept = fix_12bit(pixels, bits_stored, header["PixelRepresentation"], intercept)
-    return pixels, slope, intercept
+    pixels = _buffer_pixels(memoryview(data)[offset : offset + length], header, source)
+    return _rescaled(pixels, header)
 
 
 def load_dicom_pixels(path: str | Path) -> tuple[np.ndarray, float, float]:
     """Read one DICOM file: ``(pixels [H, W], slope, intercept)`` with HU = pixels × slope + intercept.
 
     Uncompressed little-endian 16-bit slices are read by :func:`_native_file_pixels`, everything else (and
-    anything unusual) by pydicom.
+    anything unusual) by pydicom, from the same bytes.
 
     Raises:
         ValueError: naming the file when it is not DICOM, is truncated, or has no usable pixel data.
     """
-    native = _native_file_pixels(path)
-    return native if native is not None else dataset_pixels(_read_dicom(path), path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return dataset_pixels(_read_dicom(path), path)  # pydicom names the problem
+    native = _native_file_pixels(data, path)
+    return native if native is not None else dataset_pixels(_read_dicom(path, data), path)
 
 
 def load_dicom_hu(path: str | Path) -> np.ndarray:
@@ -310,8 +322,7 @@ def load_dicom_hu(path: str | Path) -> np.ndarray:
     Raises:
         ValueError: naming the file when it is not DICOM, is truncated, or has no usable pixel data.
     """
-    pixels, slope, intercept = load_dicom_pixels(path)  # the 12-bit fix is applied: none again in to_hu
-    return to_hu(pixels, slope, intercept, bits_stored=16, pixel_representation=1)
+    return to_hu(*load_dicom_pixels(path))  # the 12-bit fix is applied; to_hu's defaults apply none again
 
 
 def load_dlcv_image(path: str | Path) -> np.ndarray:

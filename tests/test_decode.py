@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -127,9 +128,14 @@ def test_a_file_without_rows_is_a_clear_error_not_a_crash(tmp_path):
         decode.load_dicom_pixels(path)
 
 
+def _native(path):
+    """The pydicom-free reading of one file, or None."""
+    return decode._native_file_pixels(Path(path).read_bytes(), path)
+
+
 def _both_paths(path):
     """``(pydicom-free reading or None, pydicom's dcmread + dataset_pixels)`` of one file."""
-    return decode._native_file_pixels(path), decode.dataset_pixels(pydicom.dcmread(path), path)
+    return _native(path), decode.dataset_pixels(pydicom.dcmread(path), path)
 
 
 def _assert_same(native, reference, path):
@@ -150,7 +156,7 @@ def test_the_pydicom_free_reader_equals_pydicom_on_every_file_pydicom_ships():
     )
     taken = set()
     for path in files:
-        native = decode._native_file_pixels(path)
+        native = _native(path)
         if native is not None:
             _assert_same(native, decode.dataset_pixels(pydicom.dcmread(path), path), path)
             taken.add(path.name)
@@ -179,16 +185,16 @@ def test_the_pydicom_free_reader_handles_the_rsna_cases_and_leaves_sequences_it_
     undefined = pydicom.dcmread(paths["icon"])
     undefined["IconImageSequence"].is_undefined_length = True  # its end is a delimiter, not a length
     undefined.save_as(tmp_path / "undefined.dcm")
-    assert decode._native_file_pixels(tmp_path / "undefined.dcm") is None
+    assert _native(tmp_path / "undefined.dcm") is None
     _assert_same(
         decode.load_dicom_pixels(tmp_path / "undefined.dcm"), _both_paths(paths["icon"])[1], "undefined"
     )
     np.testing.assert_allclose(decode.load_dicom_hu(paths["wrapped"]), hu, atol=0.5)  # the 12-bit fix, once
     exponent = datagen.ct_file(tmp_path / "exponent.dcm", RescaleSlope="2.5E-1")
-    assert decode._native_file_pixels(exponent) is None  # pydicom converts that one
+    assert _native(exponent) is None  # pydicom converts that one
     assert decode.load_dicom_pixels(exponent)[1] == 0.25
     signed12 = datagen.ct_file(tmp_path / "signed12.dcm", BitsStored=12)
-    assert decode._native_file_pixels(signed12) is None  # needs sign extension: pydicom
+    assert _native(signed12) is None  # needs sign extension: pydicom
 
 
 def test_load_dlcv_image_error_names_the_file(tmp_path):
