@@ -40,8 +40,9 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))``, computed without overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
 def fit_platt(y: np.ndarray, p: np.ndarray, fit_bias: bool = True, steps: int = 50) -> tuple[float, float]:
@@ -61,7 +62,7 @@ def fit_platt(y: np.ndarray, p: np.ndarray, fit_bias: bool = True, steps: int = 
     w = np.zeros(design.shape[1])
     w[0] = 1.0  # start at the identity map
     for _ in range(steps):
-        q = _sigmoid(design @ w)
+        q = sigmoid(design @ w)
         grad = design.T @ (q - y) + 1e-6 * w
         hess = (design * (q * (1.0 - q))[:, None]).T @ design + 1e-6 * np.eye(len(w))
         step = np.linalg.solve(hess, grad)
@@ -114,7 +115,7 @@ class Calibrator:
                 out[:, c] = np.clip(np.interp(probs[:, c], x, y), ISOTONIC_CLIP, 1.0 - ISOTONIC_CLIP)
             else:
                 a, b = param
-                out[:, c] = _sigmoid(a * logit(probs[:, c]) + b)
+                out[:, c] = sigmoid(a * logit(probs[:, c]) + b)
         return out
 
     def to_dict(self) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ichmodel import metrics as M
-from ichmodel.calibration import logit
+from ichmodel.calibration import logit, sigmoid
 from ichmodel.constants import CLASSES
 from ichmodel.io import atomic_write_text
 from ichmodel.predict import KEY_COLUMNS, LABEL_COLUMNS, PROB_COLUMNS, prediction_arrays
@@ -267,7 +267,7 @@ def top_k_members(
     """Indices of the ``k`` members with the best OOF micro-F2 (each at its own tuned thresholds), best first.
 
     ``combine`` gives a bag's OOF probabilities (default :func:`bag_probs` of ``member_probs``; the fold job
-    passes one that also aligns the folds' scales, :func:`align_folds`).
+    passes one that also aligns the folds' scales, :class:`FoldAlignment`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1. Got {k}")
@@ -325,6 +325,13 @@ MIN_LOGIT_SD = 1e-3
 class FoldAlignment:
     """Per-class logit mean and spread of each fold's predictor and of the whole ensemble on reference series.
 
+    Each OOF row comes from one fold's models; a test row from the mean of all folds' models, whose
+    probabilities spread less, and fold models trained briefly differ in their scale besides. Thresholds
+    tuned on raw OOF rows therefore fit neither the other folds (cross-fitting) nor the test average.
+    :meth:`apply` aligns each fold's rows by the logit mean and spread its predictor and the ensemble have on
+    the same reference series (unlabelled: e.g. the test series; no label is read), which fixes both and
+    keeps each fold's ranking.
+
     ``folds``: ``{fold: [[mean, sd] x 5]}``; ``ensemble``: ``[[mean, sd] x 5]``; ``reference_slices``: how
     many slices the figures come from.
     """
@@ -381,22 +388,7 @@ class FoldAlignment:
             m = np.asarray(moments)
             scale = np.where(m[:, 1] > MIN_LOGIT_SD, target[:, 1] / np.maximum(m[:, 1], MIN_LOGIT_SD), 1.0)
             out[rows] = (z[rows] - m[:, 0]) * scale + target[:, 0]
-        return 0.5 * (1.0 + np.tanh(0.5 * out))
-
-
-def align_folds(
-    oof_probs: np.ndarray, fold: np.ndarray, fold_reference: dict[int, np.ndarray]
-) -> tuple[np.ndarray, FoldAlignment]:
-    """OOF probabilities put on the scale of the fold models' average, and the :class:`FoldAlignment` used.
-
-    Each OOF row comes from one fold's models; a test row from the mean of all folds' models, whose
-    probabilities spread less, and fold models trained briefly differ in their scale besides. Thresholds
-    tuned on raw OOF rows therefore fit neither the other folds (cross-fitting) nor the test average. Aligning
-    each fold's rows by the logit mean and spread its predictor and the ensemble have on the same reference
-    series (unlabelled: e.g. the test series; no label is read) fixes both, keeping each fold's ranking.
-    """
-    alignment = FoldAlignment.fit(fold_reference)
-    return alignment.apply(oof_probs, fold), alignment
+        return sigmoid(out)
 
 
 def _series_counts(labels: np.ndarray, pred: np.ndarray, series: np.ndarray) -> np.ndarray:
@@ -491,7 +483,7 @@ def choose_fold_ensemble(
     """Choose members and thresholds of an ensemble from each member's OOF table (same rows, ``fold`` column).
 
     With ``reference`` (``{member: {fold: [R, 5] probabilities of that fold's model on the same reference
-    slices}}``) every bag's OOF rows are aligned to the scale of its fold models' mean (:func:`align_folds`)
+    slices}}``) every bag's OOF rows are aligned to the scale of its fold models' mean (:class:`FoldAlignment`)
     before members, thresholds and scores are taken from them; without it the raw OOF rows are used.
 
     Returns:

@@ -21,7 +21,7 @@ training shards' sibling test/). An OOF row comes from one fold's models, a test
 folds' models, which spreads less, and briefly trained fold models differ in scale besides: thresholds tuned
 on raw OOF rows fit neither. So each fold's OOF rows are first put on the ensemble's scale (per class, the
 logit mean and spread that fold's models and the whole ensemble have on --reference series: by default the
-test series, whose labels are never read; `--reference none` turns this off; ichmodel.ensemble.align_folds).
+test series, whose labels are never read; `--reference none` turns this off; ichmodel.ensemble.FoldAlignment).
 Members are chosen on OOF micro-F2 (every configuration, or Caruana-style greedy selection when its
 cross-fitted OOF F2 is higher), thresholds are tuned on the ensemble's aligned OOF probabilities, and a
 per-class calibration (platt or isotonic, whichever lowers the cross-fitted OOF RSNA weighted log loss) is
@@ -296,7 +296,7 @@ def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, 
         for j, r in zip(jobs, records, strict=True)
     ]
     tables = predict_all(ray, runs, test_shards, out, args, extra)
-    result = FoldRuns(runs=runs)
+    result = FoldRuns(runs=runs, reference_name=reference)
     for trial_id, _ in configs:
         mine = [(run, t) for run, t in zip(runs, tables, strict=True) if run["trial_id"] == trial_id]
         result.oof[trial_id] = F.assemble_oof([t[0] for _, t in mine], folds)
@@ -305,7 +305,6 @@ def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, 
             result.reference[trial_id] = {
                 run["fold"]: _sorted_probs(t[-1]) for run, t in mine
             }  # the test table (t[1]) when the reference is the test set
-    result.reference_name = reference
     return result
 
 
