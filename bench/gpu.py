@@ -10,7 +10,7 @@ What runs, per ``--size``:
 1. Shards: synthetic DLCV-layout series (24-40 slices, as the course data) made by ``ichmodel.synth`` and
    written by ``ichmodel.preprocess`` (LZ4 Parquet, one row group per series), the same path as
    ``ichmodel.demo_data.ensure_demo_data`` with realistic series lengths.
-2. ``engine``: the engine's own training code, ``ichmodel.engine.train_one_epoch`` in the fine-tuning stage
+2. ``engine``: the engine's own training code, ``ichmodel.train_step.train_one_epoch`` in the fine-tuning stage
    (all five tasks, masking and diversity transfer at ε = 0.5, bf16 autocast, channels-last), fed by
    ``SeriesDataset`` + ``dataset.make_loader`` (pinned memory) with each ``--num-workers``; the loader is
    wrapped in ``bench/loader.py``'s ``TimedLoader``, which records the time blocked in ``next(loader)``.

@@ -2,7 +2,7 @@
 
     python bench/host_syncs.py            # 20 steps, 32 px, all five tasks, masking + DT at ε = 0.5
 
-Runs the engine's own epoch loop (:func:`ichmodel.engine.train_one_epoch`) over generated series with
+Runs the engine's own epoch loop (:func:`ichmodel.train_step.train_one_epoch`) over generated series with
 every task on, masking (p1) and diversity transfer (p2, ε = 0.5) under :class:`bench.syncs.SyncCounter`,
 which counts what would stall a GPU's launch queue: ``.item()``/``float()``/``bool()`` of device values,
 ``nonzero``/``masked_select``/``unique`` on device data, copies to the host. Host-side work (the loader's
@@ -28,18 +28,13 @@ from bench.syncs import SyncCounter  # noqa: E402
 from ichmodel import synth  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.dataset import SeriesDataset, make_loader, train_batches  # noqa: E402
-from ichmodel.engine import (  # noqa: E402
-    StepContext,
-    TrainState,
-    build_pool_images,
-    make_optimizer,
-    stage_plan,
-    train_one_epoch,
-)
 from ichmodel.losses import build_loss  # noqa: E402
 from ichmodel.model import build_model  # noqa: E402
 from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from ichmodel.readers import read_dlcv  # noqa: E402
+from ichmodel.stages import TrainState, stage_plan  # noqa: E402
+from ichmodel.strategies import build_pool_images  # noqa: E402
+from ichmodel.train_step import StepContext, make_optimizer, train_one_epoch  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
     python bench/loader.py [--size 64] [--patients 12] [--steps 6] [--rounds 3] [--num-workers 0 1 2]
 
-Training runs through the engine's own code: ``ichmodel.engine.train_one_epoch`` in the fine-tuning stage
+Training runs through the engine's own code: ``ichmodel.train_step.train_one_epoch`` in the fine-tuning stage
 (all five tasks, masking and diversity transfer at the configured ε), fed by ``SeriesDataset`` +
 ``dataset.make_loader`` over demo shards made by ``ichmodel.demo_data.ensure_demo_data``. The loader handed to
 the engine is wrapped in :class:`TimedLoader`, which records the seconds the training loop is blocked in
@@ -40,17 +40,11 @@ import torch  # noqa: E402
 
 from ichmodel.config import Config, DataConfig  # noqa: E402
 from ichmodel.dataset import SeriesDataset, make_loader, train_batches  # noqa: E402
-from ichmodel.engine import (  # noqa: E402
-    Stage,
-    StepContext,
-    TrainState,
-    TransferPoolImages,
-    build_pool_images,
-    stage_plan,
-    train_one_epoch,
-)
 from ichmodel.losses import build_loss  # noqa: E402
 from ichmodel.model import build_model  # noqa: E402
+from ichmodel.stages import Stage, TrainState, stage_plan  # noqa: E402
+from ichmodel.strategies import TransferPoolImages, build_pool_images  # noqa: E402
+from ichmodel.train_step import StepContext, train_one_epoch  # noqa: E402
 
 
 class TimedLoader:

@@ -2,90 +2,77 @@
 
 The library has no Ray dependency; the Ray jobs live in ``ray_jobs/``. Data flows one way:
 readers → preprocess (Parquet shards) → dataset → model → losses → engine → predictions → ensemble.
+
+The public names below are imported lazily (PEP 562): ``import ichmodel.config`` or ``from ichmodel import
+Config`` loads no torch; ``from ichmodel import fit`` loads the engine then.
 """
 
 from __future__ import annotations
 
-from ichmodel.checkpoint import load_checkpoint, load_model
-from ichmodel.config import (
-    AugmentConfig,
-    Config,
-    DataConfig,
-    LossConfig,
-    ModelConfig,
-    StrategyConfig,
-    TrainConfig,
-)
-from ichmodel.constants import CLASSES, NUM_CLASSES
-from ichmodel.dataset import SeriesDataset, collate_series, split_series
-from ichmodel.engine import evaluate, fit, stage_plan, train_one_epoch
-from ichmodel.ensemble import (
-    EnsembleSpec,
-    average_predictions,
-    choose_thresholds,
-    score_predictions,
-    select_trials,
-)
-from ichmodel.losses import MultitaskLoss, asymmetric_loss, build_loss, info_nce_loss
-from ichmodel.metrics import f2_score, per_class_f2, rsna_weighted_log_loss, search_thresholds
-from ichmodel.model import ICHModel, build_model
-from ichmodel.predict import predict_dataset, series_probs, summarize_series
-from ichmodel.strategies import (
-    PoolPair,
-    StrategyPlan,
-    TransferBatch,
-    build_transfer_pool,
-    make_transfer_batch,
-    plan_strategies,
-    transfer_labels,
-)
-from ichmodel.submission import SubmissionError, validate_submission, write_submission
+import importlib
+from typing import Any
 
-__all__ = [
-    "CLASSES",
-    "NUM_CLASSES",
-    "AugmentConfig",
-    "Config",
-    "DataConfig",
-    "EnsembleSpec",
-    "ICHModel",
-    "LossConfig",
-    "ModelConfig",
-    "MultitaskLoss",
-    "PoolPair",
-    "SeriesDataset",
-    "StrategyConfig",
-    "StrategyPlan",
-    "SubmissionError",
-    "TrainConfig",
-    "TransferBatch",
-    "asymmetric_loss",
-    "average_predictions",
-    "build_loss",
-    "build_model",
-    "build_transfer_pool",
-    "choose_thresholds",
-    "collate_series",
-    "evaluate",
-    "f2_score",
-    "fit",
-    "info_nce_loss",
-    "load_checkpoint",
-    "load_model",
-    "make_transfer_batch",
-    "per_class_f2",
-    "plan_strategies",
-    "predict_dataset",
-    "rsna_weighted_log_loss",
-    "score_predictions",
-    "search_thresholds",
-    "select_trials",
-    "series_probs",
-    "split_series",
-    "stage_plan",
-    "summarize_series",
-    "train_one_epoch",
-    "transfer_labels",
-    "validate_submission",
-    "write_submission",
-]
+#: public name → the module that defines it
+_HOMES = {
+    "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint",
+    "AugmentConfig": "config",
+    "Config": "config",
+    "DataConfig": "config",
+    "LossConfig": "config",
+    "ModelConfig": "config",
+    "StrategyConfig": "config",
+    "TrainConfig": "config",
+    "CLASSES": "constants",
+    "NUM_CLASSES": "constants",
+    "SeriesDataset": "dataset",
+    "collate_series": "dataset",
+    "fit": "engine",
+    "EnsembleSpec": "ensemble",
+    "average_predictions": "ensemble",
+    "choose_thresholds": "ensemble",
+    "score_predictions": "ensemble",
+    "select_trials": "ensemble",
+    "MultitaskLoss": "losses",
+    "asymmetric_loss": "losses",
+    "build_loss": "losses",
+    "info_nce_loss": "losses",
+    "f2_score": "metrics",
+    "per_class_f2": "metrics",
+    "rsna_weighted_log_loss": "metrics",
+    "search_thresholds": "metrics",
+    "ICHModel": "model",
+    "build_model": "model",
+    "predict_dataset": "predict",
+    "series_probs": "predict",
+    "summarize_series": "predict",
+    "split_series": "splits",
+    "stage_plan": "stages",
+    "PoolPair": "strategies",
+    "StrategyPlan": "strategies",
+    "TransferBatch": "strategies",
+    "build_transfer_pool": "strategies",
+    "make_transfer_batch": "strategies",
+    "plan_strategies": "strategies",
+    "transfer_labels": "strategies",
+    "SubmissionError": "submission",
+    "validate_submission": "submission",
+    "write_submission": "submission",
+    "train_one_epoch": "train_step",
+    "evaluate": "validation",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ichmodel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ichmodel.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -47,7 +47,7 @@ def checkpoint_dict(
     Args:
         model: the model being trained (DDP-wrapped or not); its weights are copied to the CPU.
         cfg: the run's resolved config.
-        state: the training state, a dataclass (``ichmodel.engine.TrainState``) or a mapping; its fields
+        state: the training state, a dataclass (``ichmodel.stages.TrainState``) or a mapping; its fields
             become top-level keys.
         optimizer, scheduler: their ``state_dict()`` is stored (``None`` when not given).
         best_model: state_dict of the weights to export (``None``: the last weights are exported).

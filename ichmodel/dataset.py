@@ -1,4 +1,4 @@
-"""Series from preprocessed shards, padded batches, samplers, loaders and a split by series.
+"""Series from preprocessed shards, padded batches, samplers and loaders.
 
 One item is one whole series (or, with ``max_slices``, a random contiguous window of it). A series is one
 Parquet row group, read with ``ParquetFile.read_row_group``; one open ``ParquetFile`` is kept per shard
@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from ichmodel.augment import to_float
 from ichmodel.constants import NUM_CLASSES
-from ichmodel.shards import MANIFEST_NAME, load_manifest, open_shard, read_shard_table, series_index
+from ichmodel.shards import MANIFEST_NAME, load_manifest, open_shard, series_index
 
 logger = logging.getLogger(__name__)
 
@@ -269,52 +269,6 @@ def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_worker
 def prepare_images(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     """A batch's uint8 ``images`` ``[B, T, C, H, W]`` on the host → float in [0, 1] on ``device``."""
     return to_float(batch["images"].to(device, non_blocking=True))
-
-
-def series_positive(shard_dir: str | Path) -> dict[str, bool]:
-    """``{series_id: True if any slice of it has any label}`` (False for unlabelled data)."""
-    manifest = load_manifest(shard_dir)
-    positive: dict[str, bool] = {}
-    for shard in manifest["shards"]:
-        table = read_shard_table(shard_dir, shard["file"], ["series_id", "labels"])
-        ids = table.column("series_id").to_numpy(zero_copy_only=False)
-        labels = table.column("labels").combine_chunks().flatten().to_numpy().reshape(-1, NUM_CLASSES)
-        any_label = labels.max(axis=1) > 0
-        for sid in np.unique(ids):
-            positive[str(sid)] = bool(any_label[ids == sid].any())
-    return positive
-
-
-def split_series(shard_dir: str | Path, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split the series of a shard folder into ``(train_ids, val_ids)``; no series is on both sides.
-
-    Stratified by whether a series has any positive slice, so both sides see positives; the same seed
-    gives the same split. Each side gets at least one series.
-
-    Raises:
-        ValueError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 series.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1). Got {val_fraction}")
-    manifest = load_manifest(shard_dir)
-    ids = list(series_index(manifest))
-    if len(ids) < 2:
-        raise ValueError(f"Need at least 2 series to split. Got {len(ids)} in {shard_dir}")
-    positive = series_positive(shard_dir) if manifest.get("has_labels") else dict.fromkeys(ids, False)
-    rng = np.random.default_rng(seed)
-    val: list[str] = []
-    groups = [sorted(s for s in ids if positive[s]), sorted(s for s in ids if not positive[s])]
-    for group in groups:
-        shuffled = [group[i] for i in rng.permutation(len(group))]
-        val.extend(shuffled[: int(round(val_fraction * len(group)))])
-    if not val:
-        val = [ids[int(rng.integers(len(ids)))]]
-    if len(val) == len(ids):
-        val = val[:-1]
-    val_set = set(val)
-    train = [s for s in ids if s not in val_set]
-    logger.info("Split %s: %d train / %d val series", shard_dir, len(train), len(val))
-    return train, sorted(val)
 
 
 def class_prevalence(dataset: SeriesDataset, labels: list[np.ndarray] | None = None) -> np.ndarray | None:

@@ -7,7 +7,7 @@ This table is what ``ichmodel.ensemble`` averages, thresholds and writes as subm
 
 Models run in eval mode on whole series (batches of ``batch_size`` series, padded), with bf16 autocast only
 on CUDA and only when asked. :func:`eval_outputs` is the one evaluation forward: validation in
-``ichmodel.engine.evaluate`` and prediction here both go through it. Test-time augmentation (``tta``, see
+``ichmodel.validation.evaluate`` and prediction here both go through it. Test-time augmentation (``tta``, see
 :func:`resolve_tta`) averages the probabilities of every combination of the chosen views: ``"flip"`` (each
 slice mirrored left-right; training flips with ``flip_prob``, and ``tta=True`` means this) and
 ``"reverse"`` (slice order reversed, outputs reversed back, as the RSNA 2019 winners did with their

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ichmodel.dataset import SeriesDataset, series_labels
+
 logger = logging.getLogger(__name__)
 
 
@@ -226,3 +228,44 @@ def make_transfer_batch(
         slot=slot,
         pair_classes=pair_classes.index_select(0, unique),
     )
+
+
+@dataclass
+class TransferPoolImages:
+    """Diversity-transfer pairs held in memory: ``images`` uint8 ``[P, 2, C, H, W]``, ``classes`` ``[P]``."""
+
+    images: torch.Tensor
+    classes: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.classes.numel())
+
+
+def build_pool_images(
+    dataset: SeriesDataset, pool_size: int, seed: int, labels: list[np.ndarray] | None = None
+) -> TransferPoolImages | None:
+    """Sample up to ``pool_size`` diversity-transfer pairs from ``dataset`` and load their images.
+
+    Pairs follow the paper's conditions (adjacent slices, the second has exactly one more label).
+    Keeping a bounded sample in memory makes a DT step cost one backbone pass over ``2 × pairs`` extra
+    images instead of reading series from disk inside the training step. Returns ``None`` when the
+    training labels hold no such pair. ``labels``: the dataset's :func:`series_labels`, if already read.
+    """
+    pool = build_transfer_pool(series_labels(dataset) if labels is None else labels)
+    if not pool or pool_size == 0:
+        logger.info("diversity transfer pool is empty: DT will not change any sequence")
+        return None
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(pool), size=min(pool_size, len(pool)), replace=False)
+    by_series: dict[int, list[int]] = {}
+    for i in sorted(chosen.tolist()):
+        by_series.setdefault(pool[i].series_index, []).append(i)
+    images, classes = [], []
+    for series, pair_ids in by_series.items():
+        series_images = dataset[series]["images"]  # [T, C, H, W] uint8
+        for i in pair_ids:
+            pos = pool[i].position
+            images.append(series_images[pos : pos + 2])
+            classes.append(pool[i].added_class)
+    logger.info("diversity transfer pool: %d pairs found, %d kept in memory", len(pool), len(images))
+    return TransferPoolImages(torch.stack(images), torch.tensor(classes, dtype=torch.long))

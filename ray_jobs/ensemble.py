@@ -58,12 +58,13 @@ from ichmodel import submission as S  # noqa: E402
 from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import SeriesDataset, class_prevalence, split_series  # noqa: E402
+from ichmodel.dataset import SeriesDataset, class_prevalence  # noqa: E402
 from ichmodel.io import atomic_write  # noqa: E402
 from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
 from ichmodel.predict import prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
+from ichmodel.splits import split_holdout, split_series  # noqa: E402
 from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import (  # noqa: E402
     add_output_arguments,
@@ -356,30 +357,6 @@ def predict_members(ray, args, checkpoints: list[str], trial_ids: list[str], sha
             tables.append([pd.read_parquet(path) for path in pair])
     print(f"predictions: {len(refs)} models predicted now, {len(trial_ids) - len(refs)} read from {cache}")
     return tables
-
-
-def split_holdout(val: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """``(selection series, held-out series)`` of a labelled validation table, split by series: about
-    ``fraction`` of them held out (at least one, never all), stratified by positive series (any label) so that
-    both parts keep one where there are two, drawn with ``seed``.
-
-    Raises:
-        ValueError: for fewer than 2 series.
-    """
-    labels = [f"label_{c}" for c in CLASSES]
-    positive = val.groupby("series_id")[labels].max().to_numpy().any(axis=1)
-    ids = np.asarray(sorted(val["series_id"].unique()))
-    if len(ids) < 2:
-        raise ValueError(f"--holdout needs at least 2 validation series to split. Got {len(ids)}")
-    n_hold = min(len(ids) - 1, max(1, int(fraction * len(ids) + 0.5)))
-    pos, neg = ids[positive], ids[~positive]
-    n_pos = int(n_hold * len(pos) / len(ids) + 0.5)
-    if len(pos) >= 2:
-        n_pos = min(max(n_pos, 1), len(pos) - 1)
-    n_pos = max(n_pos, n_hold - len(neg))  # enough negatives left to fill the rest
-    rng = np.random.default_rng(seed)
-    held = rng.permutation(pos)[:n_pos].tolist() + rng.permutation(neg)[: n_hold - n_pos].tolist()
-    return sorted(set(ids) - set(held)), sorted(held)
 
 
 def choose_on_selection(

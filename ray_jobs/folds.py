@@ -66,6 +66,7 @@ from ichmodel.io import atomic_write, atomic_write_text  # noqa: E402
 from ichmodel.predict import PROB_COLUMNS, prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
+from ichmodel.splits import shard_fold_runs  # noqa: E402
 from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import init_ray, parse_overrides, setup_logging  # noqa: E402
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report, predict_fn  # noqa: E402
@@ -261,7 +262,7 @@ def run_folds(ray, configs: list[tuple[str, Config]], args: argparse.Namespace, 
     load_manifest(test_shards)  # FileNotFoundError naming it when absent
     # Each fold run trains on the other folds less an inner validation part, which picks its epoch and its
     # learning-rate steps: the held-out fold is only predicted (out of fold), never looked at in training.
-    folds, inner, patients = F.shard_fold_runs(
+    folds, inner, patients = shard_fold_runs(
         shards, args.folds, args.fold_seed, configs[0][1].data.val_fraction
     )
     record = {

@@ -1,7 +1,7 @@
 """Train a search's shared stages once, before any trial starts (``ray_jobs/tune.py --share-stages``).
 
-What is shared is decided by :func:`ichmodel.stage_sharing.plan_sharing` from the searched fields. The shared
-stages are one Ray Train run, ``EXPERIMENT/shared/<key>`` (:func:`ichmodel.stage_sharing.shared_key`: a hash of
+What is shared is decided by :func:`ichmodel.stages.plan_sharing` from the searched fields. The shared
+stages are one Ray Train run, ``EXPERIMENT/shared/<key>`` (:func:`ichmodel.stages.shared_key`: a hash of
 what those stages read), trained by the search's driver before the Tuner runs, so concurrent trials can never
 train it twice; an interrupted run resumes from its own last checkpoint under that stable name. Its final
 checkpoint is copied to ``EXPERIMENT/shared/<key>.pt`` when the run ends: that file's presence means "done",
@@ -17,7 +17,7 @@ import json
 import logging
 
 from ichmodel.config import Config
-from ichmodel.stage_sharing import SharePlan, shared_config, shared_key
+from ichmodel.stages import SharePlan, shared_config, shared_key
 from ray_jobs.storage import copy_from, is_file, join, read_bytes, write_bytes
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer
 

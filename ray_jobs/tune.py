@@ -14,7 +14,7 @@ period that ends one epoch into the stage where the last searched parameter begi
 trains with --workers-per-trial DDP workers; a failed trial is retried from its last checkpoint.
 --time-budget stops the search after that many seconds (Tune's time_budget_s).
 
-Shared stages (--share-stages, ichmodel/stage_sharing.py): the leading stages that every trial would train
+Shared stages (--share-stages, ichmodel/stages.py): the leading stages that every trial would train
 alike are trained once, as the Train run STORAGE/NAME/shared/<key>, before the trials start; each trial
 continues from its checkpoint (trials.csv: shared_from, shared_epochs). "auto" (default) trains the two
 pretraining stages once at the base config; searched parameters those stages read (γ±, soft F2, p1, p2, ε
@@ -47,7 +47,7 @@ import pandas as pd  # noqa: E402
 
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.demo_data import ensure_demo_data  # noqa: E402
-from ichmodel.stage_sharing import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing  # noqa: E402
+from ichmodel.stages import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing  # noqa: E402
 from ray_jobs.cli import (  # noqa: E402
     DEMO_ROOT,
     REPO_ROOT,

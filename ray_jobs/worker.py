@@ -37,8 +37,9 @@ def train_fn_per_worker(loop_config: dict) -> None:
 
     from ichmodel.checkpoint import load_checkpoint, save_checkpoint
     from ichmodel.config import Config
-    from ichmodel.dataset import SeriesDataset, split_series
+    from ichmodel.dataset import SeriesDataset
     from ichmodel.engine import fit
+    from ichmodel.splits import split_series
 
     setup_logging()
     quiet_train_worker_logs()

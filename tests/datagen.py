@@ -10,9 +10,11 @@ import torch
 from ichmodel import synth
 from ichmodel.checkpoint import checkpoint_dict, save_checkpoint
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, split_series
-from ichmodel.engine import TrainState, fit
+from ichmodel.dataset import SeriesDataset
+from ichmodel.engine import fit
 from ichmodel.model import build_model
+from ichmodel.splits import split_series
+from ichmodel.stages import TrainState
 
 SIZE = 32  # pixels: tests stay tiny
 

@@ -10,8 +10,9 @@ import torchvision
 
 from ichmodel.checkpoint import WEIGHT_KEYS, checkpoint_dict, load_checkpoint, load_model, save_checkpoint
 from ichmodel.config import Config
-from ichmodel.engine import TrainState, state_from_checkpoint
+from ichmodel.engine import state_from_checkpoint
 from ichmodel.model import build_model
+from ichmodel.stages import TrainState
 
 
 def _cfg(**model) -> Config:

@@ -18,9 +18,9 @@ from ichmodel.dataset import (
     make_loader,
     prepare_images,
     series_labels,
-    split_series,
     train_batches,
 )
+from ichmodel.splits import split_series
 from tests import datagen
 
 SIZE = 16

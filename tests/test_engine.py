@@ -13,23 +13,15 @@ import torch
 
 from ichmodel import engine, predict
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, class_prevalence, eval_batches, make_loader, split_series
-from ichmodel.engine import (
-    PRETRAIN_WEIGHTS,
-    StepContext,
-    TrainState,
-    add_warmup,
-    adds_heads,
-    evaluate,
-    every_head_trains,
-    fit,
-    stage_plan,
-    state_from_checkpoint,
-    train_one_epoch,
-)
+from ichmodel.dataset import SeriesDataset, class_prevalence, eval_batches, make_loader
+from ichmodel.engine import fit, state_from_checkpoint
 from ichmodel.losses import build_loss
 from ichmodel.metrics import fallback_thresholds
 from ichmodel.model import build_model
+from ichmodel.splits import split_series
+from ichmodel.stages import PRETRAIN_WEIGHTS, TrainState, adds_heads, every_head_trains, stage_plan
+from ichmodel.train_step import StepContext, add_warmup, train_one_epoch
+from ichmodel.validation import evaluate
 
 CPU = torch.device("cpu")
 

@@ -20,16 +20,9 @@ from ichmodel import ensemble as E
 from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
-from ichmodel.folds import (
-    assemble_oof,
-    check_folds,
-    fold_split,
-    inner_split,
-    make_folds,
-    shard_fold_runs,
-    shard_folds,
-)
+from ichmodel.folds import assemble_oof
 from ichmodel.shards import load_manifest, series_index
+from ichmodel.splits import check_folds, fold_split, inner_split, make_folds, shard_fold_runs, shard_folds
 from ray_jobs.worker import finished_run_report
 from tests.conftest import REPO_ROOT
 

@@ -10,10 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ichmodel import stage_sharing as SP
+from ichmodel import stages as SP
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, split_series
-from ichmodel.engine import PRETRAIN_WEIGHTS, fit, stage_plan
+from ichmodel.dataset import SeriesDataset
+from ichmodel.engine import fit
+from ichmodel.splits import split_series
+from ichmodel.stages import PRETRAIN_WEIGHTS, stage_plan
 
 CPU = torch.device("cpu")
 #: Another valid value of every field that the table says acts only from stage 2 or 3.

@@ -10,8 +10,9 @@ from sklearn.metrics import fbeta_score
 
 from ichmodel import submission as S
 from ichmodel.constants import CLASSES
-from ichmodel.dataset import SeriesDataset, split_series
+from ichmodel.dataset import SeriesDataset
 from ichmodel.ensemble import score_predictions
+from ichmodel.splits import split_series
 from tests.test_ensemble import table
 
 

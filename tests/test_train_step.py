@@ -16,17 +16,11 @@ import torch
 
 from ichmodel.config import Config
 from ichmodel.dataset import SeriesDataset, make_loader, train_batches
-from ichmodel.engine import (
-    StepContext,
-    TrainState,
-    build_pool_images,
-    make_optimizer,
-    stage_plan,
-    step_loss,
-    train_one_epoch,
-)
 from ichmodel.losses import build_loss
 from ichmodel.model import build_model
+from ichmodel.stages import TrainState, stage_plan
+from ichmodel.strategies import build_pool_images
+from ichmodel.train_step import StepContext, make_optimizer, step_loss, train_one_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import host_syncs  # noqa: E402

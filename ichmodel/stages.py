@@ -1,12 +1,22 @@
-"""Which config fields act in which training stage, and so what a search may train once for all its trials.
+"""The three training stages: their plan, the rules that hand one stage over to the next, which config fields
+act in which stage, and so what a search may train once for all its trials.
 
-The engine's three stages (``ichmodel.engine.stage_plan``) do not all read every field: the two pretraining
-stages run the loss weights α = β = 1, γ = μ = ν = 0 whatever ``loss.*`` says, masking and diversity transfer
-start with stage 2, and the learning-rate warm-up only comes where a stage adds heads (stage 3).
-:data:`FIELD_STAGES` says this as data, one row per field: the first stage (0-based) whose training the field changes, and whether a
-run may take another value of it from a later stage on (a shared stage is trained at the base config's
-value, the trial's value acts after it). A field without a row counts as acting from the first stage and not
-deferrable (the safe reading; ``tests/test_shared_stages.py`` checks the rows against the engine).
+The stage plan follows the paper's section 3.3 (:func:`stage_plan`):
+
+1. pretraining, α = β = 1, γ = μ = ν = 0 (:data:`PRETRAIN_WEIGHTS`), no masking or diversity transfer;
+2. pretraining, same weights, masking + diversity transfer;
+3. fine-tuning with the configured weights (``cfg.loss``; the paper uses all ones), masking + DT.
+
+A stage ends when the learning rate fell below ``min_lr`` or at its epoch cap (:func:`stage_done`); then
+:func:`next_stage` moves the :class:`TrainState` on. A stage that adds a task's head to weights an earlier
+stage trained (:func:`adds_heads`: stage 3) warms its learning rate up (:func:`warmup_epochs`); a stage whose
+loss leaves a head out (:func:`every_head_trains`) needs DDP's unused-parameter search.
+
+Not every stage reads every field: :data:`FIELD_STAGES` says which, as data, one row per field: the first
+stage (0-based) whose training the field changes, and whether a run may take another value of it from a
+later stage on (a shared stage is trained at the base config's value, the trial's value acts after it). A
+field without a row counts as acting from the first stage and not deferrable (the safe reading;
+``tests/test_shared_stages.py`` checks the rows against the engine).
 
 :func:`plan_sharing` turns the searched fields and a policy into a :class:`SharePlan` (the leading stages
 trained once for the whole search), :func:`grace_epochs` gives ASHA's grace period (the first epoch at which
@@ -18,14 +28,101 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ichmodel.config import Config
 
-#: Stage indices of ``ichmodel.engine.stage_plan``: 0 pretraining, 1 pretraining + strategies, 2 fine-tuning.
+#: Stage indices of :func:`stage_plan`: 0 pretraining, 1 pretraining + strategies, 2 fine-tuning.
 PRETRAIN, STRATEGIES, FINETUNE = 0, 1, 2
-NUM_STAGES = 3
+STAGE_NAMES = ("pretrain", "pretrain+strategies", "finetune")
+NUM_STAGES = len(STAGE_NAMES)
+#: The loss weights of both pretraining stages: α = β = 1, γ = μ = ν = 0.
+PRETRAIN_WEIGHTS = {"mc": 1.0, "ac": 1.0, "lp": 0.0, "dc": 0.0, "cpc": 0.0}
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str
+    weights: dict[str, float]
+    strategies: bool
+    max_epochs: int
+
+
+def stage_plan(cfg: Config) -> list[Stage]:
+    """The paper's three stages with the epoch caps of ``cfg.train.max_epochs``."""
+    caps = cfg.train.max_epochs
+    return [
+        Stage(PRETRAIN, STAGE_NAMES[PRETRAIN], dict(PRETRAIN_WEIGHTS), False, int(caps[PRETRAIN])),
+        Stage(STRATEGIES, STAGE_NAMES[STRATEGIES], dict(PRETRAIN_WEIGHTS), True, int(caps[STRATEGIES])),
+        Stage(FINETUNE, STAGE_NAMES[FINETUNE], cfg.loss.weights(), True, int(caps[FINETUNE])),
+    ]
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; every field is a top-level key of the checkpoint (``ichmodel.checkpoint``)."""
+
+    stage: int = 0
+    epoch: int = 0  # epochs finished in the current stage
+    global_epoch: int = 0  # epochs finished over all stages
+    stage_started: bool = False  # optimizer/scheduler of the current stage exist
+    #: selection score of best_model (train.select_metric, higher is better: −loss or F2); over the whole
+    #: run, except with "loss", where it is reset at each stage's start
+    best_score: float = -math.inf
+    best_f2: float = -1.0  # validation F2 of best_model
+    thresholds: list[float] = field(default_factory=lambda: [0.5] * 5)  # tuned with best_model
+    nonfinite_steps: int = 0  # skipped steps over the whole run
+    finished: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def adds_heads(plan: list[Stage], state: TrainState) -> bool:
+    """Whether the current stage hands trained weights to a task no earlier stage trained (its head is new).
+
+    Stage 2 keeps stage 1's tasks (it adds masking and diversity transfer, no head); stage 3 adds LP, DC and
+    CPC. A run whose first trained stage is this one hands nothing over.
+    """
+    earlier = [s for s in plan[: state.stage] if s.max_epochs > 0]
+    if not earlier:
+        return False
+    trained = {task for s in earlier for task, weight in s.weights.items() if weight > 0}
+    return any(weight > 0 and task not in trained for task, weight in plan[state.stage].weights.items())
+
+
+def warmup_epochs(cfg: Config, plan: list[Stage], state: TrainState) -> int:
+    """The current stage's learning-rate warm-up: ``train.warmup_epochs`` where it :func:`adds_heads`, else 0."""
+    return cfg.train.warmup_epochs if adds_heads(plan, state) else 0
+
+
+def every_head_trains(stage: Stage, cfg: Config) -> bool:
+    """Whether the stage's loss reaches every parameter: all five tasks with a weight above 0.
+
+    Stages 1-2 leave the LP, DC and CPC heads out of the graph; a zero weight does the same in stage 3.
+    """
+    from ichmodel.losses import build_loss  # torch: only where a loss is built
+
+    terms = build_loss(cfg.loss, weights_override=stage.weights).term_weights
+    return all(terms.get(task, 0.0) > 0 for task in PRETRAIN_WEIGHTS)
+
+
+def stage_done(cfg: Config, stage: Stage, state: TrainState, lr: float) -> bool:
+    """A stage ends when the learning rate fell below ``min_lr`` or at its epoch cap."""
+    return lr < cfg.train.min_lr or state.epoch >= stage.max_epochs
+
+
+def next_stage(state: TrainState, plan: list[Stage]) -> None:
+    """Move ``state`` to the start of the next stage; past the last one the run is finished."""
+    state.stage += 1
+    state.epoch = 0
+    state.stage_started = False
+    if state.stage >= len(plan):
+        state.finished = True
+
+
+# ------------------------------------------------------------------------------- fields and sharing
 
 #: dotted field → (first stage that reads it, deferrable). "Deferrable": a run may start from weights trained
 #: with another value of it (not the model's shapes or initialisation, the data split or the selection score).
@@ -39,7 +136,7 @@ FIELD_STAGES: dict[str, tuple[int, bool]] = {
     "model.cpc_steps": (PRETRAIN, False),  # the CPC predictors exist (untrained) from the start
     "model.dropout": (PRETRAIN, True),
     "model.transfer_grad": (STRATEGIES, True),  # only diversity transfer's pair images
-    # the pretraining stages run α = β = 1, γ = μ = ν = 0 (engine.PRETRAIN_WEIGHTS)
+    # the pretraining stages run PRETRAIN_WEIGHTS whatever loss.* says
     "loss.alpha": (FINETUNE, True),
     "loss.beta": (FINETUNE, True),
     "loss.gamma": (FINETUNE, True),
@@ -83,7 +180,7 @@ FIELD_STAGES: dict[str, tuple[int, bool]] = {
     "train.channels_last": (PRETRAIN, True),
     "train.threshold": (PRETRAIN, True),
     "train.select_metric": (PRETRAIN, False),  # the best score carried over from the shared stages
-    "train.warmup_epochs": (FINETUNE, True),  # warm-up only where a stage adds heads (engine.adds_heads)
+    "train.warmup_epochs": (FINETUNE, True),  # warm-up only where a stage adds heads (adds_heads)
     "train.init_cls_bias": (PRETRAIN, False),  # initial weights
 }
 SHARE_POLICIES = ("auto", "exact", "off")
