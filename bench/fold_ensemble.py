@@ -32,7 +32,8 @@ from ichmodel import metrics as M  # noqa: E402
 from ichmodel import synth  # noqa: E402
 from ichmodel.checkpoint import load_checkpoint, load_model  # noqa: E402
 from ichmodel.dataset import SeriesDataset  # noqa: E402
-from ichmodel.predict import predict_dataset, prediction_arrays  # noqa: E402
+from ichmodel.predict import predict_dataset  # noqa: E402
+from ichmodel.prediction_table import prediction_arrays  # noqa: E402
 from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from ichmodel.readers import read_dlcv  # noqa: E402
 from ichmodel.shards import MANIFEST_NAME  # noqa: E402

@@ -45,7 +45,7 @@ _HOMES = {
     "build_model": "model",
     "predict_dataset": "predict",
     "series_probs": "predict",
-    "summarize_series": "predict",
+    "summarize_series": "prediction_table",
     "split_series": "splits",
     "stage_plan": "stages",
     "PoolPair": "strategies",

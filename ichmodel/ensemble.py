@@ -25,7 +25,7 @@ from ichmodel import metrics as M
 from ichmodel.calibration import logit, sigmoid
 from ichmodel.constants import CLASSES
 from ichmodel.io import atomic_write_text
-from ichmodel.predict import KEY_COLUMNS, LABEL_COLUMNS, PROB_COLUMNS, prediction_arrays
+from ichmodel.prediction_table import KEY_COLUMNS, LABEL_COLUMNS, PROB_COLUMNS, prediction_arrays
 from ichmodel.submission import check_thresholds
 
 logger = logging.getLogger(__name__)

@@ -1,9 +1,7 @@
 """Per-slice MC probabilities of one or more models over every series of a shard folder.
 
-A prediction table (a pandas DataFrame, one row per slice, sorted by ``series_id`` then ``position``) has
-the columns ``series_id, position, slice_id`` and one probability column per class in
-:data:`ichmodel.constants.CLASSES` order; when the shards carry labels, ``label_<cls>`` columns (0/1) follow.
-This table is what ``ichmodel.ensemble`` averages, thresholds and writes as submission files.
+The result is a prediction table (its columns: ``ichmodel.prediction_table``), what ``ichmodel.ensemble``
+averages, thresholds and writes as submission files.
 
 Models run in eval mode on whole series (batches of ``batch_size`` series, padded), with bf16 autocast only
 on CUDA and only when asked. :func:`eval_outputs` is the one evaluation forward: validation in
@@ -29,15 +27,13 @@ from torch import nn
 
 from ichmodel.augment import normalize, reverse_padded
 from ichmodel.config import AugmentConfig
-from ichmodel.constants import CLASSES, NUM_CLASSES
+from ichmodel.constants import NUM_CLASSES
 from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images
 from ichmodel.model import slice_probs
+from ichmodel.prediction_table import prediction_frame
 
 logger = logging.getLogger(__name__)
 
-KEY_COLUMNS: tuple[str, ...] = ("series_id", "position", "slice_id")
-PROB_COLUMNS: tuple[str, ...] = CLASSES
-LABEL_COLUMNS: tuple[str, ...] = tuple(f"label_{c}" for c in CLASSES)
 #: Test-time augmentations: ``"flip"`` mirrors every slice left-right, ``"reverse"`` reverses slice order.
 TTA_KINDS: tuple[str, ...] = ("flip", "reverse")
 #: What ``tta=True`` means: the augmentation default training covers (``AugmentConfig.flip_prob`` 0.5).
@@ -228,7 +224,7 @@ def predict_dataset(
             columns["slice_id"].extend(batch["slice_ids"][b])
             probs_out.append(probs[b, :length].numpy())
             labels_out.append(batch["labels"][b, :length].numpy())
-    frame = _prediction_frame(columns, probs_out, labels_out if has_labels else None)
+    frame = prediction_frame(columns, probs_out, labels_out if has_labels else None)
     frame = frame.sort_values(["series_id", "position"], kind="stable").reset_index(drop=True)
     logger.info(
         "predicted %d slices of %d series with %d model(s)%s",
@@ -238,76 +234,3 @@ def predict_dataset(
         f" + TTA {'+'.join(views)}" if views else "",
     )
     return frame
-
-
-def _prediction_frame(
-    columns: dict[str, list], probs_out: list[np.ndarray], labels_out: list[np.ndarray] | None
-) -> pd.DataFrame:
-    """Key columns, per-class probabilities and (when ``labels_out`` is given) 0/1 label columns."""
-    frame = pd.DataFrame(
-        {
-            "series_id": pd.Series(columns["series_id"], dtype=object),
-            "position": np.asarray(columns["position"], dtype=np.int64),
-            "slice_id": pd.Series(columns["slice_id"], dtype=object),
-        }
-    )
-    empty = np.zeros((0, NUM_CLASSES), np.float32)
-    probs_all = np.concatenate(probs_out).astype(np.float32) if probs_out else empty
-    for c, name in enumerate(PROB_COLUMNS):
-        frame[name] = probs_all[:, c]
-    if labels_out is not None:
-        labels_all = np.concatenate(labels_out) if labels_out else empty
-        for c, name in enumerate(LABEL_COLUMNS):
-            frame[name] = (labels_all[:, c] > 0.5).astype(np.int8)
-    return frame
-
-
-def prediction_arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(probs [N, 5] float, labels [N, 5] int8 or None)`` from a prediction table.
-
-    Raises:
-        KeyError: naming the class columns that are missing.
-    """
-    missing = [c for c in PROB_COLUMNS if c not in frame.columns]
-    if missing:
-        raise KeyError(f"Prediction table lacks probability columns {missing}; has {list(frame.columns)}")
-    probs = frame[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
-    labels = None
-    if all(c in frame.columns for c in LABEL_COLUMNS):
-        labels = frame[list(LABEL_COLUMNS)].to_numpy(dtype=np.int8)
-    return probs, labels
-
-
-def summarize_series(frame: pd.DataFrame, thresholds: Sequence[float] | np.ndarray) -> pd.DataFrame:
-    """Per-series summary of a prediction table, for new-study inference.
-
-    Args:
-        frame: prediction table (see :func:`predict_dataset`).
-        thresholds: ``[5]`` per-class decision thresholds (positive = ``prob >= threshold``).
-
-    Returns:
-        One row per series (sorted by id): ``series_id``, ``num_slices``, ``max_<cls>`` (highest slice
-        probability), ``positive_<cls>`` (slices at or above the class threshold) and ``positive_any``
-        (slices positive for at least one class).
-
-    Raises:
-        ValueError: when ``thresholds`` does not hold 5 values.
-    """
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    if thresholds.shape != (NUM_CLASSES,):
-        raise ValueError(f"thresholds must hold {NUM_CLASSES} values. Got shape {thresholds.shape}")
-    probs, _ = prediction_arrays(frame)
-    positive = probs >= thresholds  # [N, 5]
-    work = pd.DataFrame({"series_id": frame["series_id"].to_numpy()})
-    for c, name in enumerate(CLASSES):
-        work[f"max_{name}"] = probs[:, c]
-        work[f"positive_{name}"] = positive[:, c].astype(np.int64)
-    work["positive_any"] = positive.any(axis=1).astype(np.int64)
-    grouped = work.groupby("series_id", sort=True)
-    summary = grouped.agg(
-        num_slices=("positive_any", "size"),
-        **{f"max_{c}": (f"max_{c}", "max") for c in CLASSES},
-        **{f"positive_{c}": (f"positive_{c}", "sum") for c in CLASSES},
-        positive_any=("positive_any", "sum"),
-    )
-    return summary.reset_index()

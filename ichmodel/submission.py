@@ -39,7 +39,7 @@ from ichmodel.constants import (
     RSNA_SUBTYPES,
 )
 from ichmodel.io import atomic_path, atomic_write
-from ichmodel.predict import KEY_COLUMNS, prediction_arrays
+from ichmodel.prediction_table import KEY_COLUMNS, prediction_arrays
 from ichmodel.shards import load_manifest, read_shard_table
 
 logger = logging.getLogger(__name__)

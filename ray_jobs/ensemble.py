@@ -61,7 +61,7 @@ from ichmodel.constants import CLASSES  # noqa: E402
 from ichmodel.dataset import SeriesDataset, class_prevalence  # noqa: E402
 from ichmodel.io import atomic_write  # noqa: E402
 from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
-from ichmodel.predict import prediction_arrays  # noqa: E402
+from ichmodel.prediction_table import prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
 from ichmodel.splits import split_holdout, split_series  # noqa: E402

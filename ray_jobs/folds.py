@@ -63,7 +63,7 @@ from ichmodel import submission as S  # noqa: E402
 from ichmodel.checkpoint import load_checkpoint  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.io import atomic_write, atomic_write_text  # noqa: E402
-from ichmodel.predict import PROB_COLUMNS, prediction_arrays  # noqa: E402
+from ichmodel.prediction_table import PROB_COLUMNS, prediction_arrays  # noqa: E402
 from ichmodel.report import ModelScore, make_report  # noqa: E402
 from ichmodel.shards import load_manifest  # noqa: E402
 from ichmodel.splits import shard_fold_runs  # noqa: E402

@@ -14,7 +14,8 @@ from ichmodel import ensemble as E
 from ichmodel.checkpoint import load_model
 from ichmodel.constants import CLASSES
 from ichmodel.metrics import search_thresholds
-from ichmodel.predict import LABEL_COLUMNS, predict_dataset
+from ichmodel.predict import predict_dataset
+from ichmodel.prediction_table import LABEL_COLUMNS
 from tests.datagen import small_dataset, write_checkpoint
 
 

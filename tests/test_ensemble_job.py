@@ -16,7 +16,7 @@ from sklearn.metrics import fbeta_score
 from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
-from ichmodel.predict import PROB_COLUMNS
+from ichmodel.prediction_table import PROB_COLUMNS
 from ichmodel.splits import split_series
 from ray_jobs import ensemble as job
 from tests.datagen import write_checkpoint

@@ -19,17 +19,8 @@ from ichmodel.checkpoint import load_model
 from ichmodel.config import AugmentConfig
 from ichmodel.constants import CLASSES
 from ichmodel.dataset import SeriesDataset, collate_series
-from ichmodel.predict import (
-    KEY_COLUMNS,
-    LABEL_COLUMNS,
-    eval_outputs,
-    predict_dataset,
-    prediction_arrays,
-    resolve_tta,
-    reverse_padded,
-    series_probs,
-    summarize_series,
-)
+from ichmodel.predict import eval_outputs, predict_dataset, resolve_tta, reverse_padded, series_probs
+from ichmodel.prediction_table import KEY_COLUMNS, LABEL_COLUMNS, prediction_arrays, summarize_series
 from tests.datagen import small_dataset, write_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

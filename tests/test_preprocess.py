@@ -13,6 +13,7 @@ from PIL import Image
 
 from ichmodel import decode, readers
 from ichmodel import preprocess as pp
+from ichmodel import slice_images as si
 from ichmodel.constants import DEFAULT_WINDOWS
 from ichmodel.shards import SHARD_SCHEMA, load_manifest
 from tests import datagen
@@ -34,21 +35,21 @@ def _reference_windows(hu: np.ndarray) -> np.ndarray:
 
 def test_block_sum_stays_in_16_bits_only_when_the_sums_fit():
     image = np.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]], np.uint16)
-    summed = pp.block_sum(image, 2)
+    summed = si.block_sum(image, 2)
     assert summed.dtype == np.uint16 and summed.tolist() == [[14, 22], [46, 54]]
-    assert pp.block_sum(np.full((4, 4), 4095, np.uint16), 4).tolist() == [[65520]]  # 12-bit x 16 fits
-    big = pp.block_sum(np.full((4, 4), 3000, np.int16), 4)  # 48000 does not fit int16
+    assert si.block_sum(np.full((4, 4), 4095, np.uint16), 4).tolist() == [[65520]]  # 12-bit x 16 fits
+    big = si.block_sum(np.full((4, 4), 3000, np.int16), 4)  # 48000 does not fit int16
     assert big.dtype == np.int32 and big.tolist() == [[48000]]
-    negative = pp.block_sum(np.array([[-2000, -2000], [-2000, 5]], np.int16), 2)
+    negative = si.block_sum(np.array([[-2000, -2000], [-2000, 5]], np.int16), 2)
     assert negative.dtype == np.int16 and negative.tolist() == [[-5995]]
-    assert pp.block_sum(np.full((2, 2), 255, np.uint8), 2).tolist() == [[1020]]  # uint8 widened
+    assert si.block_sum(np.full((2, 2), 255, np.uint8), 2).tolist() == [[1020]]  # uint8 widened
     with pytest.raises(ValueError, match="multiple of 3"):
-        pp.block_sum(image, 3)
+        si.block_sum(image, 3)
     odd = np.random.default_rng(1).integers(-3000, 3000, (15, 15)).astype(np.int16)
     for factor in (1, 3, 5):
         side = 15 // factor
         expected = odd.astype(np.int64).reshape(side, factor, side, factor).sum(axis=(1, 3))
-        np.testing.assert_array_equal(pp.block_sum(odd, factor), expected)
+        np.testing.assert_array_equal(si.block_sum(odd, factor), expected)
 
 
 def test_integer_resize_matches_the_float_block_mean_within_one_grey_level():
@@ -63,7 +64,7 @@ def test_integer_resize_matches_the_float_block_mean_within_one_grey_level():
                 .mean(axis=(1, 3))
             )
             expected = decode.apply_windows(mean, windows, 1.0, -1024.0).astype(int)
-            summed = pp.block_sum(stored, factor) if factor > 1 else stored
+            summed = si.block_sum(stored, factor) if factor > 1 else stored
             got = decode.apply_windows(summed, windows, 1.0 / factor**2, -1024.0).astype(int)
             assert np.abs(got - expected).max() <= 1
 
@@ -74,7 +75,7 @@ def _reference_slice(stored: np.ndarray, slope: float, intercept: float, size: i
     import torch
     import torch.nn.functional as F
 
-    hu = pp.pad_square(stored.astype(np.float64) * slope + intercept, stored.min() * slope + intercept)
+    hu = si.pad_square(stored.astype(np.float64) * slope + intercept, stored.min() * slope + intercept)
     side = hu.shape[0]
     if side % size == 0:
         hu = hu.reshape(size, side // size, size, side // size).mean(axis=(1, 3))
@@ -111,7 +112,7 @@ def test_fast_path_matches_the_float_reference_within_one_grey_level(tmp_path):
         )  # fmt: skip
         ds.RescaleSlope = slope
         ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
-        got = pp.dicom_slice_image(tmp_path / f"{i}.dcm", pp.PreprocessOptions(size=size))
+        got = si.dicom_slice_image(tmp_path / f"{i}.dcm", pp.PreprocessOptions(size=size))
         expected = _reference_slice(stored, slope, intercept, size)
         assert got.shape == (size, size, 3) and got.dtype == np.uint8
         assert np.abs(got.astype(int) - expected).max() <= 1, (shape, size, slope, intercept, bits)
@@ -119,10 +120,10 @@ def test_fast_path_matches_the_float_reference_within_one_grey_level(tmp_path):
 
 def test_resize_square_block_mean_and_bilinear():
     image = np.arange(16, dtype=np.float32).reshape(4, 4)
-    np.testing.assert_allclose(pp.resize_square(image, 2), [[2.5, 4.5], [10.5, 12.5]])
-    assert pp.resize_square(image, 3).shape == (3, 3)
-    assert pp.resize_square(image, 4) is image
-    padded = pp.pad_square(np.ones((2, 4), np.float32), -5.0)
+    np.testing.assert_allclose(si.resize_square(image, 2), [[2.5, 4.5], [10.5, 12.5]])
+    assert si.resize_square(image, 3).shape == (3, 3)
+    assert si.resize_square(image, 4) is image
+    padded = si.pad_square(np.ones((2, 4), np.float32), -5.0)
     assert padded.shape == (4, 4) and padded[0].tolist() == [-5.0] * 4 and padded[1].tolist() == [1.0] * 4
 
 
@@ -163,11 +164,11 @@ def test_resized_dicom_matches_windowed_block_mean_hu(tmp_path):
     for path in paths:
         hu = decode.load_dicom_hu(path)
         side = hu.shape[0] // 2
-        image = pp.dicom_slice_image(path, pp.PreprocessOptions(size=side))
+        image = si.dicom_slice_image(path, pp.PreprocessOptions(size=side))
         assert image.shape == (side, side, 3) and image.dtype == np.uint8
         expected = _reference_windows(hu.reshape(side, 2, side, 2).mean(axis=(1, 3)))
         assert np.abs(image.astype(int) - expected).max() <= 1
-    odd = pp.dicom_slice_image(paths[-1], pp.PreprocessOptions(size=48))  # non-integer factor: bilinear
+    odd = si.dicom_slice_image(paths[-1], pp.PreprocessOptions(size=48))  # non-integer factor: bilinear
     assert (
         odd.shape == (48, 48, 3) and odd[..., 2].max() > 150
     )  # bone (~1100 HU) stays bright in the bone window
