@@ -36,8 +36,8 @@ import time  # noqa: E402
 import pydicom  # noqa: E402
 
 from ichmodel import preprocess, synth  # noqa: E402
+from ichmodel.dicom_readers import read_rsna  # noqa: E402
 from ichmodel.preprocess import PreprocessOptions, plan_shards, write_shard  # noqa: E402
-from ichmodel.readers import read_rsna  # noqa: E402
 
 
 def _size_pairs(text: str) -> list[tuple[int, int]]:

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ichmodel import io
 from ichmodel.constants import CLASSES, DLCV_WINDOW
-from ichmodel.readers import ReadResult, SeriesRecord, SkipRecord
+from ichmodel.read_records import ReadResult, SeriesRecord, SkipRecord
 from ichmodel.shards import MANIFEST_NAME, META_KEY, SHARD_PATTERN, SHARD_SCHEMA, SKIPPED_NAME
 from ichmodel.slice_images import PreprocessOptions, process_series
 

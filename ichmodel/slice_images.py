@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ichmodel.constants import DEFAULT_WINDOWS, NUM_CLASSES
 from ichmodel.decode import apply_windows, load_dicom_pixels, load_dlcv_image
-from ichmodel.readers import SeriesRecord, SkipRecord
+from ichmodel.read_records import SeriesRecord, SkipRecord
 from ichmodel.shards import SHARD_SCHEMA
 
 logger = logging.getLogger(__name__)

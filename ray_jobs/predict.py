@@ -39,10 +39,10 @@ from ichmodel.checkpoint import load_checkpoint, load_model  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
 from ichmodel.constants import CLASSES  # noqa: E402
 from ichmodel.dataset import SeriesDataset  # noqa: E402
+from ichmodel.dicom_readers import read_dicom_folder  # noqa: E402
 from ichmodel.predict import predict_dataset  # noqa: E402
 from ichmodel.prediction_table import summarize_series  # noqa: E402
 from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from ichmodel.readers import read_dicom_folder  # noqa: E402
 from ichmodel.shards import MANIFEST_NAME, SKIPPED_NAME, load_manifest  # noqa: E402
 from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import parse_window, setup_logging  # noqa: E402

@@ -43,7 +43,8 @@ from ichmodel.preprocess import (
     write_outputs,
     write_shard,
 )  # noqa: E402
-from ichmodel.readers import ReadResult, SkipRecord, read_input  # noqa: E402
+from ichmodel.read_records import ReadResult, SkipRecord  # noqa: E402
+from ichmodel.readers import read_input  # noqa: E402
 from ray_jobs import storage  # noqa: E402
 from ray_jobs.cli import (  # noqa: E402
     add_output_arguments,

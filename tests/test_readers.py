@@ -6,7 +6,8 @@ import shutil
 import pydicom
 import pytest
 
-from ichmodel import readers
+from ichmodel import dicom_readers, readers
+from ichmodel.constants import RSNA_SUBTYPES
 from tests import datagen
 
 
@@ -108,7 +109,7 @@ def test_read_rsna_labels_match_the_csv_and_tolerate_duplicates(tmp_path):
     csv_path = tmp_path / "stage_2_train.csv"
     lines = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join([*lines, *lines[1:5]]) + "\n")  # duplicate rows
-    labels, skipped = readers.read_rsna_labels(csv_path)
+    labels, skipped = dicom_readers.read_rsna_labels(csv_path)
     assert not skipped
     result = readers.read_rsna(tmp_path / "stage_2_train", csv_path)
     for series in result.series:
@@ -135,7 +136,7 @@ def test_read_rsna_bad_inputs_are_skipped_with_reasons(tmp_path):
     datagen.ct_file(images / "ID_nolabel00.dcm")
     with open(csv_path, "a") as f:
         for sid in ("ID_text00000", "ID_nopix0000", "ID_mr0000000", "ID_missing00"):
-            for sub in (*readers.RSNA_SUBTYPES.values(), "any"):
+            for sub in (*RSNA_SUBTYPES.values(), "any"):
                 f.write(f"{sid}_{sub},0\n")
         f.write("ID_partial00_subdural,1\n")
     result = readers.read_rsna(images, csv_path)
