@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray head per test session, and small generated shard folders.
+"""Shared fixtures: one real local Ray head per test session, and small generated shard folders; and the
+``slow`` marker, set here (:func:`pytest_collection_modifyitems`) so that ``make check`` runs the fast tests.
 
 The head is started with ``ray start --head`` (dashboard included, so ``ray job submit`` works), on free
 ports and its own temp dir, with token authentication set explicitly through ``RAY_AUTH_MODE`` /
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import os
 import secrets
 import shutil
@@ -26,6 +28,35 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
+
+#: Fixtures that start a Ray cluster, an S3 server or a browser: a test that uses one is slow.
+SLOW_FIXTURES = frozenset({"ray_head", "two_nodes", "s3", "s3_server", "browser", "page", "chromium"})
+#: What in a test's own source starts a process (a job script, ``python -c``, Chromium): slow as well.
+SLOW_SOURCE = ("subprocess.", "sys.executable", "Popen(", "chromium")
+#: Slow tests the two rules above miss (they train or preprocess for many seconds): ``file::test_name``.
+SLOW_TESTS: frozenset[str] = frozenset()
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    if item.get_closest_marker("slow") or item.get_closest_marker("ray"):
+        return True
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    if f"{Path(item.nodeid.split('::')[0]).name}::{item.name.split('[')[0]}" in SLOW_TESTS:
+        return True
+    try:
+        source = inspect.getsource(item.obj)
+    except (AttributeError, OSError, TypeError):
+        return False
+    return any(word in source for word in SLOW_SOURCE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts a Ray cluster, an S3 server, a subprocess job or a browser, and
+    those in :data:`SLOW_TESTS`: ``pytest -m "not slow"`` (``make check``) is the fast inner loop."""
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
 
 
 def free_port() -> int:

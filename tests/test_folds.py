@@ -1,4 +1,4 @@
-"""K-fold splits by series (or patient) and out-of-fold assembly (:mod:`ichmodel.folds`), and the fold
+"""K-fold splits by series (or patient) and out-of-fold assembly (:mod:`ichmodel.splits`, :mod:`ichmodel.folds`), and the fold
 runner ``ray_jobs/folds.py`` on the session's Ray head through ``ensemble.py --smoke-test`` (killed, then resumed
 from its name without retraining a finished fold)."""
 

@@ -1,4 +1,4 @@
-"""Which fields act in which stage (``ichmodel/stage_sharing.py``, checked against the engine), what a search
+"""Which fields act in which stage (``ichmodel/stages.py``, checked against the engine), what a search
 shares, ASHA's grace period, the search's Tune config, and the shared stages trained once
 (``ray_jobs/shared_stages.py``). The shared stages of a real search: ``tests/test_tune_job.py``'s smoke test."""
 
