@@ -33,6 +33,52 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def series_positive(shard_dir: str | Path) -> dict[str, bool]:
+    """``{series_id: True if any slice of it has any label}`` (False for unlabelled data)."""
+    manifest = load_manifest(shard_dir)
+    positive: dict[str, bool] = {}
+    for shard in manifest["shards"]:
+        table = read_shard_table(shard_dir, shard["file"], ["series_id", "labels"])
+        ids = table.column("series_id").to_numpy(zero_copy_only=False)
+        labels = table.column("labels").combine_chunks().flatten().to_numpy().reshape(-1, NUM_CLASSES)
+        any_label = labels.max(axis=1) > 0
+        for sid in np.unique(ids):
+            positive[str(sid)] = bool(any_label[ids == sid].any())
+    return positive
+
+
+def split_series(shard_dir: str | Path, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split the series of a shard folder into ``(train_ids, val_ids)``; no series is on both sides.
+
+    Stratified by whether a series has any positive slice, so both sides see positives; the same seed
+    gives the same split. Each side gets at least one series.
+
+    Raises:
+        ValueError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 series.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1). Got {val_fraction}")
+    manifest = load_manifest(shard_dir)
+    ids = list(series_index(manifest))
+    if len(ids) < 2:
+        raise ValueError(f"Need at least 2 series to split. Got {len(ids)} in {shard_dir}")
+    positive = series_positive(shard_dir) if manifest.get("has_labels") else dict.fromkeys(ids, False)
+    rng = np.random.default_rng(seed)
+    val: list[str] = []
+    groups = [sorted(s for s in ids if positive[s]), sorted(s for s in ids if not positive[s])]
+    for group in groups:
+        shuffled = [group[i] for i in rng.permutation(len(group))]
+        val.extend(shuffled[: int(round(val_fraction * len(group)))])
+    if not val:
+        val = [ids[int(rng.integers(len(ids)))]]
+    if len(val) == len(ids):
+        val = val[:-1]
+    val_set = set(val)
+    train = [s for s in ids if s not in val_set]
+    logger.info("Split %s: %d train / %d val series", shard_dir, len(train), len(val))
+    return train, sorted(val)
+
+
 def make_folds(
     series_ids: Sequence[str],
     k: int,
@@ -181,52 +227,6 @@ def check_folds(folds: Sequence[Sequence[str]]) -> None:
             if s in seen:
                 raise ValueError(f"Series {s!r} is held out by folds {seen[s]} and {i}")
             seen[s] = i
-
-
-def series_positive(shard_dir: str | Path) -> dict[str, bool]:
-    """``{series_id: True if any slice of it has any label}`` (False for unlabelled data)."""
-    manifest = load_manifest(shard_dir)
-    positive: dict[str, bool] = {}
-    for shard in manifest["shards"]:
-        table = read_shard_table(shard_dir, shard["file"], ["series_id", "labels"])
-        ids = table.column("series_id").to_numpy(zero_copy_only=False)
-        labels = table.column("labels").combine_chunks().flatten().to_numpy().reshape(-1, NUM_CLASSES)
-        any_label = labels.max(axis=1) > 0
-        for sid in np.unique(ids):
-            positive[str(sid)] = bool(any_label[ids == sid].any())
-    return positive
-
-
-def split_series(shard_dir: str | Path, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split the series of a shard folder into ``(train_ids, val_ids)``; no series is on both sides.
-
-    Stratified by whether a series has any positive slice, so both sides see positives; the same seed
-    gives the same split. Each side gets at least one series.
-
-    Raises:
-        ValueError: when ``val_fraction`` is not in (0, 1) or there are fewer than 2 series.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1). Got {val_fraction}")
-    manifest = load_manifest(shard_dir)
-    ids = list(series_index(manifest))
-    if len(ids) < 2:
-        raise ValueError(f"Need at least 2 series to split. Got {len(ids)} in {shard_dir}")
-    positive = series_positive(shard_dir) if manifest.get("has_labels") else dict.fromkeys(ids, False)
-    rng = np.random.default_rng(seed)
-    val: list[str] = []
-    groups = [sorted(s for s in ids if positive[s]), sorted(s for s in ids if not positive[s])]
-    for group in groups:
-        shuffled = [group[i] for i in rng.permutation(len(group))]
-        val.extend(shuffled[: int(round(val_fraction * len(group)))])
-    if not val:
-        val = [ids[int(rng.integers(len(ids)))]]
-    if len(val) == len(ids):
-        val = val[:-1]
-    val_set = set(val)
-    train = [s for s in ids if s not in val_set]
-    logger.info("Split %s: %d train / %d val series", shard_dir, len(train), len(val))
-    return train, sorted(val)
 
 
 def split_holdout(val: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -4,7 +4,7 @@ The plan is drawn on the CPU from a ``torch.Generator`` (deterministic for a see
 model's forward pass (:meth:`ichmodel.model.ICHModel.forward`), so the backbone still runs once per step:
 
 1. once per run, :func:`build_transfer_pool` lists every eligible pair of adjacent training slices and
-   the engine keeps ``pool_size`` of them whose images stay in memory;
+   :func:`build_pool_images` keeps ``pool_size`` of them whose images stay in memory;
 2. per batch, :func:`plan_strategies` picks the masked and the transferred slices and a pool pair for each;
 3. :func:`make_transfer_batch` gathers the images of the pairs actually used and :func:`transfer_labels`
    adds each pair's class to the labels of its slice.
