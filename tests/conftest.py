@@ -33,8 +33,24 @@ VENV_BIN = str(Path(sys.executable).parent)
 SLOW_FIXTURES = frozenset({"ray_head", "two_nodes", "s3", "s3_server", "browser", "page", "chromium"})
 #: What in a test's own source starts a process (a job script, ``python -c``, Chromium): slow as well.
 SLOW_SOURCE = ("subprocess.", "sys.executable", "Popen(", "chromium")
-#: Slow tests the two rules above miss (they train or preprocess for many seconds): ``file::test_name``.
-SLOW_TESTS: frozenset[str] = frozenset()
+#: Slow tests the two rules above miss: they train for many seconds (``fit`` over several stages, or many
+#: steps twice). ``file::test_name``; every parametrisation of the test. Measured with ``--durations``.
+SLOW_TESTS = frozenset(
+    {
+        "test_engine.py::test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place",
+        "test_engine.py::test_a_stage_that_adds_heads_warms_up_and_every_stage_logs_its_gradient_shares",
+        "test_engine.py::test_next_stage_starts_from_the_best_weights_of_the_last",
+        "test_engine.py::test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr",
+        "test_engine.py::test_select_metric_loss_compares_within_a_stage_only",
+        "test_engine.py::test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights",
+        "test_engine.py::test_validation_autocasts_only_when_train_amp_bf16_is_set",
+        "test_engine.py::test_non_finite_losses_are_skipped_counted_and_end_the_run_when_too_many",
+        "test_shared_stages.py::test_fields_the_table_puts_in_later_stages_do_not_change_the_earlier_ones",
+        "test_train_step.py::test_sync_free_step_gives_the_loss_history_of_the_plain_step",
+        "test_train_step.py::test_a_training_step_reads_nothing_back_from_the_device",
+        "test_predict.py::test_reversal_tta_averages_forward_and_reversed_sequences",
+    }
+)
 
 
 def _is_slow(item: pytest.Item) -> bool:
