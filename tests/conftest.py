@@ -31,7 +31,8 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 #: Fixtures that start a Ray cluster, an S3 server or a browser: a test that uses one is slow.
 SLOW_FIXTURES = frozenset({"ray_head", "two_nodes", "s3", "s3_server", "browser", "page", "chromium"})
-#: What in a test's own source starts a process (a job script, ``python -c``, Chromium): slow as well.
+#: What in a test's own source, or a helper of its module it calls, starts a process (a job script,
+#: ``python -c``, Chromium): slow as well.
 SLOW_SOURCE = ("subprocess.", "sys.executable", "Popen(", "chromium")
 #: Slow tests the two rules above miss: they train for many seconds (``fit`` over several stages, or many
 #: steps twice). ``file::test_name``; every parametrisation of the test. Measured with ``--durations``.
@@ -60,11 +61,26 @@ def _is_slow(item: pytest.Item) -> bool:
         return True
     if f"{Path(item.nodeid.split('::')[0]).name}::{item.name.split('[')[0]}" in SLOW_TESTS:
         return True
+    return any(word in source for source in map(_source, _own_code(item)) for word in SLOW_SOURCE)
+
+
+def _own_code(item: pytest.Item) -> list:
+    """The test function and the functions of its own module that it calls by name (``_run``, ``run_bench``)."""
+    test = getattr(item, "obj", None)
+    code = getattr(test, "__code__", None)
+    if code is None:
+        return []
+    module = getattr(item, "module", None)
+    helpers = [getattr(module, name, None) for name in code.co_names]
+    own = [h for h in helpers if inspect.isfunction(h) and h.__module__ == getattr(module, "__name__", None)]
+    return [test, *own]
+
+
+def _source(fn) -> str:
     try:
-        source = inspect.getsource(item.obj)
-    except (AttributeError, OSError, TypeError):
-        return False
-    return any(word in source for word in SLOW_SOURCE)
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
