@@ -157,7 +157,7 @@ def start_stage(
     A stage that starts afresh begins from the best weights so far (with ``select_metric`` "loss" it also
     forgets the best score: totals of different stages do not compare). Returns the optimizer, the
     scheduler (mode "max" on :func:`selection_score`) and the stage's warm-up epochs (0 unless the stage adds
-    a task's head to weights an earlier stage trained: :func:`adds_heads`).
+    a task's head to weights an earlier stage trained: :func:`ichmodel.stages.adds_heads`).
     """
     cfg, state = run.cfg, run.state
     optimizer = make_optimizer(run.net, cfg)

@@ -21,7 +21,7 @@ def assemble_oof(frames: Sequence[pd.DataFrame], folds: Sequence[Sequence[str]])
     Args:
         frames: one prediction table (:func:`ichmodel.predict.predict_dataset`) per fold, each of exactly the
             series of that fold.
-        folds: the folds' held-out series (:func:`make_folds`).
+        folds: the folds' held-out series (:func:`ichmodel.splits.make_folds`).
 
     Returns:
         One table over every series of every fold, sorted by ``series_id, position``, with a ``fold`` column.
