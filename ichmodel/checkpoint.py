@@ -14,8 +14,9 @@ Optionally ``rng`` (:func:`capture_rng_state`) carries the random generators' st
 **Verified files.** :func:`save_checkpoint` writes ``<file>.json`` beside each checkpoint, after it: its size
 and SHA-256 (a sidecar rather than a record inside the file, because a zip written by ``torch.save`` cannot
 hold the hash of its own bytes, and a sidecar is checked without unpickling anything; the checkpoint stays a
-plain ``torch.load`` file). The old sidecar is removed before the file is replaced, so a crash leaves either
-a file with its own sidecar or one with none, never a sidecar describing another file. :func:`verify_checkpoint`
+plain ``torch.load`` file). The old sidecar is removed once the new file is written, just before it replaces the old one, so
+a crash leaves either a file with its own sidecar or one with none, never a sidecar describing another file,
+and a save that fails (a full disk) leaves the previous file and its sidecar as they were. :func:`verify_checkpoint`
 checks a file against its sidecar (a file without one, written before sidecars existed or cut off between the
 two writes, is checked by the CRC of every zip member instead); :func:`newest_intact_checkpoint` returns the
 newest of several candidates that verifies and loads, logging each skipped file and why.
@@ -213,9 +214,9 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> str | Path:
             torch.save(checkpoint, writer[0])
             f.flush()
             os.fsync(f.fileno())
+        _delete_record(path)  # the new file is whole: its predecessor's record must not outlive it
 
     with storage_errors(path, "writing", needed=_tensor_bytes(checkpoint)):
-        _delete_record(path)  # never a record of the file being replaced beside the new one
         written = io.atomic_write(path, write)
         record = {
             "format": SIDECAR_FORMAT,

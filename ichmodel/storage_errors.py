@@ -10,9 +10,10 @@ names the kind; :func:`storage_error` builds a :class:`StorageError` whose messa
     Out of space writing /mnt/runs/a/checkpoint.pt (No space left on device, about 210 MB needed): free space there, then resume the run
     Bucket missing for s3://ich-runs/a/lease.json (NoSuchBucket): create the bucket or correct the name
 
-``torch.save`` given a *path* reports a full disk as ``RuntimeError: unexpected pos``, with no errno:
-:func:`ichmodel.checkpoint.save_checkpoint` therefore writes through a Python file object, whose ``OSError``
-(errno 28) reaches the caller.
+``torch.save`` given a *path* reports a full disk as ``RuntimeError: unexpected pos``, with no errno and no
+cause: :func:`ichmodel.checkpoint.save_checkpoint` therefore writes through a Python file object, whose
+``OSError`` (errno 28) is then raised itself or is the ``__context__`` of torch's ``RuntimeError``, which
+:func:`classify` follows.
 """
 
 from __future__ import annotations
@@ -23,17 +24,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+_CREDENTIALS = "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or the node's instance profile"
 #: kind → (what is wrong, what to do); the kinds :func:`classify` returns.
 KINDS = {
     "no_space": ("Out of space", "free space there, then resume the run"),
     "read_only": ("Read-only storage", "use a writable location or remount it read-write"),
     "permission": ("Permission denied", "give this user (or these credentials) write access there"),
     "no_bucket": ("Bucket missing", "create the bucket or correct the name"),
-    "credentials": (
-        "Credentials refused",
-        "check the AWS credentials this job runs with (AWS_ACCESS_KEY_ID, "
-        "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or the node's instance profile)",
-    ),  # fmt: skip
+    "credentials": ("Credentials refused", f"check the credentials this job runs with ({_CREDENTIALS})"),
+    # S3 answers a HEAD (pyarrow's first request) with a bare 403: an unknown key and a missing right look alike
+    "access_denied": (
+        "Access refused",
+        f"the credentials in use are unknown, expired or may not write there: check them ({_CREDENTIALS}) "
+        "and the bucket's policy",
+    ),
     "unreachable": ("Storage unreachable", "check the endpoint (AWS_ENDPOINT_URL) and the network"),
 }
 
@@ -48,9 +52,9 @@ _ERRNO_KINDS = {
 _AWS_KINDS = {
     "NO_SUCH_BUCKET": "no_bucket",
     "NoSuchBucket": "no_bucket",
-    "ACCESS_DENIED": "permission",
-    "AccessDenied": "permission",
-    "AllAccessDisabled": "permission",
+    "ACCESS_DENIED": "access_denied",
+    "AccessDenied": "access_denied",
+    "AllAccessDisabled": "access_denied",
     "INVALID_ACCESS_KEY_ID": "credentials",
     "InvalidAccessKeyId": "credentials",
     "SIGNATURE_DOES_NOT_MATCH": "credentials",
@@ -64,6 +68,8 @@ _AWS_KINDS = {
     "QuotaExceeded": "no_space",
 }
 _AWS_ERROR = re.compile(r"AWS Error (\w+)")
+#: pyarrow's own words where it names no AWS error (``S3FileSystem.create_dir`` checks the bucket first).
+_TEXT_KINDS = ((re.compile(r"Bucket '[^']*' not found"), "no_bucket", "NoSuchBucket"),)
 
 
 class StorageError(OSError):
@@ -77,9 +83,19 @@ class StorageError(OSError):
 
     def __init__(self, location: str | Path, kind: str, cause: str, action: str = "writing", needed: int = 0):
         what, advice = KINDS[kind]
-        need = f", about {needed / 1e6:.0f} MB needed" if needed > 0 else ""
-        super().__init__(f"{what} {action} {location} ({cause}{need}): {advice}")
+        need = f", about {needed / 1e6:.0f} MB needed" if needed >= 1e6 else ""
+        need = f", about {needed / 1e3:.0f} kB needed" if 0 < needed < 1e6 else need
+        super().__init__(f"{what} {action} {display(location)} ({cause}{need}): {advice}")
         self.location, self.kind, self.cause = str(location), kind, cause
+
+
+def display(location: str | Path) -> str:
+    """A location as messages show it: a URI without its ``?query`` and without a ``KEY:SECRET@`` part."""
+    text = str(location).partition("?")[0]
+    scheme, sep, rest = text.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
 
 
 def _aws_code(exc: BaseException) -> str | None:
@@ -111,6 +127,9 @@ def classify(exc: BaseException) -> tuple[str, str] | None:
                 number = int(found.group(1)) if found else None
             if number in _ERRNO_KINDS:
                 return _ERRNO_KINDS[number], exc.strerror or errno.errorcode.get(number, str(number))
+        for pattern, kind, cause in _TEXT_KINDS:
+            if isinstance(exc, OSError) and pattern.search(str(exc)):
+                return kind, cause
         if type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
             return "unreachable", type(exc).__name__
         exc = exc.__cause__ or exc.__context__
