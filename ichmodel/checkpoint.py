@@ -121,9 +121,11 @@ def checkpoint_dict(
     if clash:
         raise ValueError(f"Training state fields clash with checkpoint keys: {clash}")
     weights = _cpu_state(model)
-    best = None
-    if best_model is not None:
-        best = dict(weights) if _same_weights(weights, best_model) else dict(best_model)
+    best = dict(best_model) if best_model is not None else None
+    if best is not None and _same_weights(weights, best):
+        # One set of tensors for both, stored once. The caller's snapshot, not the live parameters that
+        # _cpu_state aliases on the CPU: a checkpoint kept in memory must not change as training goes on.
+        weights = {k: best[k] for k in weights}
     ckpt = {
         "config": cfg.to_dict(),
         "model": weights,
@@ -441,6 +443,9 @@ def prune_checkpoint(location: str | Path, *, best_only: bool = False) -> tuple[
     """
     fs, path = io.resolve(location)
     before = fs.get_file_info(path).size
+    record = _read_record(fs, path)
+    if record is not None and record.get("optimizer") is False and not best_only:
+        return before, before  # already pruned: known from the record, without reading the file
     ckpt = load_verified_checkpoint(location)
     if ckpt.get("optimizer") is None and not best_only:
         return before, before
