@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
-from ichmodel.checkpoint import WEIGHT_KEYS, checkpoint_dict, load_checkpoint, load_model, save_checkpoint
+from ichmodel import io as store
+from ichmodel.checkpoint import (
+    WEIGHT_KEYS,
+    CheckpointCorrupt,
+    capture_rng_state,
+    checkpoint_dict,
+    load_checkpoint,
+    load_model,
+    load_verified_checkpoint,
+    newest_intact_checkpoint,
+    prune_checkpoint,
+    restore_rng_state,
+    run_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from ichmodel.config import Config
 from ichmodel.engine import state_from_checkpoint
 from ichmodel.model import build_model
@@ -29,7 +50,13 @@ def test_round_trip_is_weights_only_loadable_and_holds_the_state_once(tmp_path):
     state.history.append({"global_epoch": 5.0, "val_loss": 0.5})
     ckpt = checkpoint_dict(model, cfg, state, optimizer=optimizer, best_model=model.state_dict())
     path = save_checkpoint(ckpt, tmp_path / "c.pt")
-    assert path == tmp_path / "c.pt" and [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp left
+    assert path == tmp_path / "c.pt" and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.json"]
+    record = json.loads((tmp_path / "c.pt.json").read_text())  # no temp left; the record describes the file
+    assert (
+        record["size"] == path.stat().st_size
+        and record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    )
+    assert record["file"] == "c.pt" and record["optimizer"] is True
 
     loaded = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
     assert set(loaded) == set(WEIGHT_KEYS) | {f.name for f in dataclasses.fields(TrainState)}
@@ -84,3 +111,202 @@ def test_a_checkpoint_from_before_model_prediction_keeps_predicting_with_mc(tmp_
     _, new_cfg, _ = load_model(save_checkpoint(checkpoint_dict(build_model(cfg.model), cfg, TrainState()),
                                                 tmp_path / "new.pt"))  # fmt: skip
     assert new_cfg == cfg
+
+
+# ------------------------------------------------------------------------------- smaller checkpoints
+
+
+def _tiny() -> tuple[Config, torch.nn.Module, torch.optim.Optimizer]:
+    cfg = _cfg(feature_dim=32, rnn_hidden=16, cpc_steps=2)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # AdamW's moments exist
+    return cfg, model, optimizer
+
+
+def test_best_weights_equal_to_the_last_are_stored_once_and_old_files_still_load(tmp_path):
+    cfg, model, optimizer = _tiny()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    new = save_checkpoint(checkpoint_dict(model, cfg, TrainState(), best_model=weights), tmp_path / "new.pt")
+    alone = save_checkpoint(checkpoint_dict(model, cfg, TrainState()), tmp_path / "alone.pt")
+    # before: the best weights were a second copy, and no record was written beside the file
+    old = tmp_path / "old.pt"
+    torch.save({**checkpoint_dict(model, cfg, TrainState()), "best_model": weights}, old)
+    weight_bytes = sum(v.numel() * v.element_size() for v in weights.values())
+    assert new.stat().st_size - alone.stat().st_size < 0.01 * weight_bytes  # no second copy
+    assert old.stat().st_size - alone.stat().st_size > 0.99 * weight_bytes
+    for path in (new, old):
+        loaded = load_verified_checkpoint(path)  # the old one by its zip CRCs: it has no record
+        for key, value in weights.items():
+            torch.testing.assert_close(loaded["best_model"][key], value)
+            torch.testing.assert_close(loaded["model"][key], value)
+        rebuilt, _, _ = load_model(path)
+        torch.testing.assert_close(rebuilt.state_dict()["cls.weight"], weights["cls.weight"])
+    assert verify_checkpoint(old).startswith("zip CRC-32") and verify_checkpoint(new) == "size and sha256"
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
+    two = save_checkpoint(checkpoint_dict(model, cfg, TrainState(), best_model=other), tmp_path / "two.pt")
+    assert two.stat().st_size - alone.stat().st_size > 0.99 * weight_bytes  # different best: kept
+
+
+def test_prune_drops_the_optimizer_state_and_best_only_keeps_the_exported_weights(tmp_path):
+    cfg, model, optimizer = _tiny()
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max")
+    best = {k: v + 1 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    state = TrainState(stage=2, epoch=1, global_epoch=4, stage_started=True)
+    ckpt = checkpoint_dict(model, cfg, state, optimizer=optimizer, scheduler=scheduler, best_model=best)
+    path = save_checkpoint(ckpt, tmp_path / "c.pt")
+    size = path.stat().st_size
+    before, after = prune_checkpoint(path)
+    assert before == size
+    assert after < before and after == path.stat().st_size
+    pruned = load_verified_checkpoint(path)  # rewritten with a new record
+    assert pruned["optimizer"] is None and pruned["scheduler"] == scheduler.state_dict()
+    assert state_from_checkpoint(pruned) == state
+    torch.testing.assert_close(pruned["model"]["cls.weight"], model.state_dict()["cls.weight"])
+    assert prune_checkpoint(path) == (after, after)  # nothing left to drop
+
+    _, smallest = prune_checkpoint(path, best_only=True)
+    assert smallest < 0.6 * after  # one set of weights instead of two
+    rebuilt, _, loaded = load_model(path)
+    for key, value in best.items():
+        torch.testing.assert_close(rebuilt.state_dict()[key], value)
+    assert loaded["scheduler"] is None and loaded["optimizer"] is None
+
+
+# ------------------------------------------------------------------------------ verified checkpoints
+
+
+def _run_folder(tmp_path) -> list[Path]:
+    """A Ray Train run folder with three reported checkpoints (epochs 1, 2, 3), as Train names them."""
+    cfg = _cfg(feature_dim=32, rnn_hidden=16, cpc_steps=2)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    paths = []
+    for epoch, stamp in enumerate(
+        ["2026-12-07_03-00-01.000001", "2026-12-07_03-00-09.5", "2026-12-07_03-01-00.0"]
+    ):
+        folder = tmp_path / "run" / f"checkpoint_{stamp}"
+        paths.append(save_checkpoint(checkpoint_dict(model, cfg, TrainState(global_epoch=epoch + 1)),
+                                     folder / "checkpoint.pt"))  # fmt: skip
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text("{}")
+    return paths
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older_intact_one(tmp_path, caplog):
+    first, second, newest = _run_folder(tmp_path)
+    assert run_checkpoints(tmp_path / "run") == [str(newest), str(second), str(first)]
+    assert load_verified_checkpoint(newest)["global_epoch"] == 3
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a copy cut short (a full disk, a killed upload)
+    with caplog.at_level(logging.WARNING, logger="ichmodel.checkpoint"):
+        location, ckpt = newest_intact_checkpoint(run_checkpoints(tmp_path / "run"))
+    assert location == str(second) and ckpt["global_epoch"] == 2
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert skipped == [f"skipping checkpoint {newest}: truncated ({len(data) // 2} of {len(data)} bytes)"]
+    with pytest.raises(CheckpointCorrupt, match=r"truncated"):
+        verify_checkpoint(newest)
+
+
+def test_each_cause_is_named_and_no_intact_checkpoint_refuses(tmp_path, caplog):
+    first, second, newest = _run_folder(tmp_path)
+    flipped = bytearray(newest.read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    newest.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointCorrupt, match=rf"^{newest}: hash mismatch"):
+        verify_checkpoint(newest)
+    Path(f"{second}.json").unlink()  # a file without a record (before sidecars, or cut between the writes)
+    second.write_bytes(second.read_bytes()[:1000])
+    with pytest.raises(CheckpointCorrupt, match=rf"^{second}: unreadable zip"):
+        verify_checkpoint(second)
+    first.unlink()
+    with (
+        caplog.at_level(logging.WARNING, logger="ichmodel.checkpoint"),
+        pytest.raises(CheckpointCorrupt, match="no intact checkpoint to resume from") as raised,
+    ):
+        newest_intact_checkpoint([newest, second, first])
+    assert (
+        all(str(p) in str(raised.value) for p in (newest, second, first))
+        and f"{first}: missing" in caplog.text
+    )
+    assert newest_intact_checkpoint([]) is None  # nothing to resume: a fresh run
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3_verify_and_fall_back(s3, monkeypatch, caplog):
+    env, bucket = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = _cfg(feature_dim=32, rnn_hidden=16, cpc_steps=2)
+    model = build_model(cfg.model)
+    older = save_checkpoint(
+        checkpoint_dict(model, cfg, TrainState(global_epoch=1)), f"{bucket}/r/checkpoint_1/c.pt"
+    )
+    newer = save_checkpoint(
+        checkpoint_dict(model, cfg, TrainState(global_epoch=2)), f"{bucket}/r/checkpoint_2/c.pt"
+    )
+    assert store.is_file(f"{newer}.json") and verify_checkpoint(newer) == "size and sha256"
+    store.atomic_write_bytes(newer, store.read_bytes(newer)[:-10])  # the object replaced by a shorter one
+    with caplog.at_level(logging.WARNING, logger="ichmodel.checkpoint"):
+        location, ckpt = newest_intact_checkpoint(run_checkpoints(f"{bucket}/r", "c.pt"))
+    assert (location, ckpt["global_epoch"]) == (
+        older,
+        1,
+    ) and f"skipping checkpoint {newer}: truncated" in caplog.text
+    fs, root = store.resolve(f"{bucket}/r")  # the (filesystem, path) form a Ray Checkpoint carries
+    assert run_checkpoints(root, "c.pt", filesystem=fs)[0] == f"{root}/checkpoint_2/c.pt"
+    with pytest.raises(CheckpointCorrupt, match="truncated"):
+        verify_checkpoint(f"{root}/checkpoint_2/c.pt", filesystem=fs)
+
+
+# -------------------------------------------------------------------------------------- random streams
+
+
+def _draws(generator: torch.Generator) -> tuple:
+    return (torch.rand(5).tolist(), np.random.rand(5).tolist(), np.random.randn(3).tolist(),
+            [random.random() for _ in range(5)], random.gauss(0, 1), torch.rand(5, generator=generator).tolist(),
+            torch.nn.functional.dropout(torch.ones(64), 0.5).tolist())  # fmt: skip
+
+
+def test_rng_states_restore_every_stream_and_survive_a_weights_only_checkpoint(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(1), np.random.seed(2), random.seed(4)
+    _draws(generator)  # move every stream away from its seed (numpy and random now hold a cached gaussian)
+    np.random.randn(1), random.gauss(0, 1)
+    state = capture_rng_state({"augment": generator})
+    expected = _draws(generator)
+    assert _draws(generator) != expected  # the streams moved on
+    restore_rng_state(state, {"augment": generator})
+    assert _draws(generator) == expected
+
+    cfg, model, _ = _tiny()
+    path = save_checkpoint(checkpoint_dict(model, cfg, TrainState(), rng=state), tmp_path / "c.pt")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)["rng"]  # plain data only
+    fresh = torch.Generator()
+    restore_rng_state(loaded, {"augment": fresh})
+    assert _draws(fresh) == expected
+    with pytest.raises(ValueError, match="clash"):
+        checkpoint_dict(model, cfg, {"rng": 1})
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """``(environment, s3://bucket)`` of a moto S3 server running for this module."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="ich-ckpt")  # fmt: skip
+    try:
+        yield env, "s3://ich-ckpt"
+    finally:
+        server.stop()
