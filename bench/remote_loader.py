@@ -308,7 +308,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 except Exception as exc:  # fsspec's caches: two workers may read each other's partial file
                     if not name.startswith("fsspec"):
                         raise
-                    errors[name] = f"round {r}: {type(exc).__name__}: {str(exc).splitlines()[-1]}"
+                    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+                    errors[name] = f"round {r}: {type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
                     print(f"{name} failed in {errors[name]}")
         core = per_core_rate(SeriesDataset(remote, cache=ShardCache(root / "cache-0")), args.batch)
     finally:
