@@ -9,7 +9,7 @@ moto answers in microseconds) and counts the requests. Each source is read for t
 ``SeriesDataset`` + ``make_loader`` over ``EpochBatches`` (the engine's training loader: decode, collate,
 pinned memory on a GPU; persistent workers, so epoch 1 includes their start), no model. The S3 source goes
 through the node-local shard cache (``ichmodel.shard_cache``), cold at epoch 1. Rounds alternate the
-sources; figures are medians.
+sources, in turn first; figures are medians.
 
 Printed: slices/s per epoch and source, object GETs of shard files per epoch, and the loader-only rate of
 one core (``num_workers = 0``, one torch thread) from the warm cache. ``--compare-fsspec`` also reads the
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -186,17 +187,20 @@ def read_epochs(dataset, batch: int, num_workers: int, epochs: int, proxy: Delay
     batches = EpochBatches(len(dataset), batch, seed=0)
     loader = make_loader(dataset, batches, num_workers)
     out = []
-    for epoch in range(epochs):
-        batches.set_epoch(epoch)
-        if proxy is not None:
-            proxy.reset()
-        start, slices = time.perf_counter(), 0
-        for item in loader:
-            slices += int(item["lengths"].sum())
-        seconds = time.perf_counter() - start
-        gets = proxy.count("GET", "shard") if proxy is not None else 0
-        out.append({"slices_per_s": slices / seconds, "seconds": seconds, "shard_gets": gets})
-    del loader
+    try:
+        for epoch in range(epochs):
+            batches.set_epoch(epoch)
+            if proxy is not None:
+                proxy.reset()
+            start, slices = time.perf_counter(), 0
+            for item in loader:
+                slices += int(item["lengths"].sum())
+            seconds = time.perf_counter() - start
+            gets = proxy.count("GET", "shard") if proxy is not None else 0
+            out.append({"slices_per_s": slices / seconds, "seconds": seconds, "shard_gets": gets})
+    finally:
+        del loader
+        gc.collect()  # end this loader's workers before the next loader forks its own
     return out
 
 
@@ -231,16 +235,22 @@ def fsspec_dataset(uri: str, opener: FsspecOpener, bucket_dir: str):
     return dataset
 
 
-def per_core_rate(dataset, batch: int, epochs: int = 3) -> float:
-    """Best loader-only slices/s over ``epochs`` epochs in this process (0 workers) on one torch thread."""
+def per_core_rate(dataset, batch: int, epochs: int = 5) -> tuple[float, float]:
+    """Loader-only rate in this process (0 workers, one torch thread): ``(median slices/s of ``epochs``
+    epochs, slices per CPU-second of this process)``; the second moves less with other people's load."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return max(r["slices_per_s"] for r in read_epochs(dataset, batch, 0, epochs, None))
+        read_epochs(dataset, batch, 0, 1, None)  # warm-up: page cache, first opens
+        cpu = time.process_time()
+        runs = read_epochs(dataset, batch, 0, epochs, None)
+        cpu = time.process_time() - cpu
     finally:
         torch.set_num_threads(threads)
+    slices = sum(r["slices_per_s"] * r["seconds"] for r in runs)
+    return statistics.median(r["slices_per_s"] for r in runs), slices / cpu
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -253,7 +263,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=4, help="series per batch")
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers of the epoch runs")
     parser.add_argument("--delay-ms", type=float, default=30.0, help="added per HTTP request (max 1000)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; each reads every source cold")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each reads every source cold")
     parser.add_argument("--compare-fsspec", action="store_true", help="also read through fsspec's caches")
     parser.add_argument("--smoke", action="store_true", help="12 series, 1 round: under a minute")
     return parser
@@ -300,7 +310,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[str, list[list[dict]]] = {name: [] for name in sources}
         errors: dict[str, str] = {}
         for r in range(args.rounds):
-            for name, build in sources.items():
+            order = list(sources) if r % 2 == 0 else list(sources)[::-1]  # neither always goes first
+            for name in order:
+                build = sources[name]
                 if name in errors:
                     continue
                 try:
@@ -311,7 +323,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
                     errors[name] = f"round {r}: {type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
                     print(f"{name} failed in {errors[name]}")
-        core = per_core_rate(SeriesDataset(remote, cache=ShardCache(root / "cache-0")), args.batch)
+        core, core_cpu = per_core_rate(SeriesDataset(remote, cache=ShardCache(root / "cache-0")), args.batch)
     finally:
         proxy.stop()
         server.stop()
@@ -325,7 +337,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for name in [n for n in runs if runs[n]]:
         print(f"{name:>22}{med(name, 0, 'slices_per_s'):>14.0f}{med(name, 0, 'shard_gets'):>6.0f}"
               f"{med(name, 1, 'slices_per_s'):>14.0f}{med(name, 1, 'shard_gets'):>6.0f}")  # fmt: skip
-    print(f"one core (0 workers, 1 torch thread) from the local cache: {core:.0f} slices/s")
+    print(f"one core (0 workers, 1 torch thread) from the local cache: {core:.0f} slices/s "
+          f"({core_cpu:.0f} per CPU-second)")  # fmt: skip
     local1, local2 = med("local", 0, "slices_per_s"), med("local", 1, "slices_per_s")
     result: dict[str, Any] = {
         "size": args.size,
@@ -338,6 +351,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "gets_epoch2": med("remote", 1, "shard_gets"),
         "local_slices_per_s": local2,
         "local_slices_per_s_per_core": core,
+        "local_slices_per_cpu_s": core_cpu,
     }
     for name, message in errors.items():
         result[f"{name}_error"] = message
