@@ -8,6 +8,7 @@ engine's own (``make_loader`` over ``EpochBatches``) with two real worker proces
 from __future__ import annotations
 
 import importlib.util
+import json
 import multiprocessing
 import os
 import signal
@@ -288,3 +289,16 @@ def test_config_names_the_cache():
     assert ShardCache.from_config(Config().data).folder.name == "ichmodel-shard-cache"
     with pytest.raises(ValueError, match="data.cache_max_gib"):
         Config().with_overrides({"data.cache_max_gib": 0})
+
+
+def test_the_remote_loader_bench_smoke_run_reads_epoch_2_without_a_get():
+    """``bench/remote_loader.py --smoke`` end to end (its speed goals live in the bench, not here)."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run([sys.executable, "bench/remote_loader.py", "--smoke"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT ") :])
+    assert result["gets_epoch2"] == 0 and result["gets_epoch1"] == result["shard_files"] == 3
+    for key in ("remote_epoch1_over_local", "remote_epoch2_over_local", "local_slices_per_s_per_core"):
+        assert 0 < result[key] < float("inf"), key
