@@ -44,11 +44,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from ichmodel import io
+
+if TYPE_CHECKING:
+    from ichmodel.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ class ShardCache:
         self.threads = threads
 
     @classmethod
-    def from_config(cls, data: Any) -> ShardCache:
+    def from_config(cls, data: DataConfig) -> ShardCache:
         """The cache a :class:`ichmodel.config.DataConfig` names (``cache_dir``, ``cache_max_gib``)."""
         return cls(data.cache_dir or None, max(1, int(data.cache_max_gib * 2**30)))
 
