@@ -193,10 +193,14 @@ class DataConfig(_Section):
     batch_size: int = 4  # series per batch (paper section 3.2)
     max_slices: int = 0  # crop longer series to a random window of this many slices in training; 0 = all
     num_workers: int = 0  # DataLoader worker processes
+    #: Node-local folder for the shard files of a shard folder in object storage (each downloaded whole
+    #: once per node, ``ichmodel.shard_cache``); "" = ``<the node's temp dir>/ichmodel-shard-cache``.
+    cache_dir: str = ""
+    cache_max_gib: float = 100.0  # the least recently used shard files are deleted above this
 
     def validate(self) -> None:
         _check_range(self, "val_fraction", 0, 1, low_open=True, high_open=True)
-        _check_positive(self, "batch_size")
+        _check_positive(self, "batch_size", "cache_max_gib")
         _check_non_negative(self, "max_slices", "num_workers")
 
 

@@ -5,6 +5,10 @@ Parquet row group, read with ``ParquetFile.read_row_group``; one open ``ParquetF
 (and re-opened after pickling, so DataLoader workers each hold their own). Images stay ``uint8``: the
 float conversion and normalisation happen on the device (:func:`prepare_images`).
 
+A shard folder in object storage (``s3://...``) is read through a node-local cache of whole shard files
+(:mod:`ichmodel.shard_cache`): each file is downloaded once per node, and :func:`make_loader` starts
+downloading the files its batches need, in background threads, while the first batches are read.
+
 Batches are lists of series indices. Training shuffles with ``DistributedSampler`` (:func:`train_batches`,
 which pads so that every rank gets the same number of batches, as DDP needs); validation and prediction
 use :func:`eval_batches`, which never pads: every series is seen exactly once over all ranks.
@@ -14,17 +18,22 @@ See ``docs/architecture.md`` ("Batches").
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from ichmodel import io
 from ichmodel.augment import to_float
 from ichmodel.constants import NUM_CLASSES
+from ichmodel.shard_cache import Prefetch, RemoteFile, ShardCache, list_remote_shards
 from ichmodel.shards import MANIFEST_NAME, load_manifest, open_shard, series_index
 
 logger = logging.getLogger(__name__)
@@ -33,8 +42,9 @@ logger = logging.getLogger(__name__)
 class SeriesDataset(Dataset):
     """Whole series from a shard folder.
 
-    ``dataset[i]`` → dict with ``images`` uint8 ``[T, C, H, W]``, ``labels`` float32 ``[T, 5]`` (-1 where
-    unlabelled), ``series_id`` str, ``slice_ids`` list of T str.
+    ``dataset[i]`` → dict with ``images`` uint8 ``[T, C, H, W]`` (a channels-last view of the shard's
+    ``[T, H, W, C]`` bytes, not copied), ``labels`` float32 ``[T, 5]`` (-1 where unlabelled), ``series_id``
+    str, ``slice_ids`` list of T str.
 
     Args:
         shard_dir: folder or storage URI (``s3://...``, see :mod:`ichmodel.io`) holding ``manifest.json``
@@ -43,9 +53,12 @@ class SeriesDataset(Dataset):
         max_slices: if > 0, longer series are cut to a random contiguous window of this many slices, drawn
             from ``(seed, epoch, index)`` so every epoch (see :meth:`set_epoch`) and worker is reproducible.
         seed: seed of those windows.
+        cache: where the shard files of a folder in object storage are kept on this node (default:
+            ``ShardCache()``, under the node's temporary directory; ``ShardCache.from_config(cfg.data)``
+            follows ``data.cache_dir``). Unused for a local folder, which is read in place.
 
     Raises:
-        FileNotFoundError: when there is no manifest.
+        FileNotFoundError: when there is no manifest, or a shard it lists is not in a storage folder.
         KeyError: naming the series ids that are not in the manifest.
         ValueError: when ``max_slices`` < 0 or the manifest lists a series twice.
     """
@@ -56,6 +69,7 @@ class SeriesDataset(Dataset):
         series_ids: Sequence[str] | None = None,
         max_slices: int = 0,
         seed: int = 0,
+        cache: ShardCache | None = None,
     ) -> None:
         if max_slices < 0:
             raise ValueError(f"max_slices must be >= 0. Got {max_slices}")
@@ -73,7 +87,14 @@ class SeriesDataset(Dataset):
                 f"Series not in {self.shard_dir}/{MANIFEST_NAME}: {missing[:5]} ({len(missing)} in all)"
             )
         self.series_ids: list[str] = list(series_ids)
+        #: The shard files of a storage folder as one listing saw them (their cache keys); None when local.
+        self.remote: dict[str, RemoteFile] | None = None
+        self.cache: ShardCache | None = None
+        if not io.is_local(self.shard_dir):
+            self.cache = cache or ShardCache()
+            self.remote = list_remote_shards(self.shard_dir, self.manifest)
         self._files: dict[str, pq.ParquetFile] = {}
+        self._prefetch_order: list[str] = []  # set by make_loader for its worker processes
 
     def __len__(self) -> int:
         return len(self.series_ids)
@@ -86,9 +107,36 @@ class SeriesDataset(Dataset):
         """Length of series ``i`` in the shards (before any ``max_slices`` cut)."""
         return self._index[self.series_ids[i]][2]
 
+    def shard_files(self, indices: Iterable[int] | None = None) -> list[str]:
+        """The shard files of series ``indices`` (default: every series), in order of first use."""
+        indices = range(len(self)) if indices is None else indices
+        return list(dict.fromkeys(self._index[self.series_ids[i]][0] for i in indices))
+
+    def prefetch(self, files: Sequence[str] | None = None) -> Prefetch | None:
+        """Start downloading ``files`` (default: all of this dataset's) into the node's cache in background
+        threads; returns the :class:`~ichmodel.shard_cache.Prefetch` (``.wait()`` blocks until done), or
+        None for a local folder."""
+        if self.remote is None or self.cache is None:
+            return None
+        files = self.shard_files() if files is None else files
+        return self.cache.prefetch([self.remote[f] for f in files])
+
+    def open_file(self, name: str) -> pq.ParquetFile:
+        """Shard ``name`` opened for reading row groups (from the node's cache for a storage folder)."""
+        if self.remote is None or self.cache is None:
+            return open_shard(self.shard_dir, name)
+        for _ in range(2):  # the cache may evict the file between fetch and open; fetch it again then
+            try:
+                return pq.ParquetFile(self.cache.fetch(self.remote[name]))
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(
+            f"{self.remote[name].location}: evicted from {self.cache.folder} twice while opening"
+        )
+
     def _file(self, name: str) -> pq.ParquetFile:
         if name not in self._files:
-            self._files[name] = open_shard(self.shard_dir, name)
+            self._files[name] = self.open_file(name)
         return self._files[name]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
@@ -102,30 +150,47 @@ class SeriesDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, i])
             start = int(rng.integers(0, length - self.max_slices + 1))
             stop = start + self.max_slices
-        table = self._file(file).read_row_group(
-            row_group, columns=["slice_id", "labels", "image", "height", "width", "channels"]
-        )
+        # use_threads=False: the loader's parallelism is its worker processes; Arrow's pool only adds hand-offs
+        table = self._file(file).read_row_group(row_group, columns=ROW_COLUMNS, use_threads=False)
         if table.num_rows != length:
             raise ValueError(f"{file} row group {row_group}: {table.num_rows} rows, manifest says {length}")
         table = table.slice(start, stop - start)
         num = table.num_rows
         height, width, channels = (int(table.column(c)[0].as_py()) for c in ("height", "width", "channels"))
-        images = _binary_to_array(table.column("image").combine_chunks(), (num, height, width, channels))
-        labels = table.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        images = _binary_to_array(_one_chunk(table.column("image")), (num, height, width, channels))
+        labels = _one_chunk(table.column("labels")).flatten().to_numpy(zero_copy_only=False)
         return {
-            "images": torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),  # [T, H, W, C] → [T, C, H, W]
+            "images": _as_tensor(images).permute(0, 3, 1, 2),  # [T, H, W, C] bytes seen as [T, C, H, W]
             "labels": torch.from_numpy(labels.reshape(num, NUM_CLASSES).astype(np.float32)),
             "series_id": series_id,
-            "slice_ids": table.column("slice_id").to_pylist(),
+            "slice_ids": _one_chunk(table.column("slice_id")).to_pylist(),
         }
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_files"] = {}  # open files do not pickle; each worker opens its own
+        for name in ("_main_prefetch", "_worker_prefetch"):  # threads do not pickle either
+            state.pop(name, None)
         return state
 
 
-def _binary_to_array(column, shape: tuple[int, ...]) -> np.ndarray:
+#: Columns of a shard that an item needs.
+ROW_COLUMNS = ["slice_id", "labels", "image", "height", "width", "channels"]
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array: its only chunk as is (a row group read gives one), else concatenated."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``'s memory, read-only Arrow memory included (nothing here writes to it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
+def _binary_to_array(column: pa.Array, shape: tuple[int, ...]) -> np.ndarray:
     """Equal-length binary values → one ``uint8`` array of ``shape`` without a per-row copy."""
     _, offsets_buf, data_buf = column.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int32, count=len(column) + 1, offset=column.offset * 4)
@@ -143,6 +208,11 @@ def collate_series(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     (-1 in padding), ``lengths`` int64 ``[B]``, ``valid`` bool ``[B, T]``, ``series_ids`` (B str),
     ``slice_ids`` (B lists).
 
+    ``images`` is stored channels-last (``[B, T, H, W, C]`` in memory, the shards' layout, so each series is
+    one plain copy); ``images.reshape(B * T, C, H, W)`` is a view in ``torch.channels_last``, the layout the
+    model's convolutions use. In a loader worker the batch is built in shared memory, so handing it to the
+    main process copies nothing.
+
     Raises:
         ValueError: for an empty list, or items whose image shapes ``[C, H, W]`` differ.
     """
@@ -154,15 +224,16 @@ def collate_series(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     (channels, height, width) = shapes.pop()
     lengths = torch.tensor([item["images"].shape[0] for item in items], dtype=torch.int64)
     batch, longest = len(items), int(lengths.max())
-    images = torch.zeros((batch, longest, channels, height, width), dtype=torch.uint8)
+    images = _empty_uint8((batch, longest, height, width, channels))
     labels = torch.full((batch, longest, NUM_CLASSES), -1.0, dtype=torch.float32)
     for b, item in enumerate(items):
         t = item["images"].shape[0]
-        images[b, :t] = item["images"]
+        images[b, :t] = item["images"].permute(0, 2, 3, 1)  # [t, H, W, C]
+        images[b, t:] = 0
         labels[b, :t] = item["labels"]
     valid = torch.arange(longest)[None, :] < lengths[:, None]  # [B, T]
     return {
-        "images": images,
+        "images": images.permute(0, 1, 4, 2, 3),  # [B, T, H, W, C] memory seen as [B, T, C, H, W]
         "labels": labels,
         "lengths": lengths,
         "valid": valid,
@@ -171,16 +242,30 @@ def collate_series(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _empty_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a loader worker, in shared memory (as ``default_collate`` does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 def series_labels(dataset: SeriesDataset) -> list[np.ndarray]:
-    """Label matrices int8 ``[T, 5]`` of every series of ``dataset`` (whole series) without decoding images."""
+    """Label matrices int8 ``[T, 5]`` of every series of ``dataset`` (whole series) without decoding images.
+
+    A storage folder's shard files are downloaded first, all at once (:meth:`SeriesDataset.prefetch`).
+    """
+    prefetch = dataset.prefetch()
+    if prefetch is not None:
+        prefetch.wait()
     files: dict[str, pq.ParquetFile] = {}
     out: list[np.ndarray] = []
     for series_id in dataset.series_ids:
         file, row_group, _ = dataset._index[series_id]
         if file not in files:
-            files[file] = open_shard(dataset.shard_dir, file)
-        table = files[file].read_row_group(row_group, columns=["labels"])
-        labels = table.column("labels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            files[file] = dataset.open_file(file)
+        table = files[file].read_row_group(row_group, columns=["labels"], use_threads=False)
+        labels = _one_chunk(table.column("labels")).flatten().to_numpy(zero_copy_only=False)
         out.append(labels.reshape(-1, NUM_CLASSES).astype(np.int8))
     return out
 
@@ -254,7 +339,25 @@ def eval_batches(num_items: int, batch_size: int, rank: int = 0, world: int = 1)
 
 
 def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_workers: int) -> DataLoader:
-    """A DataLoader over ``batches`` (lists of series indices) that pads each with :func:`collate_series`."""
+    """A DataLoader over ``batches`` (lists of series indices) that pads each with :func:`collate_series`.
+
+    For a shard folder in object storage, the shard files the batches need start downloading into the
+    node's cache at once, in background threads (:meth:`SeriesDataset.prefetch`): in each worker process,
+    first the files of the batches that worker will get, then the rest (the files later epochs of an
+    :class:`EpochBatches` need); with ``num_workers == 0``, in this process. Workers are not forked while
+    this process downloads for the same dataset (an earlier 0-worker loader's downloads finish first).
+    """
+    worker_init_fn = None
+    if isinstance(dataset, SeriesDataset) and dataset.remote is not None:
+        main_prefetch = dataset.__dict__.pop("_main_prefetch", None)
+        if main_prefetch is not None:
+            main_prefetch.join()
+        orders = _prefetch_orders(dataset, batches, max(1, num_workers))
+        if num_workers == 0:
+            dataset._main_prefetch = dataset.prefetch(orders[0])
+        else:
+            dataset._prefetch_order = orders
+            worker_init_fn = _prefetch_in_worker
     return DataLoader(
         dataset,
         batch_sampler=batches,
@@ -263,7 +366,34 @@ def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_worker
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,  # keep a GPU fed across slow shard reads
         persistent_workers=num_workers > 0,  # one set of workers per loader, not one per epoch
+        worker_init_fn=worker_init_fn,
     )
+
+
+def _prefetch_orders(dataset: SeriesDataset, batches: Iterable[Any], workers: int) -> list[list[str]]:
+    """For each loader worker, the shard files in the order it will need them: those of its own batches
+    (a DataLoader hands batch ``j`` to worker ``j % workers``), then every other file of the dataset.
+
+    One-shot iterables (generators) are not looked into: every worker then gets all files in index order.
+    """
+    everything = dataset.shard_files()
+    if not isinstance(batches, (Sequence, EpochBatches)):
+        return [everything] * workers
+    listed = list(batches)
+    orders = []
+    for k in range(workers):
+        mine = [i if isinstance(i, int) else i[0] for batch in listed[k::workers] for i in batch]
+        first = dataset.shard_files(mine)
+        seen = set(first)
+        orders.append(first + [f for f in everything if f not in seen])
+    return orders
+
+
+def _prefetch_in_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of :func:`make_loader`: start this worker's downloads (its own threads)."""
+    dataset = get_worker_info().dataset
+    orders = dataset._prefetch_order
+    dataset._worker_prefetch = dataset.prefetch(orders[worker_id % len(orders)])
 
 
 def prepare_images(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
