@@ -50,6 +50,7 @@ WINDOW_NAMES: dict[tuple[float, float], str] = {
 COLOURS = {"fired": "#d62728", "below": "#b4b4b4", "tp": "#303030", "fn": "#f07f00", "fp": "#7b3294"}
 #: Every strip has the same width (the series from first to last slice), whatever its length.
 STRIP_WIDTH = 280
+DRAW_ORDER = ("below", "fired", "tp", "fn", "fp")  # the grey area first, the fired bars over it
 STRIP_HEIGHT = 22  # px of the bar area; the status band lies below it
 BAND_HEIGHT = 5
 
@@ -286,11 +287,11 @@ def strip_svg(view: SeriesView, c: int, threshold: float) -> str:
     probs, fired = view.probs[:, c], view.fired[:, c]
     num = len(probs)
     h = STRIP_HEIGHT
+    tops = [f"{round(h * (1.0 - float(v)), 1):g}" for v in probs]  # y of each bar's top, in strip pixels
+    # every slice as one grey step area, the fired ones drawn over it in red: a few bytes per slice
     paths: dict[str, list[str]] = {k: [] for k in COLOURS}
-    for t in range(num):
-        top = h * (1.0 - float(probs[t]))
-        if h - top >= 0.3:  # bars under a third of a pixel are not drawn
-            paths["fired" if fired[t] else "below"].append(f"M{t + 0.12:g} {h}V{top:.1f}h.76V{h}z")
+    paths["below"] = [f"M0 {h}" + "".join(f"V{y}H{t + 1}" for t, y in enumerate(tops)) + f"V{h}z"]
+    paths["fired"] = [f"M{t} {h}V{tops[t]}H{t + 1}V{h}z" for t in np.flatnonzero(fired)]
     if view.labels is not None:
         for key, mask in (
             ("tp", (view.labels[:, c] > 0) & fired),
@@ -298,17 +299,13 @@ def strip_svg(view: SeriesView, c: int, threshold: float) -> str:
             ("fp", view.fp[:, c]),
         ):
             paths[key] += [f"M{t} {h + 1}h1v{BAND_HEIGHT - 1}h-1z" for t in np.flatnonzero(mask)]
-    shapes = "".join(
-        f'<path class="{key}" fill="{COLOURS[key]}" d="{"".join(d)}"/>' for key, d in paths.items() if d
-    )
+    shapes = "".join(f'<path class="{k}" d="{"".join(paths[k])}"/>' for k in DRAW_ORDER if paths[k])
     y = h * (1.0 - threshold)
-    p = " ".join(f"{v:.3f}" for v in probs)
+    p = " ".join(f"{v:.2f}" for v in probs)
     return (
         f'<svg class="strip" width="{STRIP_WIDTH}" height="{h + BAND_HEIGHT}" viewBox="0 0 {num} {h + BAND_HEIGHT}" '
         f'preserveAspectRatio="none" data-p="{p}" data-t="{threshold:.4f}">'
-        f'<rect width="{num}" height="{h}" fill="#f4f4f4"/>{shapes}'
-        f'<line x1="0" x2="{num}" y1="{y:.2f}" y2="{y:.2f}" stroke="#000" stroke-dasharray="4 3" '
-        f'vector-effect="non-scaling-stroke"/></svg>'
+        f'<rect width="{num}" height="{h}"/>{shapes}<line x2="{num}" y1="{y:.2f}" y2="{y:.2f}"/></svg>'
     )
 
 
@@ -458,7 +455,8 @@ when one of its slices fires. {window_note}</p>
 """
 
 
-_CSS = """
+_CSS = (
+    """
 body{font:13px/1.35 system-ui,sans-serif;margin:12px 18px;color:#222;background:#fff}
 h1{font-size:20px;margin:4px 0}.intro{max-width:1100px;color:#444}
 table.summary{border-collapse:collapse;margin:6px 0}table.summary td,table.summary th{border:1px solid #ddd;
@@ -482,9 +480,14 @@ figure{margin:0;border:2px solid #d62728;width:min-content;background:#fff}figur
 border-style:dashed}figure.fp{border-color:#7b3294}figure img{display:block;height:80px;background:#000}
 figcaption{font-size:11px;line-height:1.2;padding:1px 2px}
 .more{color:#666;align-self:center}
+svg.strip rect{fill:#f4f4f4}svg.strip line{stroke:#000;stroke-dasharray:4 3;vector-effect:non-scaling-stroke}
+"""
+    + "".join(f"svg.strip .{k}{{fill:{v}}}" for k, v in COLOURS.items())
+    + """
 #tip{position:fixed;background:#222;color:#fff;padding:2px 6px;font-size:12px;border-radius:3px;
 pointer-events:none;z-index:3}
 """
+)
 
 _JS = """
 (function(){

@@ -132,6 +132,10 @@ def test_viewer_writes_one_row_per_series_with_marks_and_small_lazy_thumbnails(p
     highest = [float(r["data-max"]) for r in parsed.rows]
     assert highest == sorted(highest, reverse=True)  # the page's first order, before any script runs
     assert len(parsed.lanes) == len(CLASSES) * len(expected)
+    strips = page.split("<svg")[1:]
+    assert sum('class="fired"' in svg for svg in strips) > 0
+    for svg in strips:  # the grey step area of every slice first, the fired bars drawn over it
+        assert svg.index('class="below"') < svg.find('class="fired"') or 'class="fired"' not in svg
     assert parsed.images and page.count('loading="lazy"') == len(parsed.images)
     dataset = SeriesDataset(shards)
     order = sorted(frame["series_id"].unique())
@@ -180,9 +184,12 @@ def test_viewer_in_headless_chromium_renders_rows_marks_and_sorts(predictions, t
     shot = tmp_path / "shot.png"
     proc = run_chromium(url, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,1000")
     assert shot.is_file(), proc.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
+    pixels = rgb.mean(axis=2)
     assert pixels.shape == (1000, 1280)
     assert pixels.std() > 20 and (pixels < 60).mean() > 0.01  # text, bars and CT slices, not a blank page
+    red = (rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)  # fired bars, decision chips
+    assert red.mean() > 0.002, red.mean()
 
     dom = run_chromium(url, tmp_path / "profile", "--dump-dom")
     parsed = Rows(dom.stdout)
