@@ -154,6 +154,10 @@ def test_viewer_without_shards_draws_strips_only_and_names_missing_series(predic
     page = write_viewer(tmp_path / "a", frame, thresholds).read_text()
     assert "<img" not in page and "No thumbnails" in page
     assert len(Rows(page).rows) == frame["series_id"].nunique()
+    unlabelled = frame.drop(columns=list(LABEL_COLUMNS))
+    page = write_viewer(tmp_path / "u", unlabelled, thresholds).read_text()
+    assert "missed (FN)" not in page and 'value="fn"' not in page and "data-labelled" not in page
+    assert {(r["data-fn"], r["data-fp"]) for r in Rows(page).rows} == {("0", "0")}
     stranger = frame.assign(
         series_id=frame["series_id"].where(frame["series_id"] != frame["series_id"].iat[0], "ID_nowhere")
     )
