@@ -62,6 +62,19 @@ class Estimate:
 
 #: Validation rows of a search, thresholds tuned on them (ray_jobs/ensemble.py without folds).
 VALIDATION = Estimate("val_f2", "validation rows", "tuned on these rows", "validation")
+
+
+def holdout_estimate(fraction: float) -> Estimate:
+    """Held-out validation rows (``ray_jobs/ensemble.py --holdout FRACTION``): members and thresholds chosen
+    on the other validation series."""
+    return Estimate(
+        "holdout_f2",
+        f"held-out rows ({fraction:g} of the validation series)",
+        "tuned on the other validation series",
+        "held-out",
+    )
+
+
 OOF_ROWS_ALIGNED = "OOF rows, aligned to the ensemble's scale"  # each fold's, on the reference series
 OOF_ROWS_RAW = "raw OOF rows (not aligned)"
 

@@ -530,22 +530,11 @@ _JS = """
 """
 
 
-def viewer_summary(views: Sequence[SeriesView]) -> dict[str, object]:
-    """Counts the page shows, as JSON-ready values (for logs and tests): series, slices, FN and FP."""
-    return {
-        "series": len(views),
-        "slices": int(sum(len(v.slice_ids) for v in views)),
-        "fn": int(sum(int(v.fn.sum()) for v in views)),
-        "fp": int(sum(int(v.fp.sum()) for v in views)),
-    }
-
-
 __all__ = [
     "SeriesView",
     "series_views",
     "thumbnail_image",
     "thumbnail_slices",
-    "viewer_summary",
     "window_panels",
     "write_viewer",
 ]

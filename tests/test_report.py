@@ -25,6 +25,7 @@ from ichmodel.report import (
     ModelScore,
     fold_scores,
     format_scores,
+    holdout_estimate,
     make_report,
     parse_result_line,
     plot_optuna_study,
@@ -281,6 +282,11 @@ def test_result_line_refuses_two_figures_under_one_key_and_parsing_needs_a_line(
     assert (
         result_line([ModelScore("a", 0.5, role="single"), ModelScore("c", 0.7)])
         == "RESULT single_val_f2=0.500000"
+    )
+    held = ModelScore("ensemble of 2", 0.61, estimate=holdout_estimate(0.3), role="ensemble")
+    assert result_line([held]) == "RESULT ensemble_holdout_f2=0.610000"
+    assert format_scores([held])[0] == (
+        "micro-F2 on held-out rows (0.3 of the validation series); thresholds tuned on the other validation series:"
     )
     assert parse_result_line("x\nRESULT a=0.1 b=0.25\nRESULT a=0.5\n") == {"a": 0.5}
     with pytest.raises(ValueError, match="No 'RESULT key=value' line"):
