@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench lint clean
+.PHONY: demo test check bench lint clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) ray_jobs/demo.py
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 check: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# Headless Chromium for the viewer's browser test (tests/test_viewer.py): Debian's package, installed when
+# missing and running as root; otherwise (or when apt-get fails) that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium) || echo "browser: apt-get could not install chromium"; \
+	  else echo "browser: no chromium and not root: the viewer's browser test will be skipped"; fi; }
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -5,6 +5,14 @@ threshold for every class with the chosen thresholds marked, and, when the searc
 the F2 of every Optuna trial and the parameter importances (``optuna.importance.get_param_importances``,
 only with at least two completed trials). A figure that cannot be made is left out with a note in the page.
 
+**One report, one truth.** Every model figure is a :class:`ModelScore` that names its :class:`Estimate`: which
+rows it was scored on (validation rows, OOF rows aligned to the ensemble's scale, raw OOF rows) and where its
+thresholds come from (tuned on those same rows, or cross-fitted: each fold's rows at thresholds tuned on the
+other folds). The page's table (one ``<tr data-key=... data-value=...>`` per figure), the terminal lines
+(:func:`format_scores`) and the ``RESULT`` line (:func:`result_line`) are all rendered from the same list, so
+they cannot disagree; :func:`fold_scores` builds that list from a fold ensemble's summary, and
+:func:`report_figures` / :func:`parse_result_line` read the figures back from a page and a log.
+
 Figures are plain :class:`matplotlib.figure.Figure` objects saved to PNG (the Agg renderer): no pyplot state
 and no backend switch, so importing or calling this module leaves the caller's matplotlib backend alone.
 """
@@ -13,7 +21,9 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Sequence
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +32,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ichmodel import io
 from ichmodel import metrics as M
 from ichmodel.constants import CLASSES
 
@@ -30,47 +41,224 @@ logger = logging.getLogger(__name__)
 REPORT_INDEX = "index.html"
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """Which rows a figure was scored on and where its thresholds came from.
+
+    ``key``: the figure's suffix on the ``RESULT`` line (``<role>_<key>``, e.g. ``ensemble_oof_f2``);
+    ``rows`` and ``thresholds``: plain words the page and the terminal print; ``short``: a few words for
+    figure legends.
+    """
+
+    key: str
+    rows: str
+    thresholds: str
+    short: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.rows}; thresholds {self.thresholds}"
+
+
+#: Validation rows of a search, thresholds tuned on them (ray_jobs/ensemble.py without folds).
+VALIDATION = Estimate("val_f2", "validation rows", "tuned on these rows", "validation")
+
+
+def holdout_estimate(fraction: float) -> Estimate:
+    """Held-out validation rows (``ray_jobs/ensemble.py --holdout FRACTION``): members and thresholds chosen
+    on the other validation series."""
+    return Estimate(
+        "holdout_f2",
+        f"held-out rows ({fraction:g} of the validation series)",
+        "tuned on the other validation series",
+        "held-out",
+    )
+
+
+OOF_ROWS_ALIGNED = "OOF rows, aligned to the ensemble's scale"  # each fold's, on the reference series
+OOF_ROWS_RAW = "raw OOF rows (not aligned)"
+
+
+def oof_estimates(aligned: bool) -> tuple[Estimate, Estimate]:
+    """``(tuned, cross-fitted)`` estimates on out-of-fold rows (aligned or raw) for a fold ensemble's figures:
+    thresholds tuned on every OOF row (slightly optimistic), or each fold's rows at thresholds tuned on the
+    other folds (what the RESULT key ``*_cross_fitted`` has always meant)."""
+    rows = OOF_ROWS_ALIGNED if aligned else OOF_ROWS_RAW
+    return (
+        Estimate("oof_f2", rows, "tuned on these rows", "OOF, tuned"),
+        Estimate(
+            "oof_f2_cross_fitted",
+            rows,
+            "cross-fitted (each fold's rows at thresholds tuned on the other folds)",
+            "OOF, cross-fitted",
+        ),
+    )
+
+
 @dataclass
 class ModelScore:
-    """Validation scores of one model (or of the ensemble): micro-F2 and per-class F2 ``[5]``."""
+    """One micro-F2 figure of one model (or of the ensemble) under one :class:`Estimate`, with per-class F2
+    ``[5]`` and a 95 % interval where known.
+
+    ``role``: ``"single"``, ``"ensemble"``, … (with the estimate's key it names the figure on the RESULT line:
+    ``<role>_<estimate.key>``; empty: the figure is not on that line).
+    """
 
     name: str
     micro_f2: float
     per_class: dict[str, float] = field(default_factory=dict)
     thresholds: list[float] = field(default_factory=list)
+    estimate: Estimate = VALIDATION
+    interval: tuple[float, float] | None = None
+    role: str = ""
+
+    @property
+    def key(self) -> str:
+        """The figure's name on the RESULT line and in the page (``data-key``); empty without a role."""
+        return f"{self.role}_{self.estimate.key}" if self.role else ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.estimate.short})"
+
+
+def fold_scores(summary: Mapping, single_per_class: Mapping[str, float] | None = None) -> list[ModelScore]:
+    """The labelled figures of a fold ensemble, from its summary (``asdict(ichmodel.ensemble.FoldEnsemble)``,
+    as ``fold_ensemble.json`` holds it): single best and ensemble, each tuned on the OOF rows (with its 95 %
+    bootstrap interval over series) and cross-fitted, and the ensemble's gain over the single best.
+
+    Every figure is on the rows the member choice used: aligned when ``summary["alignment"]`` is set, raw
+    otherwise. ``single_per_class``: the single best's per-class F2 on those same rows at its tuned
+    thresholds (default ``summary["single_per_class"]`` where present; else the single best shows no
+    per-class figures rather than ones from other rows).
+
+    Raises:
+        KeyError: naming a summary field that is missing.
+    """
+    tuned, cross = oof_estimates(bool(summary.get("alignment")))
+    boot = summary["bootstrap"]
+    single_name, ensemble_name = f"single best ({summary['single_best']})", f"ensemble ({summary['method']})"
+    single_per_class = dict(single_per_class or summary.get("single_per_class") or {})
+
+    def interval(key: str) -> tuple[float, float]:
+        return (float(boot[key]["low"]), float(boot[key]["high"]))
+
+    gain = boot["ensemble - single"]
+    return [
+        ModelScore(
+            single_name,
+            summary["single_f2"]["tuned"],
+            single_per_class,
+            [],
+            tuned,
+            interval("single"),
+            "single",
+        ),
+        ModelScore(
+            ensemble_name,
+            summary["ensemble_f2"]["tuned"],
+            dict(summary["per_class"]),
+            list(summary["thresholds"]),
+            tuned,
+            interval("ensemble"),
+            "ensemble",
+        ),
+        ModelScore(single_name, summary["single_f2"]["cross_fitted"], estimate=cross, role="single"),
+        ModelScore(ensemble_name, summary["ensemble_f2"]["cross_fitted"], estimate=cross, role="ensemble"),
+        ModelScore(
+            "ensemble - single best",
+            float(gain["f2"]),
+            estimate=tuned,
+            interval=interval("ensemble - single"),
+            role="ensemble_minus_single",
+        ),
+    ]
+
+
+def format_scores(scores: Sequence[ModelScore]) -> list[str]:
+    """Terminal lines of ``scores``, grouped by estimate: a heading naming the rows and thresholds, then one
+    line per figure (micro-F2 with 4 decimals, as on the page, and its interval where known)."""
+    lines: list[str] = []
+    for estimate in dict.fromkeys(s.estimate for s in scores):
+        lines.append(f"micro-F2 on {estimate.label}:")
+        for s in (s for s in scores if s.estimate == estimate):
+            span = f"  95% interval (series) {s.interval[0]:.4f} .. {s.interval[1]:.4f}" if s.interval else ""
+            sign = "+" if s.role == "ensemble_minus_single" else ""
+            lines.append(f"  {s.name:<32}{s.micro_f2:{sign}.4f}{span}")
+    return lines
+
+
+def result_line(scores: Sequence[ModelScore]) -> str:
+    """``RESULT key=value ...`` (6 decimals) of every figure with a role, in ``scores`` order.
+
+    Raises:
+        ValueError: when two figures share a key (one of them would hide the other).
+    """
+    keyed = [s for s in scores if s.key]
+    keys = [s.key for s in keyed]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"Two figures share a RESULT key: {keys}")
+    return "RESULT " + " ".join(f"{s.key}={s.micro_f2:.6f}" for s in keyed)
+
+
+def parse_result_line(text: str) -> dict[str, float]:
+    """The figures of the last ``RESULT key=value ...`` line of ``text`` (a job's printed output).
+
+    Raises:
+        ValueError: when ``text`` has no such line.
+    """
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ") and "=" in line]
+    if not lines:
+        raise ValueError("No 'RESULT key=value' line in the output")
+    return {k: float(v) for k, v in (pair.split("=", 1) for pair in lines[-1].split()[1:])}
+
+
+def report_figures(page: str) -> dict[str, float]:
+    """``{key: value}`` of the keyed figures of a report page (its ``data-key``/``data-value`` rows)."""
+    return {k: float(v) for k, v in re.findall(r'data-key="([^"]+)" data-value="([^"]+)"', page)}
+
+
+GAIN_ROLE = "ensemble_minus_single"  # a difference of two figures: in the tables, not in the bar charts
 
 
 def plot_model_f2(scores: Sequence[ModelScore], path: str | Path) -> Path:
-    """Bar chart of validation micro-F2, one bar per model; the last entry (the ensemble) is highlighted."""
-    fig, ax = _figure((max(4.0, 1.1 * len(scores) + 2), 3.6))
-    names = [s.name for s in scores]
+    """Bar chart of micro-F2, one bar per figure, coloured by estimate (legend: which rows / thresholds)."""
+    fig, ax = _figure((max(4.0, 1.1 * len(scores) + 2), 3.8))
+    estimates = list(dict.fromkeys(s.estimate for s in scores))
+    palette = ["#fc8d62", "#8da0cb", "#66c2a5", "#e78ac3"]
     values = [s.micro_f2 for s in scores]
-    colors = ["#8da0cb"] * (len(scores) - 1) + ["#fc8d62"]
-    bars = ax.bar(range(len(scores)), values, color=colors)
-    for bar, value in zip(bars, values, strict=True):
-        ax.annotate(
-            f"{value:.3f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8
-        )
-    ax.set_xticks(range(len(scores)), names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, min(1.0, max(values + [0.1]) * 1.15))
-    ax.set_ylabel("validation micro-F2")
+    for i, s in enumerate(scores):
+        e = estimates.index(s.estimate)
+        bar = ax.bar(
+            [i],
+            [s.micro_f2],
+            color=palette[e % len(palette)],
+            label=s.estimate.short if all(scores[j].estimate != s.estimate for j in range(i)) else None,
+        )[0]
+        ax.annotate(f"{s.micro_f2:.3f}", (bar.get_x() + bar.get_width() / 2, s.micro_f2), ha="center",
+                    va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(scores)), [s.name for s in scores], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, min(1.0, max(values + [0.1]) * 1.2))
+    ax.set_ylabel("micro-F2")
     ax.set_title("Single models vs ensemble")
+    if len(estimates) > 1:
+        ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
 
 
 def plot_per_class_f2(scores: Sequence[ModelScore], path: str | Path) -> Path:
-    """Grouped bars of per-class F2 (classes on the x axis, one bar per model / the ensemble)."""
+    """Grouped bars of per-class F2 (classes on the x axis, one bar per figure that has per-class values)."""
     fig, ax = _figure((7.0, 3.6))
     width = 0.8 / max(len(scores), 1)
     x = np.arange(len(CLASSES))
     for i, score in enumerate(scores):
         values = [score.per_class.get(c, 0.0) for c in CLASSES]
-        ax.bar(x + (i - (len(scores) - 1) / 2) * width, values, width, label=score.name)
+        ax.bar(x + (i - (len(scores) - 1) / 2) * width, values, width, label=score.label)
     ax.set_xticks(x, CLASSES)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("validation F2")
+    ax.set_ylabel("F2")
     ax.set_title("Per-class F2 at the chosen thresholds")
-    ax.legend(fontsize=7, ncols=min(len(scores), 4), loc="upper right")
+    ax.legend(fontsize=7, ncols=min(len(scores), 2), loc="upper right")
     return _save(fig, path)
 
 
@@ -98,27 +286,54 @@ def plot_threshold_curves(
     return _save(fig, path)
 
 
+#: Schemes of an Optuna RDB storage URL, used as it is (``sqlite:///x.db``, ``postgresql+psycopg2://...``).
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
 def plot_optuna_study(optuna_db: str | Path, out_dir: str | Path) -> tuple[list[Path], list[str]]:
-    """Figures of the Optuna study in ``optuna_db`` (SQLite): F2 by trial and, with ≥ 2 completed trials,
-    parameter importances.
+    """Figures of the Optuna study at ``optuna_db``: F2 by trial and, with ≥ 2 completed trials, parameter
+    importances.
+
+    Args:
+        optuna_db: where the study is: a local SQLite file (``EXPERIMENT/optuna.db``), a storage URI of one
+            (``s3://bucket/exp/optuna.db``, ``file:///...``: copied to a temporary file first), or an Optuna
+            RDB URL (``sqlite:///...``, ``postgresql://...``).
+        out_dir: where the PNGs go.
 
     Returns:
-        ``(written PNG paths, notes about what was skipped and why)``; never raises for a study that is
-        empty, has several studies (the first is used) or whose importances cannot be computed.
+        ``(written PNG paths, notes about what was skipped and why, naming the location)``; never raises for a
+        study that is absent, empty, has several studies (the first is used) or whose importances cannot
+        be computed.
     """
+    location = str(optuna_db)
+    scheme = location.split("://", 1)[0].split("+", 1)[0].lower() if "://" in location else ""
+    if scheme in RDB_SCHEMES:
+        return _plot_study(location, location, Path(out_dir))
+    try:
+        found = io.is_file(location)
+    except (OSError, ValueError) as exc:  # an unreachable or unknown storage must not sink the report
+        return [], [f"could not look for an Optuna study at {location}: {exc}"]
+    if not found:
+        return [], [f"no Optuna study at {location}: the search figures are left out"]
+    if io.is_local(location):
+        return _plot_study(f"sqlite:///{io.local_path(location)}", location, Path(out_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        io.download(location, Path(tmp) / "optuna.db")
+        return _plot_study(f"sqlite:///{Path(tmp) / 'optuna.db'}", location, Path(out_dir))
+
+
+def _plot_study(storage: str, location: str, out_dir: Path) -> tuple[list[Path], list[str]]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out_dir = Path(out_dir)
     notes: list[str] = []
     written: list[Path] = []
-    storage = f"sqlite:///{Path(optuna_db).resolve()}"
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # a locked / foreign database must not sink the report
-        return [], [f"could not read {optuna_db}: {exc}"]
+        return [], [f"could not read {location}: {exc}"]
     if not names:
-        return [], [f"{optuna_db} holds no study"]
+        return [], [f"{location} holds no study"]
     study = optuna.load_study(study_name=names[0], storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
     if not done:
@@ -174,13 +389,19 @@ def make_report(
 
     Args:
         out_dir: report folder (created).
-        scores: single models first, the ensemble last.
-        y_true: ``[N, 5]`` 0/1 validation labels; ``probs``: ``[N, 5]`` ensemble validation probabilities.
+        scores: the model figures, each naming its estimate (rows and thresholds, :class:`ModelScore`): the
+            page's first table lists every one, with ``data-key``/``data-value`` for the keyed ones (the same
+            figures :func:`result_line` prints). The ensemble is the first figure with role ``"ensemble"``
+            (else the last figure).
+        y_true: ``[N, 5]`` 0/1 labels; ``probs``: ``[N, 5]`` ensemble probabilities, of the rows the
+            ensemble's estimate names (its threshold curves are drawn from them).
         thresholds: ``[5]`` the ensemble's chosen thresholds.
-        optuna_db: the search's SQLite file; skipped (with a note) when ``None`` or missing.
+        optuna_db: where the search's Optuna study is (see :func:`plot_optuna_study`: a local file, a storage
+            URI or an RDB URL); the job passes the experiment's study. ``None`` or nothing there: the search
+            figures are left out, with a note naming the location.
         score_heading: heading of the scores table (e.g. ``"Out-of-fold F2"`` for a fold ensemble).
         tables: extra ``(heading, column names, rows)`` tables after the thresholds (floats as ``.4f``),
-            e.g. bootstrap intervals or log loss before and after calibration.
+            e.g. log loss before and after calibration.
 
     Raises:
         ValueError: when ``scores`` is empty or ``y_true``/``probs`` are not the same ``[N, 5]`` shape.
@@ -194,26 +415,31 @@ def make_report(
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ensemble = next((s for s in scores if s.role == "ensemble"), scores[-1])
+    bars = [s for s in scores if s.role != GAIN_ROLE]
     figures = [
-        ("Validation micro-F2", plot_model_f2(scores, out_dir / "model_f2.png")),
-        ("Per-class F2", plot_per_class_f2(scores, out_dir / "per_class_f2.png")),
+        ("micro-F2 of every figure above", plot_model_f2(bars, out_dir / "model_f2.png")),
         (
-            "Threshold curves (ensemble)",
+            "Per-class F2",
+            plot_per_class_f2([s for s in bars if s.per_class], out_dir / "per_class_f2.png"),
+        ),
+        (
+            f"Threshold curves of {ensemble.name} on {ensemble.estimate.rows}",
             plot_threshold_curves(y_true, probs, thresholds, out_dir / "threshold_curves.png"),
         ),
     ]
     notes: list[str] = []
-    if optuna_db is not None and Path(optuna_db).is_file():
+    if optuna_db is None:
+        notes.append("no Optuna study location given: the search figures are left out")
+    else:
         paths, notes = plot_optuna_study(optuna_db, out_dir)
         figures += [
             ("Optuna study" if p.stem == "optuna_history" else "Parameter importance", p) for p in paths
         ]
-    else:
-        notes.append("no optuna.db: the search figures are left out")
     for note in notes:
         logger.info("report: %s", note)
     index = out_dir / REPORT_INDEX
-    index.write_text(_html(title, scores, thresholds, figures, notes, score_heading, tables))
+    index.write_text(_html(title, scores, ensemble, thresholds, figures, notes, score_heading, tables))
     logger.info("report: %s (%d figures)", index, len(figures))
     return index
 
@@ -221,21 +447,28 @@ def make_report(
 def _html(
     title: str,
     scores: Sequence[ModelScore],
+    ensemble: ModelScore,
     thresholds: Sequence[float] | np.ndarray,
     figures: list[tuple[str, Path]],
     notes: list[str],
     score_heading: str = "Validation F2",
     tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[object]]]] = (),
 ) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ("model", "micro-F2", *CLASSES))
+    columns = ("model", "rows", "thresholds", "micro-F2", "95% interval (series)", *CLASSES)
+    head = "".join(f"<th>{c}</th>" for c in columns)
     rows = []
     for s in scores:
+        sign = "+" if s.role == GAIN_ROLE else ""
         cells = [
             html.escape(s.name),
-            f"{s.micro_f2:.4f}",
-            *(f"{s.per_class.get(c, float('nan')):.4f}" for c in CLASSES),
+            html.escape(s.estimate.rows),
+            html.escape(s.estimate.thresholds),
+            f"{s.micro_f2:{sign}.4f}",
+            f"{s.interval[0]:{sign}.4f} .. {s.interval[1]:{sign}.4f}" if s.interval else "",
+            *(f"{s.per_class[c]:.4f}" if c in s.per_class else "" for c in CLASSES),
         ]
-        rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+        key = f' data-key="{html.escape(s.key)}" data-value="{float(s.micro_f2)!r}"' if s.key else ""
+        rows.append(f"<tr{key}>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
     th_row = "".join(f"<td>{float(t):.2f}</td>" for t in thresholds)
     figs = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>'
@@ -246,12 +479,13 @@ def _html(
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
-img{{max-width:640px}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:nth-child(-n+3){{text-align:left;
+max-width:22em}}figure{{display:inline-block;margin:1em}}img{{max-width:640px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <h2>{html.escape(score_heading)}</h2>
+<p>Each figure names the rows it was scored on and where its thresholds came from.</p>
 <table><tr>{head}</tr>{"".join(rows)}</table>
-<h2>Ensemble thresholds</h2>
+<h2>Thresholds of {html.escape(ensemble.name)} (tuned on {html.escape(ensemble.estimate.rows)})</h2>
 <table><tr>{"".join(f"<th>{c}</th>" for c in CLASSES)}</tr><tr>{th_row}</tr></table>
 {extra}
 <h2>Figures</h2>
