@@ -263,7 +263,8 @@ def test_hard_preset_is_fainter_thinner_and_rarer_than_default():
         assert rates["hard"][c] < 0.6 * rates["default"][c]
     hard = synth.PRESETS["hard"]
     assert {"sah", "edh"} <= set(hard.faint_classes)
-    assert max(hard.faint_hu) - 38.0 < 0.5 * (min(synth.PRESETS["default"].blood_hu) - 28.0)  # vs cortex
+    faint_contrast = np.mean(hard.faint_hu) - 38.0  # against cortex, where SAH and EDH lie
+    assert faint_contrast < 0.5 * (np.mean(synth.PRESETS["default"].blood_hu) - 38.0)
     assert hard.noise_hu > synth.PRESETS["default"].noise_hu
     easy = synth.PRESETS["easy"]
     assert min(easy.blood_hu) >= max(synth.PRESETS["default"].blood_hu) - 10 and easy.noise_hu < 4.0
