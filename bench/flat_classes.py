@@ -62,6 +62,20 @@ CANDIDATES: dict[str, dict] = {
 SLICE_RUNS = ("two_stage", "slice_series_batches", "slice_shuffled64")
 
 
+def asl_resting_probability(prevalence: float, gamma_pos: float, gamma_neg: float, clip: float) -> float:
+    """The probability at which ``ichmodel.losses.asymmetric_loss`` rests for a class the features do not
+    separate yet: the one logit minimising ``π·ASL(x, 1) + (1 − π)·ASL(x, 0)``. BCE rests at π itself."""
+    from ichmodel.losses import asymmetric_loss
+
+    x = torch.linspace(-9.0, 9.0, 1801)[:, None]  # [G, 1] candidate logits
+    per_logit = [
+        prevalence * asymmetric_loss(x[i : i + 1], torch.ones(1, 1), gamma_pos, gamma_neg, clip)
+        + (1 - prevalence) * asymmetric_loss(x[i : i + 1], torch.zeros(1, 1), gamma_pos, gamma_neg, clip)
+        for i in range(len(x))
+    ]
+    return float(torch.sigmoid(x[int(torch.stack(per_logit).argmin())]))
+
+
 def _finite(values: dict[str, float]) -> list[float]:
     return [v for v in values.values() if math.isfinite(v)]
 
