@@ -1,10 +1,14 @@
-"""Held-out ablation: does each part of the paper's recipe beat plain training? (issue 12)
+"""Held-out ablation: does each part of the paper's recipe beat plain training and the two-stage recipe of
+the RSNA 2019 winners, on data worlds of several difficulties? (issues 12 and 27)
 
-    python bench/ablation.py                      # full size: 128 series at 128 px, budget 4+4+8, seeds 0 1 2
-    python bench/ablation.py --smoke              # tiny: 12 series at 32 px, 1+0+1 epochs, one seed (about
-                                                  # 10 s a variant on 2 idle cores; longer while others run)
+    python bench/ablation.py                      # full size: 128 series at 128 px, budget 4+4+8, seeds 0 1 2,
+                                                  # settings easy default hard
+    python bench/ablation.py --setting hard --seeds 0 --patients 64 --size 64 --epochs 1,1,2
+    python bench/ablation.py --smoke              # tiny: 12 series at 32 px, 1+0+1 epochs, one seed, the hard
+                                                  # setting (about 10 s a variant on 2 idle cores)
 
-Generated labelled series (ichmodel.synth, DLCV layout) are split by series into train / validation / test.
+Generated labelled series (ichmodel.synth, DLCV layout, difficulty ``synth.PRESETS[setting]``) are split by
+series into train / validation / test.
 The test part is never used for training, model selection or thresholds: thresholds are tuned on validation
 only, then applied to test. Every variant gets the same epoch budget. Variants:
 
@@ -14,10 +18,18 @@ only, then applied to test. Every variant gets the same epoch budget. Variants:
 - strategies: + masking and diversity transfer (stages 2-3);
 - lp: + LP in the fine-tuning stage;  dc: + DC;  default: + CPC (the default Config);
 - default_mc: the default recipe predicting with the MC head alone (the paper's output) instead of the
-  default ``model.prediction = "mc+ac"``.
+  default ``model.prediction = "mc+ac"``;
+- two_stage: the RSNA winners' design (bench/two_stage.py): the per-slice ResNet18 with BCE on shuffled
+  32-slice batches for the whole backbone budget, then a bi-GRU + linear head on its frozen features (BCE,
+  30 epochs on cached features, seconds). Its stage 1 alone is reported as slice_cnn (no extra training).
 
-Prints per-seed held-out micro-F2, a markdown table (mean ± sd and per class), and last a line
-``RESULT {json}`` with ``default_test_f2``, ``mc_only_test_f2``, ``per_slice_test_f2`` and ``variants``.
+Backbone epochs are equal: every variant's backbone trains for the sum of ``--epochs``.
+
+Prints per-seed held-out micro-F2, a markdown table per setting (mean ± sd, per-class F2 and AUC), and last
+a line ``RESULT {json}`` with ``default_test_f2``, ``two_stage_test_f2``, ``per_slice_test_f2``,
+``mc_only_test_f2`` and ``min_class_auc`` (the default recipe's lowest held-out class AUC) of the hard setting
+(of the last setting run when hard is not among them), plus ``variants``, ``per_class`` (F2), ``auc`` and
+every setting's own summary under ``settings``.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bench.two_stage import class_auc, fit_two_stage  # noqa: E402
 from ichmodel import metrics as M  # noqa: E402
 from ichmodel.augment import augment_series, normalize, to_float  # noqa: E402
 from ichmodel.config import Config  # noqa: E402
@@ -50,6 +63,7 @@ from ichmodel.demo_data import ensure_demo_data  # noqa: E402
 from ichmodel.engine import fit  # noqa: E402
 from ichmodel.metrics import fallback_thresholds  # noqa: E402
 from ichmodel.model import Backbone, slice_probs  # noqa: E402
+from ichmodel.synth import PRESETS  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_STRATEGIES = {"strategy.p1": 0.0, "strategy.p2": 0.0}
@@ -72,6 +86,7 @@ def variants(epochs: tuple[int, int, int]) -> dict[str, dict | None]:
         "dc": {**staged, "loss.nu": 0.0},
         "default": staged,
         "default_mc": {**staged, "model.prediction": "mc"},  # the paper's output: the MC head alone
+        "two_stage": None,  # built in bench/two_stage.py; also reports its stage 1 as slice_cnn
     }
 
 
@@ -129,74 +144,136 @@ def fit_per_slice(cfg: Config, train_set: SeriesDataset, val_set: SeriesDataset)
     return model
 
 
-def held_out(model: nn.Module, sets: tuple, per_slice: bool) -> dict:
-    """Thresholds from validation (training prevalence where validation has no positive), scores on test."""
-    train_set, val_set, test_set = sets
-    val_probs, val_labels = predict(model, val_set, per_slice)
-    fallback = fallback_thresholds(class_prevalence(train_set), val_probs)
+def score_held_out(
+    prevalence: np.ndarray | None,
+    val_probs: np.ndarray,
+    val_labels: np.ndarray,
+    test_probs: np.ndarray,
+    test_labels: np.ndarray,
+) -> dict:
+    """Thresholds from validation (training prevalence where validation has no positive), scores on test:
+    micro-F2, per-class F2 and per-class AUC (NaN where the test part lacks positives or negatives)."""
+    fallback = fallback_thresholds(prevalence, val_probs) if prevalence is not None else None
     thresholds = M.search_thresholds(val_labels, val_probs, fallback=fallback, min_positives=0)
-    probs, labels = predict(model, test_set, per_slice)
-    decisions = probs >= thresholds
+    decisions = test_probs >= thresholds
     return {
         "val_f2": M.f2_score(val_labels, val_probs >= thresholds),
-        "test_f2": M.f2_score(labels, decisions),
-        "per_class": dict(zip(CLASSES, M.per_class_f2(labels, decisions).tolist(), strict=True)),
+        "test_f2": M.f2_score(test_labels, decisions),
+        "per_class": dict(zip(CLASSES, M.per_class_f2(test_labels, decisions).tolist(), strict=True)),
+        "auc": class_auc(test_labels, test_probs),
     }
 
 
-def run_variant(name: str, overrides: dict | None, base: Config, seed: int, sets: tuple) -> dict:
+def held_out(model: nn.Module, sets: tuple, per_slice: bool) -> dict:
+    """:func:`score_held_out` of ``model`` on the validation and test parts of ``sets``."""
+    train_set, val_set, test_set = sets
+    return score_held_out(
+        class_prevalence(train_set), *predict(model, val_set, per_slice), *predict(model, test_set, per_slice)
+    )
+
+
+def run_variant(name: str, overrides: dict | None, base: Config, seed: int, sets: tuple) -> dict[str, dict]:
+    """``{variant: held-out result}``: one entry, or two for two_stage (its stage 1 as slice_cnn)."""
     train_set, val_set, _ = sets
     cfg = base.with_overrides({**(overrides or {}), "train.seed": seed})
+    if name == "two_stage":
+        prevalence = class_prevalence(train_set)
+        head_epochs = 5 if sum(cfg.train.max_epochs) <= 2 else 30
+        runs = fit_two_stage(cfg, sets, sum(cfg.train.max_epochs), head_epochs)
+        return {
+            key: score_held_out(
+                prevalence, out["val_probs"], out["val_labels"], out["test_probs"], out["test_labels"]
+            )
+            for key, out in (("two_stage", runs["two_stage"]), ("slice_cnn", runs["slice_cnn"]))
+        }
     if overrides is None:
-        return held_out(fit_per_slice(cfg, train_set, val_set), sets, per_slice=True)
+        return {name: held_out(fit_per_slice(cfg, train_set, val_set), sets, per_slice=True)}
     model, _ = fit(cfg, train_set, val_set, torch.device("cpu"))
-    return held_out(model, sets, per_slice=False)
+    return {name: held_out(model, sets, per_slice=False)}
+
+
+def _mean(values: list[float]) -> float:
+    """Mean over the finite values; NaN when there is none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def table(results: dict[str, list[dict]], budget: str) -> str:
+    auc_header = " | ".join(f"AUC {c}" for c in CLASSES)
     lines = [
-        f"| variant | epochs | held-out micro-F2 (mean ± sd) | {' | '.join(CLASSES)} | val F2 |",
-        "| --- | --- | --- |" + " --- |" * (len(CLASSES) + 1),
+        f"| variant | epochs | held-out micro-F2 (mean ± sd) | {' | '.join(CLASSES)} | {auc_header} | val F2 |",
+        "| --- | --- | --- |" + " --- |" * (2 * len(CLASSES) + 1),
     ]
     for name, runs in results.items():
         f2 = [r["test_f2"] for r in runs]
         per_class = " | ".join(f"{np.mean([r['per_class'][c] for r in runs]):.3f}" for c in CLASSES)
+        auc = " | ".join(f"{_mean([r['auc'][c] for r in runs]):.2f}" for c in CLASSES)
         val = np.mean([r["val_f2"] for r in runs])
         lines.append(
-            f"| {name} | {budget} | {np.mean(f2):.3f} ± {np.std(f2):.3f} | {per_class} | {val:.3f} |"
+            f"| {name} | {budget} | {np.mean(f2):.3f} ± {np.std(f2):.3f} | {per_class} | {auc} | {val:.3f} |"
         )
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", default="4,4,8", help="stage epoch caps; every variant gets their sum")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--patients", type=int, default=128, help="labelled series generated")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--test-fraction", type=float, default=0.25)
-    parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides for every sequence variant, e.g. train.select_metric=f2 train.warmup_epochs=0",
-    )
-    parser.add_argument("--smoke", action="store_true", help="12 series at 32 px, 1+0+1 epochs, seed 0")
-    args = parser.parse_args()
-    if args.smoke:
-        args.epochs, args.seeds, args.patients, args.size = "1,0,1", [0], 12, 32
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("ichmodel.metrics").setLevel(logging.ERROR)  # scarce-class warnings at every epoch
-    epochs = tuple(int(e) for e in args.epochs.split(","))
+def summarize(results: dict[str, list[dict]]) -> dict:
+    """Means over seeds: held-out micro-F2 per variant, per-class F2 and AUC, and the headline keys."""
+    means = {name: float(np.mean([r["test_f2"] for r in runs])) for name, runs in results.items()}
+    auc = {name: {c: _mean([r["auc"][c] for r in runs]) for c in CLASSES} for name, runs in results.items()}
+
+    def min_auc(name: str) -> float | None:
+        values = [v for v in auc.get(name, {}).values() if np.isfinite(v)]
+        return min(values) if values else None
+
+    behind = [
+        c
+        for c in CLASSES
+        if "default" in auc
+        and "two_stage" in auc
+        and auc["two_stage"][c] >= 0.75
+        and not auc["default"][c] >= 0.75
+    ]
+    return {
+        "default_test_f2": means.get("default"),
+        "two_stage_test_f2": means.get("two_stage"),
+        "per_slice_test_f2": means.get("per_slice"),
+        "mc_only_test_f2": means.get("mc_only"),
+        "min_class_auc": min_auc("default"),
+        "min_class_auc_by_variant": {name: min_auc(name) for name in results},
+        "classes_behind_two_stage": behind,  # two_stage's AUC >= 0.75 where the default's is not
+        "variants": means,
+        "sd": {name: float(np.std([r["test_f2"] for r in runs])) for name, runs in results.items()},
+        "per_class": {
+            name: {c: float(np.mean([r["per_class"][c] for r in runs])) for c in CLASSES}
+            for name, runs in results.items()
+        },
+        "auc": auc,
+    }
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def run_setting(args: argparse.Namespace, setting: str, epochs: tuple[int, int, int]) -> dict:
+    """Every selected variant and seed on one generated data world; prints its table, returns its summary."""
+    folder = f"ablation_{args.patients}_{args.size}"
+    if setting != "default":
+        folder = f"ablation_{setting}_{args.patients}_{args.size}"
     shards, _ = ensure_demo_data(
-        REPO_ROOT / "runs" / f"ablation_{args.patients}_{args.size}", args.patients, 2, args.size
+        REPO_ROOT / "runs" / folder, args.patients, 2, args.size, 0, PRESETS[setting]
     )
     all_ids = SeriesDataset(shards).series_ids
     train_ids, val_ids, test_ids = split_three(list(all_ids), args.test_fraction, 0.2, seed=0)
     print(
-        f"series: {len(train_ids)} train, {len(val_ids)} validation, {len(test_ids)} held-out test",
+        f"setting {setting}: {len(train_ids)} train, {len(val_ids)} validation, {len(test_ids)} held-out test "
+        "series",
         flush=True,
     )
     extra = dict(item.split("=", 1) for item in args.set)
@@ -212,30 +289,60 @@ def main() -> int:
                 SeriesDataset(shards, test_ids),
             )
             started = time.perf_counter()
-            result = run_variant(name, overrides, base, seed, sets)
-            results.setdefault(name, []).append(result)
-            print(
-                f"{name:11s} seed {seed}: held-out micro-F2 {result['test_f2']:.4f} "
-                f"(val {result['val_f2']:.4f}, {time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
-    print("\n" + table(results, "+".join(map(str, epochs))) + "\n")
-    means = {name: float(np.mean([r["test_f2"] for r in runs])) for name, runs in results.items()}
+            for key, result in run_variant(name, overrides, base, seed, sets).items():
+                results.setdefault(key, []).append(result)
+                print(
+                    f"{setting:8s} {key:11s} seed {seed}: held-out micro-F2 {result['test_f2']:.4f} "
+                    f"(val {result['val_f2']:.4f}, {time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+    print(f"\nsetting {setting}\n" + table(results, "+".join(map(str, epochs))) + "\n")
+    summary = summarize(results)
+    summary["series"] = {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)}
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", default="4,4,8", help="stage epoch caps; every variant gets their sum")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--patients", type=int, default=128, help="labelled series generated")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--test-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--setting",
+        nargs="+",
+        choices=sorted(PRESETS),
+        default=None,
+        help="generator difficulties (ichmodel.synth.PRESETS); default: easy default hard (--smoke: hard)",
+    )
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every sequence variant, e.g. train.select_metric=f2 train.warmup_epochs=0",
+    )
+    parser.add_argument("--smoke", action="store_true", help="12 series at 32 px, 1+0+1 epochs, seed 0")
+    args = parser.parse_args()
+    if args.smoke:
+        args.epochs, args.seeds, args.patients, args.size = "1,0,1", [0], 12, 32
+    settings = args.setting or (["hard"] if args.smoke else ["easy", "default", "hard"])
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("ichmodel.metrics").setLevel(logging.ERROR)  # scarce-class warnings at every epoch
+    epochs = tuple(int(e) for e in args.epochs.split(","))
+    by_setting = {setting: run_setting(args, setting, epochs) for setting in settings}
+    headline = "hard" if "hard" in by_setting else settings[-1]
     summary = {
-        "default_test_f2": means.get("default"),
-        "mc_only_test_f2": means.get("mc_only"),
-        "per_slice_test_f2": means.get("per_slice"),
-        "variants": means,
-        "sd": {name: float(np.std([r["test_f2"] for r in runs])) for name, runs in results.items()},
-        "per_class": {
-            name: {c: float(np.mean([r["per_class"][c] for r in runs])) for c in CLASSES}
-            for name, runs in results.items()
-        },
+        **by_setting[headline],
+        "setting": headline,
+        "settings": by_setting,
         "epochs": list(epochs),
+        "backbone_epochs": sum(epochs),
         "seeds": args.seeds,
-        "series": {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)},
     }
-    print("RESULT " + json.dumps(summary))
+    print("RESULT " + json.dumps(json_safe(summary)))
     return 0
 
 

@@ -14,9 +14,17 @@ logger = logging.getLogger(__name__)
 
 
 def ensure_demo_data(
-    root: str | Path, patients: int = 24, test_patients: int = 8, size: int = 64, seed: int = 0
+    root: str | Path,
+    patients: int = 24,
+    test_patients: int = 8,
+    size: int = 64,
+    seed: int = 0,
+    difficulty: synth.Difficulty | None = None,
 ) -> tuple[Path, Path]:
     """Generate ``patients`` + ``test_patients`` synthetic series under ``root`` and preprocess them, once.
+
+    ``difficulty`` (default ``synth.PRESETS["default"]``) sets how hard the data is; give each setting its
+    own ``root``, since what is there is reused whatever the setting.
 
     Returns ``(train_shards, test_shards)``: ``root/shards/train`` and ``root/shards/test``. Re-running
     reuses what is there (the raw files in ``root/Blood_data`` and each finished shard folder).
@@ -29,7 +37,7 @@ def ensure_demo_data(
         "generating demo data: %d + %d synthetic series at %d px in %s", patients, test_patients, size, raw
     )
     if not (raw / "train.csv").is_file():
-        synth.write_dlcv_dataset(raw, patients, (12, 20), size, seed, test_patients)
+        synth.write_dlcv_dataset(raw, patients, (12, 20), size, seed, test_patients, difficulty)
     options = PreprocessOptions(size=size)
     preprocess(read_dlcv(raw / "train", raw / "train.csv"), train_shards, options)
     preprocess(read_dlcv(raw / "test"), test_shards, options)

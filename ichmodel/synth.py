@@ -16,6 +16,11 @@ Each lesion spans several neighbouring slices and shrinks towards its ends; a sl
 only where the lesion actually covers at least a few pixels, so labels always agree with the pixels.
 Blood is 60-80 HU. Slice positive rates are close to the DLCV data (about 35% of slices carry a label).
 
+How hard the data is comes from a :class:`Difficulty` (lesion contrast against brain, extent in slices
+and in plane, noise, class prevalence, series length); :data:`PRESETS` names ``easy``, ``default`` (the
+generator's behaviour before difficulty was configurable, bit for bit) and ``hard`` (faint, thin SAH and EDH
+near the skull, few positives, noisier).
+
 Everything is drawn from one ``numpy.random.Generator``: a seed fixes every pixel, UID and file name.
 """
 
@@ -45,9 +50,94 @@ RSNA_CSV_SUBTYPES = RSNA_ROW_ORDER  # rows of ``stage_2_train.csv`` for one slic
 LESION_SERIES_PROB: dict[str, float] = {"ich": 0.23, "ivh": 0.3, "sah": 0.2, "sdh": 0.37, "edh": 0.1}
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the generated data is. The defaults are the generator's behaviour before this existed.
+
+    Every range is drawn uniformly per lesion (or per series); the scale factors multiply sizes drawn with
+    the default ranges, so a factor of 1 leaves every random draw and every pixel unchanged.
+    """
+
+    #: Blood density in HU, per lesion (brain is 28 HU, cortex 38 HU, CSF 6-8 HU, bone 1200 HU).
+    blood_hu: tuple[float, float] = (60.0, 80.0)
+    #: Classes whose lesions take ``faint_hu`` instead (fainter against brain), e.g. ``("sah", "edh")``.
+    faint_classes: tuple[str, ...] = ()
+    faint_hu: tuple[float, float] = (60.0, 80.0)
+    #: Multiplies each class's probability of a lesion per series (``LESION_SERIES_PROB``), capped at 1.
+    prevalence: float = 1.0
+    #: Multiplies the prevalence of ``faint_classes`` only (on top of ``prevalence``).
+    faint_prevalence: float = 1.0
+    #: Half length of a lesion along the series, as a fraction of the series' slices.
+    half_extent: tuple[float, float] = (0.12, 0.3)
+    #: In-plane size of every lesion (EDH/SDH depth, ICH radius, IVH fill, SAH sulcus count) ...
+    in_plane: float = 1.0
+    #: ... and of ``faint_classes`` only, on top of ``in_plane`` (thin SAH and EDH hug the skull).
+    faint_in_plane: float = 1.0
+    #: Gaussian pixel noise, HU.
+    noise_hu: float = 4.0
+    #: Slices per series, ``(low, high)``; ``None``: the range the writer is given.
+    series_length: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.faint_classes) - set(CLASSES))
+        if unknown:
+            raise ValueError(f"Difficulty.faint_classes must name classes of {list(CLASSES)}. Got {unknown}")
+        for name in ("blood_hu", "faint_hu", "half_extent"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"Difficulty.{name} must be a range (low <= high). Got {(lo, hi)}")
+        if self.half_extent[0] <= 0:
+            raise ValueError(f"Difficulty.half_extent must be > 0. Got {self.half_extent}")
+        for name in ("prevalence", "faint_prevalence", "in_plane", "faint_in_plane"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Difficulty.{name} must be > 0. Got {getattr(self, name)}")
+        if self.noise_hu < 0:
+            raise ValueError(f"Difficulty.noise_hu must be >= 0. Got {self.noise_hu}")
+        if self.series_length is not None and not 1 <= self.series_length[0] <= self.series_length[1]:
+            raise ValueError(
+                f"Difficulty.series_length must be A-B with 1 <= A <= B. Got {self.series_length}"
+            )
+
+    def series_prob(self, cls: str) -> float:
+        """Probability that a series holds a lesion of class ``cls``."""
+        factor = self.prevalence * (self.faint_prevalence if cls in self.faint_classes else 1.0)
+        return LESION_SERIES_PROB[cls] if factor == 1.0 else min(1.0, LESION_SERIES_PROB[cls] * factor)
+
+    def size_factor(self, cls: str) -> float:
+        return self.in_plane * (self.faint_in_plane if cls in self.faint_classes else 1.0)
+
+
+#: Named difficulty settings (``--setting`` of bench/ablation.py). ``default`` is today's data, bit for bit.
+PRESETS: dict[str, Difficulty] = {
+    "easy": Difficulty(blood_hu=(70.0, 90.0), half_extent=(0.18, 0.35), in_plane=1.25, noise_hu=2.0),
+    "default": Difficulty(),
+    "hard": Difficulty(
+        blood_hu=(52.0, 70.0),
+        faint_classes=("sah", "edh"),
+        faint_hu=(44.0, 54.0),  # 6-16 HU over cortex, 1/4-1/2 of the default contrast
+        prevalence=0.7,
+        faint_prevalence=0.6,
+        half_extent=(0.08, 0.2),
+        in_plane=0.85,
+        faint_in_plane=0.6,
+        noise_hu=6.0,
+    ),
+}
+
+
+def get_difficulty(name: str) -> Difficulty:
+    """The preset called ``name``.
+
+    Raises:
+        ValueError: naming the presets, for an unknown name.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown difficulty {name!r}: choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
 SLICE_THICKNESS_MM = 5.0
 FIELD_OF_VIEW_MM = 250.0
-_BLOOD_HU = (60.0, 80.0)
 _CSF_HU = 6.0
 
 
@@ -113,12 +203,14 @@ def _head_scale(frac: float) -> float:
     return math.sqrt(min(1.0, max(0.08, 1.0 - ((frac - 0.45) / 0.62) ** 2)))
 
 
-def _draw_lesions(rng: np.random.Generator, head: _Head, num_slices: int) -> list[_Lesion]:
+def _draw_lesions(
+    rng: np.random.Generator, head: _Head, num_slices: int, difficulty: Difficulty
+) -> list[_Lesion]:
     lesions = []
     for cls in CLASSES:
-        if rng.random() >= LESION_SERIES_PROB[cls]:
+        if rng.random() >= difficulty.series_prob(cls):
             continue
-        half = rng.uniform(0.12, 0.3) * num_slices
+        half = rng.uniform(*difficulty.half_extent) * num_slices
         if cls == "ivh":
             lo, hi = (f * num_slices for f in head.vent_range)
             center = rng.uniform(lo, hi)
@@ -145,8 +237,28 @@ def _draw_lesions(rng: np.random.Generator, head: _Head, num_slices: int) -> lis
                 "radius": rng.uniform(0.12, 0.24),
                 "lobes": int(rng.integers(2, 5)),
             }
-        lesions.append(_Lesion(cls, center, half, rng.uniform(*_BLOOD_HU), params))
+        scale = difficulty.size_factor(cls)
+        if scale != 1.0:
+            params = _scaled(cls, params, scale)
+        blood = difficulty.faint_hu if cls in difficulty.faint_classes else difficulty.blood_hu
+        lesions.append(_Lesion(cls, center, half, rng.uniform(*blood), params))
     return lesions
+
+
+def _scaled(cls: str, params: dict, scale: float) -> dict:
+    """A lesion's in-plane parameters with its size multiplied by ``scale``."""
+    params = dict(params)
+    if cls in ("edh", "sdh"):
+        params["depth"] *= scale
+        params["width"] *= math.sqrt(scale)
+    elif cls == "sah":
+        params["lines"] = params["lines"][: max(1, round(len(params["lines"]) * scale))]
+        params["fissure"] = params["fissure"] and scale >= 1.0
+    elif cls == "ivh":
+        params["fill"] = min(1.0, params["fill"] * scale)
+    elif cls == "ich":
+        params["radius"] *= scale
+    return params
 
 
 def _angle_diff(a: np.ndarray, b: float) -> np.ndarray:
@@ -154,7 +266,11 @@ def _angle_diff(a: np.ndarray, b: float) -> np.ndarray:
 
 
 def generate_series(
-    rng: np.random.Generator, num_slices: int, size: int, noise_hu: float = 4.0
+    rng: np.random.Generator,
+    num_slices: int,
+    size: int,
+    noise_hu: float | None = None,
+    difficulty: Difficulty | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one head CT series.
 
@@ -162,7 +278,8 @@ def generate_series(
         rng: the generator every random choice comes from.
         num_slices: T, slices from skull base (index 0) to vertex.
         size: H = W of each slice in pixels (64-512).
-        noise_hu: standard deviation of the Gaussian pixel noise.
+        noise_hu: standard deviation of the Gaussian pixel noise (default: ``difficulty.noise_hu``).
+        difficulty: lesion contrast, extent, prevalence and noise (default: ``PRESETS["default"]``).
 
     Returns:
         ``(hu, labels)``: ``hu`` float32 ``[T, H, W]`` in Hounsfield units, ``labels`` uint8 ``[T, 5]``
@@ -175,8 +292,10 @@ def generate_series(
         raise ValueError(f"num_slices must be >= 1. Got {num_slices}")
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels. Got {size}")
+    difficulty = difficulty or PRESETS["default"]
+    noise_hu = difficulty.noise_hu if noise_hu is None else noise_hu
     head = _draw_head(rng, size)
-    lesions = _draw_lesions(rng, head, num_slices)
+    lesions = _draw_lesions(rng, head, num_slices, difficulty)
     min_area = max(3.0, 3.0 * (size / 64) ** 2)
 
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -310,8 +429,10 @@ def _random_uid(rng: np.random.Generator) -> str:
     return "2.25." + str(int.from_bytes(rng.bytes(16), "big"))
 
 
-def _draw_num_slices(rng: np.random.Generator, slices: tuple[int, int]) -> int:
-    lo, hi = slices
+def _draw_num_slices(
+    rng: np.random.Generator, slices: tuple[int, int], difficulty: Difficulty | None = None
+) -> int:
+    lo, hi = slices if difficulty is None or difficulty.series_length is None else difficulty.series_length
     if lo < 1 or hi < lo:
         raise ValueError(f"slices must be a range A-B with 1 <= A <= B. Got {slices}")
     return int(rng.integers(lo, hi + 1))
@@ -456,6 +577,7 @@ def write_rsna_dataset(
     size: int = 64,
     seed: int = 0,
     duplicate_rows: int = 0,
+    difficulty: Difficulty | None = None,
 ) -> SynthSummary:
     """Write an RSNA-2019-style dataset: ``out/stage_2_train/ID_<hex>.dcm`` (all series in one flat folder,
     random names, so only ImagePositionPatient gives the order) and ``out/stage_2_train.csv``
@@ -471,8 +593,8 @@ def write_rsna_dataset(
     all_labels = []
     num_slices_total = 0
     for patient in range(num_patients):
-        num_slices = _draw_num_slices(rng, slices)
-        hu, labels = generate_series(rng, num_slices, size)
+        num_slices = _draw_num_slices(rng, slices, difficulty)
+        hu, labels = generate_series(rng, num_slices, size, difficulty=difficulty)
         ids = [f"ID_{_random_hex(rng, used)}" for _ in range(num_slices)]
         write_dicom_series(
             image_dir,
@@ -510,6 +632,7 @@ def write_dicom_folder(
     slices: tuple[int, int] = (20, 40),
     size: int = 64,
     seed: int = 0,
+    difficulty: Difficulty | None = None,
 ) -> SynthSummary:
     """Write unlabelled studies as a scanner export would: ``out/<patient>/<series>/IM00001.dcm``, ...
     (for inference on new studies). Returns the summary of the hidden labels' rates.
@@ -519,8 +642,8 @@ def write_dicom_folder(
     all_labels = []
     total = 0
     for patient in range(num_patients):
-        num_slices = _draw_num_slices(rng, slices)
-        hu, labels = generate_series(rng, num_slices, size)
+        num_slices = _draw_num_slices(rng, slices, difficulty)
+        hu, labels = generate_series(rng, num_slices, size, difficulty=difficulty)
         write_dicom_series(
             out / f"patient{patient:04d}" / "series1", hu, rng, bits_stored=16 if patient % 2 else 12
         )
@@ -537,6 +660,7 @@ def write_dlcv_dataset(
     size: int = 64,
     seed: int = 0,
     test_patients: int = 0,
+    difficulty: Difficulty | None = None,
 ) -> SynthSummary:
     """Write the DLCV course layout (``Blood_data``): ``out/train/<dirname>/<ID>.jpg`` with
     ``dirname = ID_<hex>`` and ``ID = <hex>_<n>.jpg`` (n = 0.. in slice order), 8-bit brain-windowed
@@ -553,8 +677,8 @@ def write_dlcv_dataset(
     total = 0
     for patient in range(num_patients + test_patients):
         split = "train" if patient < num_patients else "test"
-        num_slices = _draw_num_slices(rng, slices)
-        hu, labels = generate_series(rng, num_slices, size)
+        num_slices = _draw_num_slices(rng, slices, difficulty)
+        hu, labels = generate_series(rng, num_slices, size, difficulty=difficulty)
         stem = _random_hex(rng, used)
         dirname = f"ID_{stem}"
         folder = out / split / dirname
@@ -607,6 +731,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slices", type=_parse_range, default=(20, 40), help="slices per series, A-B")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", choices=sorted(PRESETS), default="default", help="named data setting")
     return parser
 
 
@@ -614,17 +739,30 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
+    difficulty = PRESETS[args.difficulty]
     summaries = []
     if args.format in ("rsna", "both"):
         root = out / "rsna" if args.format == "both" else out
-        summaries.append(write_rsna_dataset(root, args.patients, args.slices, args.size, args.seed))
+        summaries.append(
+            write_rsna_dataset(root, args.patients, args.slices, args.size, args.seed, difficulty=difficulty)
+        )
     if args.format in ("dlcv", "both"):
         root = out / "dlcv" if args.format == "both" else out
         summaries.append(
-            write_dlcv_dataset(root, args.patients, args.slices, args.size, args.seed, args.test_patients)
+            write_dlcv_dataset(
+                root,
+                args.patients,
+                args.slices,
+                args.size,
+                args.seed,
+                args.test_patients,
+                difficulty=difficulty,
+            )
         )
     if args.format == "dicom":
-        summaries.append(write_dicom_folder(out, args.patients, args.slices, args.size, args.seed))
+        summaries.append(
+            write_dicom_folder(out, args.patients, args.slices, args.size, args.seed, difficulty=difficulty)
+        )
     for s in summaries:
         rates = ", ".join(f"{k} {v:.0%}" for k, v in s.positive_rate.items())
         print(f"{s.format}: {s.num_series} series, {s.num_slices} slices in {s.root} (positive: {rates})")

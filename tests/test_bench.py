@@ -107,13 +107,23 @@ def test_train_step_bench_reports_every_step_and_its_ratios():
 
 
 def test_ablation_smoke_reports_held_out_f2_of_each_variant():
-    variants = ["per_slice", "mc_only", "default"]
+    variants = ["per_slice", "default", "two_stage"]
     result, out = run_bench(["bench/ablation.py", "--smoke", "--only", *variants])
-    assert {"default_test_f2", "mc_only_test_f2", "per_slice_test_f2", "variants", "per_class"} <= set(result)
-    assert set(result["variants"]) == set(variants)
+    keys = {"default_test_f2", "two_stage_test_f2", "per_slice_test_f2", "min_class_auc"}
+    assert keys | {"variants", "per_class", "auc", "settings"} <= set(result)
+    assert result["setting"] == "hard" and set(result["settings"]) == {
+        "hard"
+    }  # the smoke runs the hard world
+    assert set(result["variants"]) == {*variants, "slice_cnn"}  # two_stage also reports its stage 1
     for name in variants:
         assert 0.0 <= result[f"{name}_test_f2"] <= 1.0
         assert result["variants"][name] == result[f"{name}_test_f2"]
         assert all(0.0 <= f2 <= 1.0 for f2 in result["per_class"][name].values())
+        aucs = [a for a in result["auc"][name].values() if a is not None]  # None: no test positive
+        assert aucs and all(0.0 <= a <= 1.0 for a in aucs)
+    assert result["min_class_auc"] == min(a for a in result["auc"]["default"].values() if a is not None)
+    assert result["backbone_epochs"] == 2
     assert sum(result["series"].values()) == 12 and min(result["series"].values()) >= 1
-    assert "| per_slice |" in out and "held-out micro-F2" in out
+    assert (
+        "| per_slice |" in out and "| two_stage |" in out and "held-out micro-F2" in out and "AUC sah" in out
+    )

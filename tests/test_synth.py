@@ -149,3 +149,159 @@ def test_cli_writes_both_layouts(tmp_path, capsys):
 def test_cli_rejects_bad_range(tmp_path):
     with pytest.raises(SystemExit):
         synth.main(["--out", str(tmp_path), "--slices", "a-b"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Difficulty
+# --------------------------------------------------------------------------------------------------
+
+_ANATOMY_HU = np.array([-1000.0, 35.0, 1200.0, 28.0, 38.0, 8.0, 6.0, 18.0])  # every lesion-free value
+
+
+def _lesion_pixels(hu: np.ndarray) -> np.ndarray:
+    """Lesion pixels of a noise-free volume: those no anatomy value explains."""
+    return ~np.isclose(hu[..., None], _ANATOMY_HU, atol=1e-3).any(axis=-1)
+
+
+def _series(difficulty: synth.Difficulty, n: int, seed: int = 0, slices: int = 14, size: int = 32) -> list:
+    rng = np.random.default_rng(seed)
+    return [synth.generate_series(rng, slices, size, difficulty=difficulty) for _ in range(n)]
+
+
+def test_default_preset_is_the_generator_of_before_bit_for_bit():
+    hu, labels = synth.generate_series(np.random.default_rng(7), 10, 32)
+    # golden values of the generator before Difficulty existed (main at 23ed633)
+    assert float(hu.astype(np.float64).sum()) == pytest.approx(-5034160.683104038, rel=1e-12)
+    assert labels.sum(axis=0).tolist() == [0, 0, 0, 5, 0]
+    again = synth.generate_series(np.random.default_rng(7), 10, 32, difficulty=synth.PRESETS["default"])
+    np.testing.assert_array_equal(hu, again[0])
+    np.testing.assert_array_equal(labels, again[1])
+    assert synth.get_difficulty("default") == synth.Difficulty()
+
+
+def test_lesion_contrast_follows_the_blood_density():
+    means = []
+    for blood in ((70.0, 80.0), (55.0, 60.0), (44.0, 48.0)):
+        volumes = _series(synth.Difficulty(blood_hu=blood, faint_hu=blood, noise_hu=0.0), 30)
+        lesion = np.concatenate([hu[_lesion_pixels(hu)] for hu, _ in volumes])
+        assert lesion.size > 100
+        means.append(float(lesion.mean()))
+        assert blood[0] - 1e-3 <= means[-1] <= blood[1] + 1e-3
+    contrast = np.array(means) - 28.0  # against white matter
+    assert contrast[0] > contrast[1] > contrast[2] > 0
+
+
+def test_faint_classes_take_the_faint_density_only():
+    d = synth.Difficulty(faint_classes=("edh",), faint_hu=(45.0, 46.0), noise_hu=0.0, prevalence=3.0)
+    faint = normal = 0
+    for hu, labels in _series(d, 20, seed=3):
+        values = hu[_lesion_pixels(hu)]
+        faint += int(((values >= 45.0) & (values <= 46.0)).sum())
+        normal += int(((values >= 60.0) & (values <= 80.0)).sum())
+        only_edh = labels[:, CLASSES.index("edh")].astype(bool) & (labels.sum(axis=1) == 1)
+        if only_edh.any():  # a slice whose only lesion is an EDH holds faint blood only
+            lesion = _lesion_pixels(hu[only_edh]) & (hu[only_edh] > 30.0)
+            assert (hu[only_edh][lesion] <= 46.0 + 1e-3).all()
+    assert faint > 100 and normal > 100
+
+
+@pytest.mark.parametrize("factor", [0.4, 2.0])
+def test_prevalence_scales_the_series_with_each_class(factor):
+    def series_rates(difficulty: synth.Difficulty) -> np.ndarray:
+        labels = [lab for _, lab in _series(difficulty, 200, seed=11, slices=12, size=32)]
+        return np.mean([lab.max(axis=0) for lab in labels], axis=0)  # [5] share of series with each class
+
+    base = series_rates(synth.Difficulty())
+    scaled = series_rates(synth.Difficulty(prevalence=factor))
+    expected = np.minimum(1.0, np.array([synth.LESION_SERIES_PROB[c] for c in CLASSES]) * factor)
+    ratio = expected / np.array([synth.LESION_SERIES_PROB[c] for c in CLASSES])
+    # labels need a few pixels, so a drawn lesion shows in most (not all) series: compare to the base rates
+    np.testing.assert_allclose(scaled.sum() / base.sum(), (base * ratio).sum() / base.sum(), rtol=0.2)
+    assert synth.Difficulty(prevalence=factor).series_prob("ich") == pytest.approx(expected[0], rel=1e-9)
+
+
+def test_extent_in_slices_and_in_plane():
+    def lesion_shape(difficulty: synth.Difficulty) -> tuple[float, float]:
+        runs, areas = [], []
+        for hu, labels in _series(difficulty, 40, seed=4, slices=24, size=48):
+            areas.extend(_lesion_pixels(hu).sum(axis=(1, 2))[labels.max(axis=1) == 1])
+            for c in range(len(CLASSES)):
+                padded = np.concatenate([[0], labels[:, c], [0]])
+                runs.extend(np.flatnonzero(np.diff(padded) == -1) - np.flatnonzero(np.diff(padded) == 1))
+        return float(np.mean(runs)), float(np.mean(areas))
+
+    short_run, _ = lesion_shape(synth.Difficulty(half_extent=(0.05, 0.1), noise_hu=0.0))
+    long_run, base_area = lesion_shape(synth.Difficulty(half_extent=(0.25, 0.35), noise_hu=0.0))
+    _, small_area = lesion_shape(synth.Difficulty(half_extent=(0.25, 0.35), in_plane=0.5, noise_hu=0.0))
+    assert long_run > 2 * short_run
+    assert small_area < 0.7 * base_area
+
+
+def test_noise_sets_the_pixel_noise():
+    for noise in (1.0, 6.0):
+        hu, _ = synth.generate_series(
+            np.random.default_rng(0), 4, 64, difficulty=synth.Difficulty(noise_hu=noise)
+        )
+        corner = hu[:, :6, :6] + 1000.0  # air: -1000 HU plus noise
+        assert float(corner.std()) == pytest.approx(noise, rel=0.15)
+
+
+def test_series_length_overrides_the_writers_range(tmp_path):
+    summary = synth.write_dlcv_dataset(
+        tmp_path, 3, slices=(20, 40), size=16, difficulty=synth.Difficulty(series_length=(5, 6))
+    )
+    assert 15 <= summary.num_slices <= 18
+
+
+def test_hard_preset_is_fainter_thinner_and_rarer_than_default():
+    rates = {}
+    for name in ("default", "hard"):
+        labels = [lab for _, lab in _series(synth.PRESETS[name], 80, seed=5, slices=16, size=48)]
+        rates[name] = synth._rates(labels)
+    assert rates["hard"]["any"] < 0.75 * rates["default"]["any"]  # few positives
+    for c in ("sah", "edh"):
+        assert rates["hard"][c] < 0.6 * rates["default"][c]
+    hard = synth.PRESETS["hard"]
+    assert {"sah", "edh"} <= set(hard.faint_classes)
+    faint_contrast = np.mean(hard.faint_hu) - 38.0  # against cortex, where SAH and EDH lie
+    assert faint_contrast < 0.5 * (np.mean(synth.PRESETS["default"].blood_hu) - 38.0)
+    assert hard.noise_hu > synth.PRESETS["default"].noise_hu
+    easy = synth.PRESETS["easy"]
+    assert min(easy.blood_hu) >= max(synth.PRESETS["default"].blood_hu) - 10 and easy.noise_hu < 4.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"faint_classes": ("xyz",)}, "faint_classes must name classes"),
+        ({"blood_hu": (80.0, 60.0)}, "blood_hu must be a range"),
+        ({"prevalence": 0.0}, "prevalence must be > 0"),
+        ({"noise_hu": -1.0}, "noise_hu must be >= 0"),
+        ({"series_length": (0, 3)}, "series_length must be A-B"),
+    ],
+)
+def test_difficulty_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        synth.Difficulty(**kwargs)
+    with pytest.raises(ValueError, match="Unknown difficulty 'medium'"):
+        synth.get_difficulty("medium")
+
+
+def test_cli_writes_a_named_difficulty(tmp_path, capsys):
+    rc = synth.main(
+        [
+            "--format",
+            "dlcv",
+            "--out",
+            str(tmp_path),
+            "--patients",
+            "2",
+            "--slices",
+            "3-4",
+            "--size",
+            "16",
+            "--difficulty",
+            "hard",
+        ]
+    )
+    assert rc == 0 and (tmp_path / "train.csv").is_file()
