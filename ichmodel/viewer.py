@@ -32,7 +32,7 @@ import pandas as pd
 from PIL import Image, features
 
 from ichmodel.constants import CLASSES, NUM_CLASSES
-from ichmodel.predict import KEY_COLUMNS, prediction_arrays
+from ichmodel.prediction_table import KEY_COLUMNS, prediction_arrays
 from ichmodel.shards import load_manifest, series_index
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class SeriesView:
 
 
 def series_views(predictions: pd.DataFrame, thresholds: Sequence[float] | np.ndarray) -> list[SeriesView]:
-    """The prediction table (``ichmodel.predict``'s columns) split by series, sorted by id and position.
+    """The prediction table (``ichmodel.prediction_table``'s columns) split by series, sorted by id and position.
 
     Raises:
         ValueError: when ``thresholds`` does not hold 5 values or a key column is missing.
@@ -126,7 +126,7 @@ def write_viewer(
 
     Args:
         out_dir: the job's output folder (local); the page goes into its ``viewer/`` (replaced files only).
-        predictions: a prediction table of :mod:`ichmodel.predict` (``series_id, position, slice_id``, the
+        predictions: a prediction table of :mod:`ichmodel.prediction_table` (``series_id, position, slice_id``, the
             five class probabilities, and ``label_<cls>`` columns when the series are labelled: then misses
             and false alarms are marked).
         thresholds: ``[5]`` per-class thresholds; a slice fires for a class when ``prob >= threshold``.

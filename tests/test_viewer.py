@@ -20,7 +20,8 @@ from PIL import Image
 from ichmodel.checkpoint import load_model
 from ichmodel.constants import CLASSES
 from ichmodel.dataset import SeriesDataset
-from ichmodel.predict import LABEL_COLUMNS, PROB_COLUMNS, predict_dataset
+from ichmodel.predict import predict_dataset
+from ichmodel.prediction_table import LABEL_COLUMNS, PROB_COLUMNS
 from ichmodel.viewer import (
     series_views,
     thumbnail_image,
