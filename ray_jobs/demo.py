@@ -12,20 +12,20 @@ micro-F2. Re-running reuses the generated data and shards; the search and the fo
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import logging
+import shutil
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-
-from ichmodel import synth  # noqa: E402
-from ray_jobs import ensemble, preprocess, tune  # noqa: E402
-from ray_jobs.cli import REPO_ROOT, init_ray, setup_logging  # noqa: E402
+from ichmodel import synth
+from ray_jobs import ensemble, preprocess, tune
+from ray_jobs.cli import REPO_ROOT, init_ray, setup_logging
 
 logger = logging.getLogger("ray_jobs.demo")
 

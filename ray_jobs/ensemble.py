@@ -38,42 +38,42 @@ first; prediction tasks download checkpoints kept on storage themselves. On a cl
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import hashlib
+import json
+import logging
 import sys
+import tempfile
+from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-from functools import partial  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ichmodel import ensemble as E  # noqa: E402
-from ichmodel import submission as S  # noqa: E402
-from ichmodel.checkpoint import load_checkpoint  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import SeriesDataset, class_prevalence, split_series  # noqa: E402
-from ichmodel.io import atomic_write  # noqa: E402
-from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
-from ichmodel.predict import prediction_arrays  # noqa: E402
-from ichmodel.report import ModelScore, make_report  # noqa: E402
-from ichmodel.shards import load_manifest  # noqa: E402
-from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+from ichmodel import ensemble as E
+from ichmodel import submission as S
+from ichmodel.checkpoint import load_checkpoint
+from ichmodel.config import Config
+from ichmodel.constants import CLASSES
+from ichmodel.dataset import SeriesDataset, class_prevalence, split_series
+from ichmodel.io import atomic_write
+from ichmodel.metrics import rsna_weighted_log_loss
+from ichmodel.predict import prediction_arrays
+from ichmodel.report import ModelScore, make_report
+from ichmodel.shards import load_manifest
+from ray_jobs import storage
+from ray_jobs.cli import (
     add_output_arguments,
     init_ray,
     output_folder,
     record_or_resume,
     setup_logging,
 )
-from ray_jobs.storage import fetch, is_uri  # noqa: E402
-from ray_jobs.worker import predict_fn  # noqa: E402
+from ray_jobs.storage import fetch, is_uri
+from ray_jobs.worker import predict_fn
 
 logger = logging.getLogger("ray_jobs.ensemble")
 #: --smoke-test without --out/--name writes into STORAGE/SMOKE_NAME (its search in SMOKE_NAME/search).

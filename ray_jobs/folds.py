@@ -41,34 +41,34 @@ ray_jobs/ensemble.py --folds K, the job records its arguments in the output fold
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import hashlib
+import json
+import logging
 import sys
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pandas as pd
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from functools import partial  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ichmodel import calibration as C  # noqa: E402
-from ichmodel import ensemble as E  # noqa: E402
-from ichmodel import folds as F  # noqa: E402
-from ichmodel import submission as S  # noqa: E402
-from ichmodel.checkpoint import load_checkpoint  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.io import atomic_write, atomic_write_text  # noqa: E402
-from ichmodel.predict import PROB_COLUMNS, prediction_arrays  # noqa: E402
-from ichmodel.report import ModelScore, make_report  # noqa: E402
-from ichmodel.shards import load_manifest  # noqa: E402
-from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import init_ray, parse_overrides, setup_logging  # noqa: E402
-from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report, predict_fn  # noqa: E402
+from ichmodel import calibration as C
+from ichmodel import ensemble as E
+from ichmodel import folds as F
+from ichmodel import submission as S
+from ichmodel.checkpoint import load_checkpoint
+from ichmodel.config import Config
+from ichmodel.io import atomic_write, atomic_write_text
+from ichmodel.predict import PROB_COLUMNS, prediction_arrays
+from ichmodel.report import ModelScore, make_report
+from ichmodel.shards import load_manifest
+from ray_jobs import storage
+from ray_jobs.cli import init_ray, parse_overrides, setup_logging
+from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report, predict_fn
 
 logger = logging.getLogger("ray_jobs.folds")
 

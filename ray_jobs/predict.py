@@ -21,30 +21,30 @@ Runs in this process (no Ray cluster needed); --device cuda uses a GPU with bf16
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import io as pyio
+import logging
 import sys
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import argparse  # noqa: E402
-import io as pyio  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from ichmodel import ensemble as E  # noqa: E402
-from ichmodel import submission as S  # noqa: E402
-from ichmodel.checkpoint import load_checkpoint, load_model  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import SeriesDataset  # noqa: E402
-from ichmodel.predict import predict_dataset, summarize_series  # noqa: E402
-from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from ichmodel.readers import read_dicom_folder  # noqa: E402
-from ichmodel.shards import MANIFEST_NAME, SKIPPED_NAME, load_manifest  # noqa: E402
-from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import parse_window, setup_logging  # noqa: E402
+from ichmodel import ensemble as E
+from ichmodel import submission as S
+from ichmodel.checkpoint import load_checkpoint, load_model
+from ichmodel.config import Config
+from ichmodel.constants import CLASSES
+from ichmodel.dataset import SeriesDataset
+from ichmodel.predict import predict_dataset, summarize_series
+from ichmodel.preprocess import PreprocessOptions, preprocess
+from ichmodel.readers import read_dicom_folder
+from ichmodel.shards import MANIFEST_NAME, SKIPPED_NAME, load_manifest
+from ray_jobs import storage
+from ray_jobs.cli import parse_window, setup_logging
 
 logger = logging.getLogger("ray_jobs.predict")
 

@@ -23,18 +23,18 @@ already written for the same series and options is reused, not rewritten.
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import dataclasses
+import logging
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-from ichmodel.constants import DEFAULT_WINDOWS  # noqa: E402
+from ichmodel.constants import DEFAULT_WINDOWS
 from ichmodel.preprocess import (
     PreprocessOptions,
     ShardResult,
@@ -42,10 +42,10 @@ from ichmodel.preprocess import (
     plan_shards,
     write_outputs,
     write_shard,
-)  # noqa: E402
-from ichmodel.readers import ReadResult, SkipRecord, read_input  # noqa: E402
-from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+)
+from ichmodel.readers import ReadResult, SkipRecord, read_input
+from ray_jobs import storage
+from ray_jobs.cli import (
     add_output_arguments,
     init_ray,
     output_folder,

@@ -16,18 +16,18 @@ its arguments and config in STORAGE/NAME/job_args.json: `--name N --storage S --
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.demo_data import ensure_demo_data  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+from ichmodel.config import Config
+from ichmodel.demo_data import ensure_demo_data
+from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
     add_config_arguments,
@@ -35,9 +35,9 @@ from ray_jobs.cli import (  # noqa: E402
     init_ray_for_job,
     setup_logging,
 )
-from ray_jobs.experiment import parse_job_args, read_job_record, resume_job_args, write_job_record  # noqa: E402
-from ray_jobs.storage import absolute, join  # noqa: E402
-from ray_jobs.worker import CHECKPOINT_FILE, build_trainer  # noqa: E402
+from ray_jobs.experiment import parse_job_args, read_job_record, resume_job_args, write_job_record
+from ray_jobs.storage import absolute, join
+from ray_jobs.worker import CHECKPOINT_FILE, build_trainer
 
 logger = logging.getLogger("ray_jobs.train")
 #: Epoch caps on the generated demo data, unless --epochs, --set or --config say otherwise.

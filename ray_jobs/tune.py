@@ -34,21 +34,21 @@ trial (TensorBoard: tensorboard --logdir STORAGE/NAME), the Train runs with thei
 
 from __future__ import annotations
 
+if not __package__:  # run as a script: this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.demo_data import ensure_demo_data  # noqa: E402
-from ichmodel.stage_sharing import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+from ichmodel.config import Config
+from ichmodel.demo_data import ensure_demo_data
+from ichmodel.stage_sharing import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing
+from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
     add_config_arguments,
@@ -56,7 +56,7 @@ from ray_jobs.cli import (  # noqa: E402
     init_ray_for_job,
     setup_logging,
 )
-from ray_jobs.experiment import (  # noqa: E402
+from ray_jobs.experiment import (
     TRIALS_FILE,
     ExperimentASHA,
     ExperimentOptunaSearch,
@@ -67,10 +67,10 @@ from ray_jobs.experiment import (  # noqa: E402
     resume_job_args,
     write_job_record,
 )
-from ray_jobs.shared_stages import prepare_shared_stages  # noqa: E402
-from ray_jobs.storage import absolute, is_uri, join, write_bytes  # noqa: E402
-from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report  # noqa: E402
-from search_spaces import load_space  # noqa: E402
+from ray_jobs.shared_stages import prepare_shared_stages
+from ray_jobs.storage import absolute, is_uri, join, write_bytes
+from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report
+from search_spaces import load_space
 
 logger = logging.getLogger("ray_jobs.tune")
 #: Tune, ASHA and Optuna rank trials by the validation F2 of the weights the checkpoint exports (best over
