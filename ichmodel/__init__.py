@@ -24,7 +24,6 @@ from ichmodel.ensemble import (
     average_predictions,
     choose_thresholds,
     score_predictions,
-    select_trials,
 )
 from ichmodel.losses import MultitaskLoss, asymmetric_loss, build_loss, info_nce_loss
 from ichmodel.metrics import f2_score, per_class_f2, rsna_weighted_log_loss, search_thresholds
@@ -40,6 +39,7 @@ from ichmodel.strategies import (
     transfer_labels,
 )
 from ichmodel.submission import SubmissionError, validate_submission, write_submission
+from ichmodel.trials import select_trials
 
 __all__ = [
     "CLASSES",
