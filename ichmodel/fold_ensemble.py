@@ -313,7 +313,9 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def write_fold_outputs(result: FoldRuns, summary: dict, out: Path, tta: Sequence[str], folds: int) -> list[Path]:
+def write_fold_outputs(
+    result: FoldRuns, summary: dict, out: Path, tta: Sequence[str], folds: int
+) -> list[Path]:
     """Submission files (:func:`ichmodel.ensemble.write_outputs`' files, with ``val_*`` = the OOF predictions of every
     labelled series), the RSNA file from calibrated probabilities when a calibration was kept,
     ``ensemble.json`` (every fold model of the bag) and ``report/``."""
@@ -321,9 +323,7 @@ def write_fold_outputs(result: FoldRuns, summary: dict, out: Path, tta: Sequence
     thresholds = np.asarray(summary["thresholds"])
     shards, test_shards = result.runs[0]["shards"], result.runs[0]["test_shards"]
     series = sorted(oof["series_id"].unique())
-    written = write_outputs(
-        out, oof.drop(columns=["fold"]), test, thresholds, shards, series, test_shards
-    )
+    written = write_outputs(out, oof.drop(columns=["fold"]), test, thresholds, shards, series, test_shards)
     manifest = load_manifest(shards)
     if summary["calibration"]["method"] and manifest["format"] == "rsna":
         calibrated = pd.read_parquet(out / "test_calibrated.parquet")
