@@ -224,7 +224,9 @@ class ConfigArgs:
         )
 
 
-def build_config(args: ConfigArgs, defaults: dict[str, Any] | None = None, *, gpu: bool = False) -> Config:
+def build_config(
+    config_args: ConfigArgs, defaults: dict[str, Any] | None = None, *, gpu: bool = False
+) -> Config:
     """The run's config from :func:`add_config_arguments`' options; each layer overrides the ones before:
 
     :class:`Config`'s defaults → :data:`GPU_DEFAULTS` when ``gpu`` → ``defaults`` (the job's, e.g. demo
@@ -235,13 +237,13 @@ def build_config(args: ConfigArgs, defaults: dict[str, Any] | None = None, *, gp
         ValueError: naming the field of a bad value or an unknown name (``FileNotFoundError`` for --config).
     """
     overrides = (dict(GPU_DEFAULTS) if gpu else {}) | dict(defaults or {})
-    if args.config:
-        overrides.update(load_overrides(args.config))
-    overrides.update(parse_overrides(list(args.set)))
-    if args.epochs:
-        overrides["train.max_epochs"] = args.epochs.split(",")
-    if args.data is not None:
-        overrides["data.shards"] = absolute(args.data)
+    if config_args.config:
+        overrides.update(load_overrides(config_args.config))
+    overrides.update(parse_overrides(list(config_args.set)))
+    if config_args.epochs:
+        overrides["train.max_epochs"] = config_args.epochs.split(",")
+    if config_args.data is not None:
+        overrides["data.shards"] = absolute(config_args.data)
     return Config().with_overrides(overrides)
 
 

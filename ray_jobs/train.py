@@ -95,13 +95,13 @@ class TrainRun:
     fail_at_epoch: int | None = None
 
 
-def run_config(args: ConfigArgs, use_gpu: bool = False) -> Config:
+def run_config(config_args: ConfigArgs, use_gpu: bool = False) -> Config:
     """The run's config (:func:`ray_jobs.cli.build_config`); without ``--data``, on generated demo data."""
-    if args.data is not None:
-        return build_config(args, gpu=use_gpu)
+    if config_args.data is not None:
+        return build_config(config_args, gpu=use_gpu)
     train_shards, _ = ensure_demo_data(DEMO_ROOT)
     defaults = {"data.shards": str(train_shards), "train.max_epochs": DEMO_EPOCHS.split(",")}
-    return build_config(args, defaults, gpu=use_gpu)
+    return build_config(config_args, defaults, gpu=use_gpu)
 
 
 def train_run(cfg: Config, run: TrainRun, data: str | None) -> int:

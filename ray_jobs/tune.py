@@ -265,19 +265,19 @@ def train_trial_fn(
         raise result.error
 
 
-def trial_scaling(args: SearchOptions) -> dict:
+def trial_scaling(options: SearchOptions) -> dict:
     """The ``ScalingConfig`` arguments of every Train run of the search (trials and shared stages)."""
     return {
-        "num_workers": args.workers_per_trial,
-        "use_gpu": args.gpus_per_trial > 0,
+        "num_workers": options.workers_per_trial,
+        "use_gpu": options.gpus_per_trial > 0,
         "resources_per_worker": {
-            "CPU": args.cpus_per_worker,
-            **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {}),
+            "CPU": options.cpus_per_worker,
+            **({"GPU": options.gpus_per_trial} if options.gpus_per_trial else {}),
         },
     }
 
 
-def make_tune_config(args: SearchOptions, cfg: Config, space_fn, grace: int, max_concurrent: int | None):
+def make_tune_config(options: SearchOptions, cfg: Config, space_fn, grace: int, max_concurrent: int | None):
     """A new search's ``TuneConfig``: seeded TPE (constant liar unless one trial runs at a time, so trials
     proposed together are not all alike), ASHA with ``grace`` epochs before its first rung (``--grace-epochs``
     replaces it), the concurrency cap and ``--time-budget``."""
@@ -288,33 +288,35 @@ def make_tune_config(args: SearchOptions, cfg: Config, space_fn, grace: int, max
 
     # The study is a file of the experiment (found from where it is at each start) unless --optuna-storage
     # names one; on a storage URI without --optuna-storage it is in memory, pickled with the searcher's state.
-    study_url = args.optuna_storage or (None if is_uri(args.storage) else "experiment")
+    study_url = options.optuna_storage or (None if is_uri(options.storage) else "experiment")
     concurrent = max_concurrent is None or max_concurrent > 1
     searcher = ExperimentOptunaSearch(
         study_url=study_url,
         space=space_fn,
         metric=METRIC,
         mode="max",
-        sampler=optuna.samplers.TPESampler(seed=args.seed, constant_liar=concurrent),
-        study_name=args.name,
+        sampler=optuna.samplers.TPESampler(seed=options.seed, constant_liar=concurrent),
+        study_name=options.name,
     )
     total_epochs = sum(cfg.train.max_epochs)
     scheduler = ExperimentASHA(
-        time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(args.grace_epochs or grace, 1)
+        time_attr="global_epoch",
+        max_t=max(total_epochs, 1),
+        grace_period=max(options.grace_epochs or grace, 1),
     )
     return tune.TuneConfig(
         search_alg=searcher,
         scheduler=scheduler,
         metric=METRIC,
         mode="max",
-        num_samples=args.num_samples or (2 if args.smoke_test else 4),
+        num_samples=options.num_samples or (2 if options.smoke_test else 4),
         max_concurrent_trials=max_concurrent,
-        time_budget_s=args.time_budget,
+        time_budget_s=options.time_budget,
     )
 
 
 def build_tuner(
-    args: SearchOptions,
+    options: SearchOptions,
     cfg: Config,
     storage: str,
     space_fn,
@@ -332,55 +334,57 @@ def build_tuner(
 
     from ray_jobs.experiment import TrialsTableCallback, attach_experiment
 
-    experiment = join(storage, args.name)
+    experiment = join(storage, options.name)
     # The trainable is built from the recorded config on resume (Tuner.restore keeps only its name).
     trainable = tune.with_parameters(
         train_trial_fn,
         base=cfg.to_dict(),
-        scaling=trial_scaling(args),
+        scaling=trial_scaling(options),
         storage=join(experiment, "train_runs"),
-        max_failures=args.max_failures,
-        fail_at_epoch=args.fail_at_epoch,
+        max_failures=options.max_failures,
+        fail_at_epoch=options.fail_at_epoch,
         start_from=(shared or {}).get("checkpoint"),
         shared_epochs=(shared or {}).get("epochs", 0),
     )
     # A trial's driver only waits on its TorchTrainer: give it no CPU so the workers get them all.
     driver = {"memory": 100 * 1024**2}
-    if args.driver_resource:
-        driver[args.driver_resource] = 0.01
+    if options.driver_resource:
+        driver[options.driver_resource] = 0.01
     trainable = tune.with_resources(trainable, driver)
-    if args.resume and tune.Tuner.can_restore(experiment):
+    if options.resume and tune.Tuner.can_restore(experiment):
         logger.info("resuming experiment %s: finished trials are kept, unfinished ones continue", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
         attach_experiment(tuner, experiment)
         return tuner
-    if args.resume:
+    if options.resume:
         logger.info("experiment %s was stopped before its first trial: starting its trials now", experiment)
     tuner = tune.Tuner(
         trainable,
-        tune_config=make_tune_config(args, cfg, space_fn, grace, max_concurrent),
+        tune_config=make_tune_config(options, cfg, space_fn, grace, max_concurrent),
         run_config=tune.RunConfig(
-            name=args.name,
+            name=options.name,
             storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
             callbacks=[TrialsTableCallback()],
-            verbose=2 if args.verbose else 1,  # 1: the trial status table; 2: every epoch's full result too
+            verbose=2
+            if options.verbose
+            else 1,  # 1: the trial status table; 2: every epoch's full result too
         ),
     )
     attach_experiment(tuner, experiment)
     return tuner
 
 
-def default_max_concurrent(total: dict, args: SearchOptions) -> tuple[int, bool]:
+def default_max_concurrent(total: dict, options: SearchOptions) -> tuple[int, bool]:
     """``(cap, fits_now)``: the trials whose Train workers fit the cluster's resources at once, or, when not
     even one fits yet (GPU nodes still to come), :data:`PENDING_MAX_CONCURRENT` and False.
 
     Trial drivers hold no CPU, so without a cap Tune would start every trial and the surplus Train
     runs would wait for workers (and time out), each asking the autoscaler for more nodes.
     """
-    need = {"CPU": args.workers_per_trial * args.cpus_per_worker}
-    if args.gpus_per_trial:
-        need["GPU"] = args.workers_per_trial * args.gpus_per_trial
+    need = {"CPU": options.workers_per_trial * options.cpus_per_worker}
+    if options.gpus_per_trial:
+        need["GPU"] = options.workers_per_trial * options.gpus_per_trial
     fits = min(int(total.get(key, 0) // amount) for key, amount in need.items() if amount > 0)
     return (fits, True) if fits else (PENDING_MAX_CONCURRENT, False)
 

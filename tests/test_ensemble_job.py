@@ -206,8 +206,8 @@ def test_holdout_chooses_members_and_thresholds_on_the_rest_and_scores_the_held_
     assert 2 not in bag and [s.name for s in scores][:3] == ["t0", "t1", "t2"]
     mean = E.average_predictions([vals[i] for i in bag])
     on_select, on_held = mean[mean["series_id"].isin(select)], mean[mean["series_id"].isin(held)]
-    assert thresholds.tolist() == job.E.choose_thresholds(on_select).tolist()  # tuned without the held-out
-    assert scores[-1].micro_f2 == pytest.approx(job.E.score_predictions(on_held, thresholds)["micro_f2"])
+    assert thresholds.tolist() == E.choose_thresholds(on_select).tolist()  # tuned without the held-out
+    assert scores[-1].micro_f2 == pytest.approx(E.score_predictions(on_held, thresholds)["micro_f2"])
     with pytest.raises(ValueError, match="at least 2 validation series"):
         job.split_holdout(vals[0][vals[0]["series_id"] == series[0]], 0.5)
 
