@@ -2,13 +2,11 @@
 
 ``python bench/train_step.py`` puts only ``bench/`` on ``sys.path``; without this, ``import ichmodel`` would
 find an installed, possibly older copy, or none. Every benchmark imports this module first when it runs as a
-script (``if not __package__: import _paths``); imported as ``bench.<name>`` (tests) the root is on the path.
+script, which is when it has no module spec (``if __spec__ is None: import _paths``); imported as a module
+(from its file by tests/test_bench.py) the root is on the path already.
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: this checkout's root first on the import path
-    import _paths  # noqa: F401
 
 import sys
 from pathlib import Path

@@ -22,7 +22,7 @@ Prints per-seed held-out micro-F2, a markdown table (mean ± sd and per class), 
 
 from __future__ import annotations
 
-if not __package__:  # run as a script: this checkout's root first on the import path
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
     import _paths  # noqa: F401
 
 import argparse

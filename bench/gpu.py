@@ -47,7 +47,7 @@ What limits it (to read the figures with):
 
 from __future__ import annotations
 
-if not __package__:  # run as a script: this checkout's root first on the import path
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
     import _paths  # noqa: F401
 
 import argparse

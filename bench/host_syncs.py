@@ -13,7 +13,7 @@ the end counts too (spread over the steps).
 
 from __future__ import annotations
 
-if not __package__:  # run as a script: this checkout's root first on the import path
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
     import _paths  # noqa: F401
 
 import argparse

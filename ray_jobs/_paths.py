@@ -2,15 +2,12 @@
 
 ``python ray_jobs/tune.py`` (also what ``ray job submit --working-dir . -- python ray_jobs/tune.py`` runs in
 the uploaded copy) puts only ``ray_jobs/`` on ``sys.path``; without this, ``import ichmodel`` would find an
-installed, possibly older copy, or none. Every job script imports this module first, when it runs as a
-script (``if not __package__: import _paths``); imported as ``ray_jobs.<job>`` (tests, Ray workers) the root
-is on the path already.
+installed, possibly older copy, or none. Every job script imports this module first when it runs as a
+script, which is when it has no module spec (``if __spec__ is None: import _paths``); imported as a module
+(``ray_jobs.tune`` in tests and Ray workers, or from its file by a test) the root is on the path already.
 """
 
 from __future__ import annotations
-
-if not __package__:  # run as a script: this checkout's root first on the import path
-    import _paths  # noqa: F401
 
 import sys
 from pathlib import Path

@@ -21,7 +21,7 @@ Runs in this process (no Ray cluster needed); --device cuda uses a GPU with bf16
 
 from __future__ import annotations
 
-if not __package__:  # run as a script: this checkout's root first on the import path
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
     import _paths  # noqa: F401
 
 import argparse

@@ -16,7 +16,7 @@ its arguments and config in STORAGE/NAME/job_args.json: `--name N --storage S --
 
 from __future__ import annotations
 
-if not __package__:  # run as a script: this checkout's root first on the import path
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
     import _paths  # noqa: F401
 
 import argparse

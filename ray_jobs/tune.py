@@ -34,7 +34,7 @@ trial (TensorBoard: tensorboard --logdir STORAGE/NAME), the Train runs with thei
 
 from __future__ import annotations
 
-if not __package__:  # run as a script: this checkout's root first on the import path
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
     import _paths  # noqa: F401
 
 import argparse

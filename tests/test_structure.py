@@ -246,3 +246,51 @@ def test_a_jobs_typed_options_have_its_command_lines_defaults():
 def test_a_namespace_is_no_options_dataclass():
     """The options check above compares like with like: argparse's defaults, not a parsed Namespace."""
     assert not dataclasses.is_dataclass(argparse.Namespace())
+
+
+def _marked_copy(folder: Path) -> Path:
+    """A copy of the code whose library prints ``SUBMITTED COPY <file>`` when imported."""
+    import shutil
+
+    for name in ("ichmodel", "ray_jobs", "search_spaces"):
+        shutil.copytree(REPO_ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    with (folder / "ichmodel" / "constants.py").open("a") as file:
+        file.write('\nprint(f"SUBMITTED COPY {__file__}")\n')
+    return folder
+
+
+def _imported_copy(output: str) -> Path:
+    (line,) = {line for line in output.splitlines() if "SUBMITTED COPY" in line}
+    return Path(line.split("SUBMITTED COPY ", 1)[1].strip())
+
+
+@pytest.mark.slow
+def test_a_script_imports_the_code_beside_it_not_an_installed_copy(tmp_path):
+    """``python <copy>/ray_jobs/predict.py`` from elsewhere, without PYTHONPATH, imports <copy>'s library
+    (ray_jobs/_paths.py), not the installed package or the checkout running the tests."""
+    copy = _marked_copy(tmp_path / "copy")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, str(copy / "ray_jobs" / "predict.py"), "--help"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _imported_copy(proc.stdout) == copy / "ichmodel" / "constants.py"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_submitted_job_imports_the_submitted_copy_of_the_code(ray_head, tmp_path):
+    """``ray job submit --working-dir COPY -- python ray_jobs/<job>.py`` runs COPY's code, not the checkout the
+    cluster has on its PYTHONPATH: the copy's library announces itself when imported."""
+    copy = _marked_copy(tmp_path / "copy")
+    assert str(REPO_ROOT) in ray_head.env["PYTHONPATH"]  # the cluster's own checkout, which must not win
+    proc = ray_head.run(
+        [f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", ray_head.dashboard,
+         "--working-dir", str(copy), "--", "python", "ray_jobs/predict.py", "--help"]
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out.lower(), out[-4000:]
+    imported = _imported_copy(out)
+    assert imported.name == "constants.py" and not imported.is_relative_to(REPO_ROOT)
+    assert "usage: predict.py" in out
