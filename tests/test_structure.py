@@ -163,6 +163,32 @@ def load(options: argparse.Namespace):
     assert _namespace_mutations(tree) == ["line 5: args.out = ...", "line 6: args.name = ..."]
 
 
+def _job_calls(tree: ast.AST) -> list[str]:
+    """Calls of another module's ``main`` (``tune.main(...)``) and parses of a made-up command line
+    (``parse_args([...])``, ``parse_job_args(parser, [...])``)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if isinstance(node.func, ast.Attribute) and name == "main":
+            found.append(f"line {node.lineno}: {ast.unparse(node.func)}(...)")
+        if name in {"parse_args", "parse_job_args"} and any(isinstance(a, ast.List) for a in node.args):
+            found.append(f"line {node.lineno}: {name} of a made-up argv")
+    return found
+
+
+def test_no_job_runs_another_jobs_main_or_parses_a_made_up_command_line():
+    offenders = {}
+    for path in sorted((REPO_ROOT / "ray_jobs").glob("*.py")):
+        found = _job_calls(ast.parse(path.read_text()))
+        if found:
+            offenders[path.name] = found
+    assert not offenders, offenders
+    sample = "tune.main(tune.parse_args(['--smoke-test']))\nmain(parse_args())"
+    assert _job_calls(ast.parse(sample)) == ["line 1: tune.main(...)", "line 1: parse_args of a made-up argv"]
+
+
 def _eager_ichmodel_package() -> bool:
     """Whether ``import ichmodel`` alone imports torch (the package ``__init__`` importing every module)."""
     code = "import sys, ichmodel; print('torch' in sys.modules)"
