@@ -34,36 +34,36 @@ every setting's own summary under ``settings``.
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import logging
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from bench.two_stage import class_auc, fit_two_stage  # noqa: E402
-from ichmodel import metrics as M  # noqa: E402
-from ichmodel.augment import augment_series, normalize, to_float  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import (  # noqa: E402
+from bench.two_stage import class_auc, fit_two_stage
+from ichmodel import metrics as M
+from ichmodel.augment import augment_series, normalize, to_float
+from ichmodel.config import Config
+from ichmodel.constants import CLASSES
+from ichmodel.dataset import (
     SeriesDataset,
-    class_prevalence,  # noqa: E402
+    class_prevalence,
     collate_series,
 )
-from ichmodel.demo_data import ensure_demo_data  # noqa: E402
-from ichmodel.engine import fit  # noqa: E402
-from ichmodel.metrics import fallback_thresholds  # noqa: E402
-from ichmodel.model import Backbone, slice_probs  # noqa: E402
-from ichmodel.synth import PRESETS  # noqa: E402
+from ichmodel.demo_data import ensure_demo_data
+from ichmodel.engine import fit
+from ichmodel.metrics import fallback_thresholds
+from ichmodel.model import Backbone, slice_probs
+from ichmodel.synth import PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_STRATEGIES = {"strategy.p1": 0.0, "strategy.p2": 0.0}

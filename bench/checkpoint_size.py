@@ -12,21 +12,21 @@ for the older one), only the best weights for a trial that stopped. Prints a tab
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
+import dataclasses
+import json
+import tempfile
 
-import torch  # noqa: E402
+import torch
 
-from ichmodel.checkpoint import checkpoint_dict, prune_checkpoint, save_checkpoint  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.engine import TrainState  # noqa: E402
-from ichmodel.model import build_model  # noqa: E402
+from ichmodel.checkpoint import checkpoint_dict, prune_checkpoint, save_checkpoint
+from ichmodel.config import Config
+from ichmodel.stages import TrainState
+from ichmodel.model import build_model
 
 TRIALS = 32
 

@@ -28,26 +28,27 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import logging
+import math
+import time
 
-import torch  # noqa: E402
+import torch
 
-from bench.ablation import predict, score_held_out, split_three  # noqa: E402
-from bench.two_stage import Series, class_auc, fit_slice_cnn, fit_two_stage, slice_outputs  # noqa: E402
-from ichmodel import metrics as M  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import SeriesDataset, class_prevalence  # noqa: E402
-from ichmodel.demo_data import ensure_demo_data  # noqa: E402
-from ichmodel.engine import fit  # noqa: E402
-from ichmodel.model import build_model  # noqa: E402
-from ichmodel.synth import PRESETS  # noqa: E402
+from bench.ablation import predict, score_held_out, split_three
+from bench.two_stage import Series, class_auc, fit_slice_cnn, fit_two_stage, slice_outputs
+from ichmodel import metrics as M
+from ichmodel.config import Config
+from ichmodel.constants import CLASSES
+from ichmodel.dataset import SeriesDataset, class_prevalence
+from ichmodel.demo_data import ensure_demo_data
+from ichmodel.engine import fit
+from ichmodel.model import build_model
+from ichmodel.synth import PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

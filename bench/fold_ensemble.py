@@ -14,6 +14,9 @@ alignment), ``single_oof_f2``, log loss before/after calibration, wall seconds.
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
 import argparse
 import json
 import subprocess
@@ -21,24 +24,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
+from ichmodel import ensemble as E
+from ichmodel import metrics as M
+from ichmodel import synth
+from ichmodel.checkpoint import load_checkpoint, load_model
+from ichmodel.dataset import SeriesDataset
+from ichmodel.predict import predict_dataset
+from ichmodel.prediction_table import prediction_arrays
+from ichmodel.preprocess import PreprocessOptions, preprocess
+from ichmodel.readers import read_dlcv
+from ichmodel.shards import MANIFEST_NAME
+from ichmodel.splits import split_series
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ichmodel import ensemble as E  # noqa: E402
-from ichmodel import metrics as M  # noqa: E402
-from ichmodel import synth  # noqa: E402
-from ichmodel.checkpoint import load_checkpoint, load_model  # noqa: E402
-from ichmodel.dataset import SeriesDataset  # noqa: E402
-from ichmodel.predict import predict_dataset  # noqa: E402
-from ichmodel.prediction_table import prediction_arrays  # noqa: E402
-from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from ichmodel.readers import read_dlcv  # noqa: E402
-from ichmodel.shards import MANIFEST_NAME  # noqa: E402
-from ichmodel.splits import split_series  # noqa: E402
-
 CONFIGS = {"a": ["--set", "train.seed=0"], "b": ["--set", "train.seed=1", "--set", "train.lr=5e-4"]}
 
 

@@ -47,31 +47,30 @@ What limits it (to read the figures with):
 
 from __future__ import annotations
 
-import sys
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.flop_counter import FlopCounterMode
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from bench.loader import Rig, build_rig, draw_batches  # noqa: E402
-from ichmodel.augment import augment_series, normalize, to_float  # noqa: E402
-from ichmodel.dataset import make_loader  # noqa: E402
-from ichmodel.strategies import make_transfer_batch, plan_strategies, transfer_labels  # noqa: E402
+from bench.loader import Rig, build_rig, draw_batches
+from ichmodel.augment import augment_series, normalize, to_float
+from ichmodel.dataset import make_loader
+from ichmodel.strategies import make_transfer_batch, plan_strategies, transfer_labels
 
 GOAL_SLICES_PER_S = 6000.0  # at 256 px on one H100
 GOAL_WAIT = 0.05

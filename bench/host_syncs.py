@@ -13,28 +13,32 @@ the end counts too (spread over the steps).
 
 from __future__ import annotations
 
-import sys
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.syncs import SyncCounter  # noqa: E402
-from ichmodel import synth  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.dataset import SeriesDataset, make_loader, train_batches  # noqa: E402
-from ichmodel.losses import build_loss  # noqa: E402
-from ichmodel.model import build_model  # noqa: E402
-from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from ichmodel.readers import read_dlcv  # noqa: E402
-from ichmodel.stages import TrainState, stage_plan  # noqa: E402
-from ichmodel.strategies import build_pool_images  # noqa: E402
-from ichmodel.train_step import StepContext, make_optimizer, train_one_epoch  # noqa: E402
+from bench.syncs import SyncCounter
+from ichmodel import synth
+from ichmodel.config import Config
+from ichmodel.dataset import SeriesDataset, make_loader, train_batches
+from ichmodel.engine import (
+    StepContext,
+    TrainState,
+    build_pool_images,
+    make_optimizer,
+    stage_plan,
+    train_one_epoch,
+)
+from ichmodel.losses import build_loss
+from ichmodel.model import build_model
+from ichmodel.preprocess import PreprocessOptions, preprocess
+from ichmodel.readers import read_dlcv
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -15,26 +15,25 @@ and ``ratio = pipeline / bare`` is the share of the model's speed the inference 
 
 from __future__ import annotations
 
-import sys
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from ichmodel.augment import normalize  # noqa: E402
-from ichmodel.config import ModelConfig  # noqa: E402
-from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images  # noqa: E402
-from ichmodel.model import build_model  # noqa: E402
-from ichmodel.predict import predict_batches  # noqa: E402
+from ichmodel.augment import normalize
+from ichmodel.config import ModelConfig
+from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images
+from ichmodel.model import build_model
+from ichmodel.predict import predict_batches
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,30 +21,35 @@ not free; the figure to read is whether ``wait`` is small at the configured defa
 
 from __future__ import annotations
 
-import sys
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterable, Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from ichmodel.config import Config, DataConfig  # noqa: E402
-from ichmodel.dataset import SeriesDataset, make_loader, train_batches  # noqa: E402
-from ichmodel.losses import build_loss  # noqa: E402
-from ichmodel.model import build_model  # noqa: E402
-from ichmodel.stages import Stage, TrainState, stage_plan  # noqa: E402
-from ichmodel.strategies import TransferPoolImages, build_pool_images  # noqa: E402
-from ichmodel.train_step import StepContext, train_one_epoch  # noqa: E402
+from ichmodel.config import Config, DataConfig
+from ichmodel.dataset import SeriesDataset, make_loader, train_batches
+from ichmodel.engine import (
+    Stage,
+    StepContext,
+    TrainState,
+    TransferPoolImages,
+    build_pool_images,
+    stage_plan,
+    train_one_epoch,
+)
+from ichmodel.losses import build_loss
+from ichmodel.model import build_model
 
 
 class TimedLoader:

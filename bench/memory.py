@@ -18,20 +18,20 @@ does. Printed:
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3

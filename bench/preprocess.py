@@ -21,23 +21,23 @@ and ``decode_slices_per_s_<in>_<out>`` for every pair.
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import shutil
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pydicom
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import pydicom  # noqa: E402
-
-from ichmodel import preprocess, synth  # noqa: E402
-from ichmodel.dicom_readers import read_rsna  # noqa: E402
-from ichmodel.preprocess import PreprocessOptions, plan_shards, write_shard  # noqa: E402
+from ichmodel import preprocess, synth
+from ichmodel.preprocess import PreprocessOptions, plan_shards, write_shard
+from ichmodel.readers import read_rsna
 
 
 def _size_pairs(text: str) -> list[tuple[int, int]]:

@@ -20,26 +20,26 @@ for the library choice in ``ichmodel/shard_cache.py``. Ends with ``RESULT {json}
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from typing import Any
 
 #: Longest delay per request the proxy accepts, and its default lifetime: it stops by itself after that.
 MAX_DELAY_S = 1.0

@@ -18,21 +18,21 @@ each trial's epochs after it). Wall time: the whole search, Ray start included. 
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pandas as pd
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from ichmodel.demo_data import ensure_demo_data  # noqa: E402
+from ichmodel.demo_data import ensure_demo_data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: (series, px, epoch caps, trials) of the full run and of --smoke.

@@ -21,24 +21,23 @@ the images of its last timed step). The last line is ``RESULT {json}`` for ``ben
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+if __spec__ is None:  # run as a script (python bench/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from ichmodel.config import ModelConfig  # noqa: E402
-from ichmodel.losses import MultitaskLoss  # noqa: E402
-from ichmodel.model import build_model  # noqa: E402
-from ichmodel.strategies import make_transfer_batch, plan_strategies, transfer_labels  # noqa: E402
+from ichmodel.config import ModelConfig
+from ichmodel.losses import MultitaskLoss
+from ichmodel.model import build_model
+from ichmodel.strategies import make_transfer_batch, plan_strategies, transfer_labels
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ _HOMES = {
     "average_predictions": "ensemble",
     "choose_thresholds": "ensemble",
     "score_predictions": "ensemble",
-    "select_trials": "ensemble",
+    "select_trials": "trials",
     "MultitaskLoss": "losses",
     "asymmetric_loss": "losses",
     "build_loss": "losses",

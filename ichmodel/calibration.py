@@ -181,3 +181,79 @@ def calibration_summary(
     for method in methods:
         summary[method] = rsna_weighted_log_loss(y_true, cross_fit(y_true, probs, fold, method))
     return summary
+
+
+# ------------------------------------------------------------------- one scale for every fold's rows
+
+#: Below this spread of logits a predictor's scale is not stretched, only shifted.
+MIN_LOGIT_SD = 1e-3
+
+
+@dataclass
+class FoldAlignment:
+    """Per-class logit mean and spread of each fold's predictor and of the whole ensemble on reference series.
+
+    Each OOF row comes from one fold's models; a test row from the mean of all folds' models, whose
+    probabilities spread less, and fold models trained briefly differ in their scale besides. Thresholds
+    tuned on raw OOF rows therefore fit neither the other folds (cross-fitting) nor the test average.
+    :meth:`apply` aligns each fold's rows by the logit mean and spread its predictor and the ensemble have on
+    the same reference series (unlabelled: e.g. the test series; no label is read), which fixes both and
+    keeps each fold's ranking.
+
+    ``folds``: ``{fold: [[mean, sd] x 5]}``; ``ensemble``: ``[[mean, sd] x 5]``; ``reference_slices``: how
+    many slices the figures come from.
+    """
+
+    folds: dict[int, list[list[float]]]
+    ensemble: list[list[float]]
+    reference_slices: int
+
+    @staticmethod
+    def _moments(probs: np.ndarray) -> np.ndarray:
+        z = logit(probs)
+        return np.stack([z.mean(0), z.std(0)], axis=1)  # [5, 2]
+
+    @classmethod
+    def fit(cls, fold_reference: dict[int, np.ndarray]) -> FoldAlignment:
+        """From each fold predictor's probabilities ``[R, 5]`` on the same reference slices; the ensemble is
+        their mean (the test-time average of the fold models).
+
+        Raises:
+            ValueError: for no folds, or folds predicting different numbers of reference slices.
+        """
+        if not fold_reference:
+            raise ValueError("FoldAlignment.fit needs the reference predictions of at least one fold. Got 0")
+        shapes = {np.shape(p) for p in fold_reference.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] < 2:
+            raise ValueError(f"Every fold must predict the same >= 2 reference slices. Got shapes {shapes}")
+        ensemble = np.mean([np.asarray(p, np.float64) for p in fold_reference.values()], axis=0)
+        return cls(
+            folds={
+                int(k): cls._moments(np.asarray(p, np.float64)).tolist() for k, p in fold_reference.items()
+            },
+            ensemble=cls._moments(ensemble).tolist(),
+            reference_slices=int(ensemble.shape[0]),
+        )
+
+    def apply(self, probs: np.ndarray, fold: np.ndarray) -> np.ndarray:
+        """``probs`` ``[N, 5]`` of rows each predicted by the predictor of its ``fold``, on the ensemble's scale.
+
+        Per class, a row's logit is standardised by its fold predictor's reference mean and spread and given
+        the ensemble's: ``z' = (z - m_k) / s_k * s + m``. The map rises, so it keeps every fold's ranking.
+
+        Raises:
+            ValueError: for a fold without reference figures.
+        """
+        fold = np.asarray(fold)
+        missing = sorted(set(np.unique(fold).tolist()) - set(self.folds))
+        if missing:
+            raise ValueError(f"No reference figures for folds {missing}; have {sorted(self.folds)}")
+        z = logit(probs)
+        target = np.asarray(self.ensemble)
+        out = np.empty_like(z)
+        for k, moments in self.folds.items():
+            rows = fold == k
+            m = np.asarray(moments)
+            scale = np.where(m[:, 1] > MIN_LOGIT_SD, target[:, 1] / np.maximum(m[:, 1], MIN_LOGIT_SD), 1.0)
+            out[rows] = (z[rows] - m[:, 0]) * scale + target[:, 0]
+        return sigmoid(out)

@@ -1,4 +1,7 @@
-"""What every job script does first: parse its config arguments, set up logging, start or join Ray."""
+"""What every job script does first: parse its config arguments, set up logging, start or join Ray.
+
+Light to import (no torch, no Ray at the top): every job's ``--help`` builds its parser from here.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ichmodel.config import Config, load_overrides
+from ray_jobs.job_record import resume_job_args, write_job_record
 from ray_jobs.storage import absolute, check_job_paths, join, storage_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -201,8 +207,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, epochs_help: str) -> N
 GPU_DEFAULTS: dict[str, Any] = {"data.batch_size": 16, "data.num_workers": 3}
 
 
+@dataclass(frozen=True)
+class ConfigArgs:
+    """The values of :func:`add_config_arguments`' options: ``--data``, ``--config``, each ``--set``, ``--epochs``."""
+
+    data: str | None = None
+    config: str | None = None
+    set: tuple[str, ...] = ()
+    epochs: str | None = None
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> ConfigArgs:
+        """From a job's parsed values (``vars(args)``)."""
+        return cls(
+            values.get("data"), values.get("config"), tuple(values.get("set") or ()), values.get("epochs")
+        )
+
+
 def build_config(
-    args: argparse.Namespace, defaults: dict[str, Any] | None = None, *, gpu: bool = False
+    config_args: ConfigArgs, defaults: dict[str, Any] | None = None, *, gpu: bool = False
 ) -> Config:
     """The run's config from :func:`add_config_arguments`' options; each layer overrides the ones before:
 
@@ -214,13 +237,13 @@ def build_config(
         ValueError: naming the field of a bad value or an unknown name (``FileNotFoundError`` for --config).
     """
     overrides = (dict(GPU_DEFAULTS) if gpu else {}) | dict(defaults or {})
-    if args.config:
-        overrides.update(load_overrides(args.config))
-    overrides.update(parse_overrides(args.set))
-    if args.epochs:
-        overrides["train.max_epochs"] = args.epochs.split(",")
-    if args.data is not None:
-        overrides["data.shards"] = absolute(args.data)
+    if config_args.config:
+        overrides.update(load_overrides(config_args.config))
+    overrides.update(parse_overrides(list(config_args.set)))
+    if config_args.epochs:
+        overrides["train.max_epochs"] = config_args.epochs.split(",")
+    if config_args.data is not None:
+        overrides["data.shards"] = absolute(config_args.data)
     return Config().with_overrides(overrides)
 
 
@@ -246,37 +269,33 @@ def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                         "with its recorded arguments (job_args.json there); others given must equal them")  # fmt: skip
 
 
-def output_folder(args: argparse.Namespace) -> str:
+def output_folder(out: str | None, name: str | None, storage: str) -> str:
     """The job's output folder: ``--out``, else ``STORAGE/NAME`` (absolute unless a URI).
 
     Raises:
         ValueError: when neither --out nor --name is given.
     """
-    if args.out is not None:
-        return absolute(args.out)
-    if args.name is not None:
-        return join(absolute(args.storage), args.name)
+    if out is not None:
+        return absolute(out)
+    if name is not None:
+        return join(absolute(storage), name)
     raise ValueError("Give the output folder: --out FOLDER, or --name NAME (under --storage)")
 
 
-def record_or_resume(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, job: str
-) -> argparse.Namespace:
-    """Record ``args`` in the output folder (:func:`output_folder`), or with ``--resume`` restore the recorded
-    ones (:func:`ray_jobs.experiment.resume_job_args`). A folder named by ``--name`` is where it is now, so a
-    resume by name does not restore a recorded ``--out``.
+def record_or_resume(values: Mapping[str, Any], parser: argparse.ArgumentParser, job: str) -> dict[str, Any]:
+    """Record ``values`` (a job's ``vars(args)``) in the output folder (:func:`output_folder`), or with
+    ``--resume`` return the recorded ones (:func:`ray_jobs.job_record.resume_job_args`). A folder named by
+    ``--name`` is where it is now, so a resume by name does not restore a recorded ``--out``.
 
     Raises:
         FileNotFoundError: on --resume when the folder holds no record.
         ValueError: naming an option given with another value than the recorded one, and both values.
     """
-    from ray_jobs.experiment import resume_job_args, write_job_record  # imports Ray Tune: only when used
-
-    folder = output_folder(args)
-    if not args.resume:
-        write_job_record(folder, job, args, {})
-        return args
-    restored, _ = resume_job_args(args, parser, folder, job)
-    if args.out is None:
-        restored.out = None
+    folder = output_folder(values.get("out"), values.get("name"), values["storage"])
+    if not values.get("resume"):
+        write_job_record(folder, job, values, {})
+        return dict(values)
+    restored, _ = resume_job_args(values, parser, folder, job)
+    if values.get("out") is None:
+        restored["out"] = None
     return restored

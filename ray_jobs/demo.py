@@ -3,8 +3,8 @@
     python ray_jobs/demo.py                 # what `make demo` runs: CPU, local Ray, a few minutes
     python ray_jobs/demo.py --patients 60 --num-samples 8 --epochs 2,2,4 --size 96 --folds 3
 
-Every step is one of the real jobs (ray_jobs/preprocess.py, tune.py, ensemble.py) called with the
-arguments printed in the log, so a user can rerun any step alone. The ensemble retrains the --top-k best
+Every step runs what one of the real jobs runs (ray_jobs/preprocess.py, tune.py, ensemble.py: the same
+functions their main calls), and the log prints that job's command line, so a user can rerun any step alone. The ensemble retrains the --top-k best
 configurations on --folds folds (ray_jobs/folds.py) and prints single best vs ensemble out-of-fold (OOF)
 micro-F2. Re-running reuses the generated data and shards; the search and the fold runs start fresh unless
 --resume is given.
@@ -12,20 +12,22 @@ micro-F2. Re-running reuses the generated data and shards; the search and the fo
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import logging
+import shutil
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-
-from ichmodel import synth  # noqa: E402
-from ray_jobs import ensemble, preprocess, tune  # noqa: E402
-from ray_jobs.cli import REPO_ROOT, init_ray, setup_logging  # noqa: E402
+from ray_jobs import ensemble, preprocess, tune
+from ray_jobs.cli import REPO_ROOT, init_ray, setup_logging
+from ray_jobs.job_record import command_line
 
 logger = logging.getLogger("ray_jobs.demo")
 
@@ -51,14 +53,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_step(name: str, module, argv: list[str]) -> None:
-    logger.info("── %s: python ray_jobs/%s.py %s", name, module.__name__.rsplit(".", 1)[-1], " ".join(argv))
+def run_step(name: str, job: str, options: object, run: Callable[[], int]) -> None:
+    """Run one step (``run``: what ``ray_jobs/<job>.py`` with ``options`` runs), logging its command line."""
+    logger.info("── %s: python ray_jobs/%s.py %s", name, job, " ".join(command_line(options)))
     started = time.perf_counter()
-    parse = getattr(module, "parse_args", None) or module.get_args_parser().parse_args  # tune: with "given"
-    code = module.main(parse(argv))
+    code = run()
     if code != 0:
         raise SystemExit(f"{name} failed with exit code {code}; see the log above")
     logger.info("── %s done in %.0f s", name, time.perf_counter() - started)
+
+
+def preprocess_step(name: str, job: preprocess.PreprocessJob) -> None:
+    """One preprocessing step, recorded in its output folder as ``ray_jobs/preprocess.py`` records it."""
+    run_step(
+        name, "preprocess", job, lambda: preprocess.run_preprocess(preprocess.restore_or_record(asdict(job)))
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
     raw, shards, runs = out / "Blood_data", out / "shards", out / "runs"
     started = time.perf_counter()
     if not (raw / "train.csv").is_file():
+        from ichmodel import synth
+
         logger.info(
             "── generate: %d + %d synthetic series at %d px in %s",
             args.patients,
@@ -76,61 +87,41 @@ def main(args: argparse.Namespace) -> int:
         )
         synth.write_dlcv_dataset(raw, args.patients, (12, 24), args.size, args.seed, args.test_patients)
     init_ray()
-    run_step(
-        "preprocess train",
-        preprocess,
-        [
-            "--format",
-            "dlcv",
-            "--input",
-            str(raw / "train"),
-            "--labels",
-            str(raw / "train.csv"),
-            "--out",
-            str(shards / "train"),
-            "--size",
-            str(args.size),
-        ],
+    train = preprocess.PreprocessJob(format="dlcv", input=str(raw / "train"), labels=str(raw / "train.csv"),
+                                     out=str(shards / "train"), size=args.size)  # fmt: skip
+    preprocess_step("preprocess train", train)
+    test = preprocess.PreprocessJob(
+        format="dlcv", input=str(raw / "test"), out=str(shards / "test"), size=args.size
     )
-    run_step(
-        "preprocess test",
-        preprocess,
-        [
-            "--format",
-            "dlcv",
-            "--input",
-            str(raw / "test"),
-            "--out",
-            str(shards / "test"),
-            "--size",
-            str(args.size),
-        ],
-    )
+    preprocess_step("preprocess test", test)
     if not args.resume and (runs / "search").exists():
         shutil.rmtree(runs / "search")
-    tune_argv = [
-        "--data",
-        str(shards / "train"),
-        "--storage",
-        str(runs),
-        "--name",
-        "search",
-        "--epochs",
-        args.epochs,
-        "--num-samples",
-        str(args.num_samples),
-        "--seed",
-        str(args.seed),
-        "--set",
-        "data.val_fraction=0.2",
-    ]
-    run_step("tune", tune, tune_argv + (["--resume"] if args.resume else []))
+    given = {"data", "storage", "name", "epochs", "num_samples", "seed", "set"} | (
+        {"resume"} if args.resume else set()
+    )
+    search = tune.SearchOptions(
+        data=str(shards / "train"),
+        storage=str(runs),
+        name="search",
+        epochs=args.epochs,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        set=("data.val_fraction=0.2",),
+        resume=args.resume,
+        given=frozenset(given),  # what a resume compares with the record, as from the command line
+    )
+    run_step("tune", "tune", search, lambda: tune.run_search(search))
     submission = out / "submission"
     if not args.resume and submission.exists():
         shutil.rmtree(submission)  # its fold runs were trained on the search just replaced
-    ensemble_argv = ["--experiment", str(runs / "search"), "--top-k", str(args.top_k), "--folds",
-                     str(args.folds), "--test", str(shards / "test"), "--out", str(submission)]  # fmt: skip
-    run_step("ensemble", ensemble, ensemble_argv)
+    chosen = ensemble.EnsembleOptions(experiment=str(runs / "search"), top_k=args.top_k, folds=args.folds,
+                                      test=str(shards / "test"), out=str(submission))  # fmt: skip
+    run_step(
+        "ensemble",
+        "ensemble",
+        chosen,
+        lambda: ensemble.run_ensemble(*ensemble.record_options(asdict(chosen))),
+    )
     minutes = (time.perf_counter() - started) / 60
     summary = json.loads((submission / "fold_ensemble.json").read_text())
     print(f"\nDemo finished in {minutes:.1f} min.")

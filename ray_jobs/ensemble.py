@@ -38,43 +38,43 @@ first; prediction tasks download checkpoints kept on storage themselves. On a cl
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import hashlib
+import json
+import logging
 import sys
+import tempfile
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-from functools import partial  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ichmodel import ensemble as E  # noqa: E402
-from ichmodel import submission as S  # noqa: E402
-from ichmodel.checkpoint import load_checkpoint  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import SeriesDataset, class_prevalence  # noqa: E402
-from ichmodel.io import atomic_write  # noqa: E402
-from ichmodel.metrics import rsna_weighted_log_loss  # noqa: E402
-from ichmodel.prediction_table import prediction_arrays  # noqa: E402
-from ichmodel.report import ModelScore, make_report  # noqa: E402
-from ichmodel.shards import load_manifest  # noqa: E402
-from ichmodel.splits import split_holdout, split_series  # noqa: E402
-from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+from ichmodel.config import Config
+from ichmodel.constants import CLASSES
+from ichmodel.io import atomic_write
+from ichmodel.trials import check_file_name, is_failed, read_trials, select_trials
+from ray_jobs import folds as fold_job
+from ray_jobs import storage
+from ray_jobs import tune as tune_job
+from ray_jobs.cli import (
+    REPO_ROOT,
     add_output_arguments,
     init_ray,
     output_folder,
     record_or_resume,
     setup_logging,
 )
-from ray_jobs.storage import fetch, is_uri  # noqa: E402
-from ray_jobs.worker import predict_fn  # noqa: E402
+from ray_jobs.job_record import JOB_ARGS_FILE, options_from, parse_job_args
+from ray_jobs.storage import fetch, is_uri
+from ray_jobs.worker import predict_fn
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger("ray_jobs.ensemble")
 #: --smoke-test without --out/--name writes into STORAGE/SMOKE_NAME (its search in SMOKE_NAME/search).
@@ -123,10 +123,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
-    from ray_jobs.experiment import parse_job_args
+@dataclass(frozen=True)
+class EnsembleOptions:
+    """One ensemble job, typed: every option of :func:`get_args_parser` (the same defaults; a test checks)."""
 
+    experiment: str | None = None
+    top_k: int = 3
+    test: str | None = None
+    out: str | None = None
+    name: str | None = None
+    storage: str = str(REPO_ROOT / "runs")
+    resume: bool = False
+    tta: bool = False
+    folds: int = 0
+    reference: str | None = None
+    gpus_per_model: float = 0.0
+    batch_size: int = 4
+    holdout: float = 0.0
+    smoke_test: bool = False
+    verbose: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with which options it gave (:func:`ray_jobs.job_record.parse_job_args`)."""
     return parse_job_args(get_args_parser(), argv)
 
 
@@ -147,7 +166,7 @@ def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
         raise FileNotFoundError(f"No trials table at {uri}/trials.csv; run ray_jobs/tune.py first")
     fetch(f"{uri}/optuna.db", cache / "optuna.db")
     try:
-        table = E.read_trials(cache / "trials.csv")  # best first; checks every trial id
+        table = read_trials(cache / "trials.csv")  # best first; checks every trial id
     except ValueError as exc:
         raise ValueError(f"{exc} (downloaded from {uri}/trials.csv)") from None
     keep, fetched = [], 0  # rows of the local table: the fetched trials, and the ones tried that could not be
@@ -155,9 +174,9 @@ def fetch_experiment(uri: str, cache: Path, top_k: int) -> Path:
         source = row["checkpoint"]
         if fetched == top_k:
             break
-        if E.is_failed(row) or not isinstance(source, str) or not is_uri(source):
+        if is_failed(row) or not isinstance(source, str) or not is_uri(source):
             continue  # select_trials would skip it too
-        name = E.check_file_name(source.rsplit("/", 1)[-1], f"checkpoint file name in {uri}/trials.csv")
+        name = check_file_name(source.rsplit("/", 1)[-1], f"checkpoint file name in {uri}/trials.csv")
         local = cache / "checkpoints" / row["trial_id"] / name
         logger.info("downloading %s", source)
         if local.is_file() or fetch(source, local):
@@ -174,6 +193,9 @@ def resolve_data(checkpoints: list[str], test: str | None) -> tuple[Config, str,
     Raises:
         ValueError: when the models were trained on different shards or splits, or no test folder is found.
     """
+    from ichmodel.checkpoint import load_checkpoint
+    from ichmodel.splits import split_series
+
     configs = [Config.from_dict(load_checkpoint(p)["config"]) for p in checkpoints]
     data = {(c.data.shards, c.data.val_fraction, c.data.split_seed) for c in configs}
     if len(data) != 1:
@@ -191,108 +213,69 @@ def resolve_data(checkpoints: list[str], test: str | None) -> tuple[Config, str,
     return cfg, test, val_ids
 
 
-#: Every split gets ``<split>_probs.parquet`` and ``<split>_per_slice.csv``; some shard formats add a
-#: competition file: ``(split, format) → (submission kind, file name)``.
-COMPETITION_FILES: dict[tuple[str, str], tuple[str, str]] = {
-    ("val", "dlcv"): ("leaderboard", "val_leaderboard.csv"),
-    ("test", "dlcv"): ("leaderboard", "submission.csv"),
-    ("test", "rsna"): ("rsna", "submission_rsna.csv"),
-}
-
-
-def write_outputs(
-    out: Path,
-    val: pd.DataFrame,
-    test: pd.DataFrame,
-    thresholds: np.ndarray,
-    train_shards: str,
-    val_ids: list[str],
-    test_shards: str,
-) -> list[Path]:
-    """Validation and test files (see the module docstring and :data:`COMPETITION_FILES`).
-
-    Each CSV is checked against the slices it must cover, read from the shards: the ``val_ids`` series of
-    ``train_shards`` for ``val``, every slice of ``test_shards`` for ``test``.
-
-    Raises:
-        SubmissionError: when a file does not cover exactly those slices (or is malformed otherwise).
-    """
-    written = []
-    for split, frame, shards, series in (
-        ("val", val, train_shards, val_ids),
-        ("test", test, test_shards, None),
-    ):
-        written.append(S.write_probabilities(frame, out / f"{split}_probs.parquet"))
-        expected = S.expected_slices(shards, series)
-        shard_format = load_manifest(shards)["format"]
-        files = [("per_slice", f"{split}_per_slice.csv")]
-        if (split, shard_format) in COMPETITION_FILES:
-            files.append(COMPETITION_FILES[split, shard_format])
-        for kind, name in files:
-            written.append(S.write_submission(frame, kind, out / name, expected, thresholds))
-    return written
-
-
-def training_prevalence(cfg: Config) -> np.ndarray | None:
+def training_prevalence(cfg: Config):
     """Each class's share of the training series' labelled slices (the models' own training split)."""
+    from ichmodel.dataset import SeriesDataset, class_prevalence
+    from ichmodel.splits import split_series
+
     train_ids, _ = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
     return class_prevalence(SeriesDataset(cfg.data.shards, train_ids))
 
 
-def score_model(name: str, val: pd.DataFrame, prevalence: np.ndarray | None) -> ModelScore:
-    """Validation F2 of a model's (or the ensemble's) predictions at thresholds tuned on them (the training
-    run's rule, so a single model scores what its training reported)."""
-    thresholds = E.choose_thresholds(val, prevalence)
-    score = E.score_predictions(val, thresholds)
-    return ModelScore(name, score["micro_f2"], score["per_class"], thresholds.tolist())
-
-
-def check_options(args: argparse.Namespace, folder: str) -> None:
+def check_options(options: EnsembleOptions, folder: str) -> None:
     """Refuse options that cannot work together, before anything is recorded or started.
 
     Raises:
         ValueError: naming the option and its value.
     """
-    if args.experiment is None and not args.smoke_test:
+    if options.experiment is None and not options.smoke_test:
         raise ValueError("--experiment (the search to ensemble) is required, unless --smoke-test or --resume")
-    if not 0 <= args.holdout < 1:
-        raise ValueError(f"--holdout is a fraction of the validation series in [0, 1). Got {args.holdout}")
-    if args.holdout and args.folds:
+    if not 0 <= options.holdout < 1:
+        raise ValueError(f"--holdout is a fraction of the validation series in [0, 1). Got {options.holdout}")
+    if options.holdout and options.folds:
         raise ValueError(
-            f"--holdout {args.holdout} is for the ensemble without --folds (--folds {args.folds} scores out of fold)"
+            f"--holdout {options.holdout} is for the ensemble without --folds (--folds {options.folds} scores out of fold)"
         )
-    if args.smoke_test and is_uri(folder):
+    if options.smoke_test and is_uri(folder):
         raise ValueError(f"--smoke-test writes into a local folder. Got {folder}")
-    for option, location in (("--experiment", args.experiment), ("--test", args.test), ("--out", folder)):
+    for option, location in (
+        ("--experiment", options.experiment),
+        ("--test", options.test),
+        ("--out", folder),
+    ):
         storage.check_not_in_job_dir(option, location)
 
 
-def run_smoke_search(args: argparse.Namespace, folder: str) -> int:
+def run_smoke_search(folder: str) -> int:
     """``--smoke-test``: ray_jobs/tune.py's smoke search into FOLDER/search (continued when it was started
-    before; caps 1,0,1), then the 2-fold ensemble of its 2 trials (their epoch caps); returns the search's
-    exit code."""
-    from ray_jobs import tune
-
+    before; caps 1,0,1); returns the search's exit code."""
     search = storage.join(folder, "search")
     # No shared stages: their Train run, fitted in this driver, was seen to keep its controller and CPU
     # reservation alive afterwards (while Train's placement-group cleaner failed: ray_jobs.cli.init_ray),
     # and the fold runs that follow in this driver waited for CPUs.
-    argv = [
-        "--smoke-test",
-        "--share-stages",
-        "off",
-        "--epochs",
-        "1,0,1",
-        "--storage",
-        folder,
-        "--name",
-        "search",
-    ]
-    if storage.is_file(storage.join(search, "job_args.json")):
-        argv.append("--resume")  # a finished search ends at once; an interrupted one continues
-    code = tune.main(tune.parse_args(argv))
-    args.experiment, args.folds, args.top_k = search, args.folds or 2, min(args.top_k, 2)
-    return code
+    options = tune_job.SearchOptions(
+        smoke_test=True, share_stages="off", epochs="1,0,1", storage=folder, name="search"
+    )
+    given = {"smoke_test", "share_stages", "epochs", "storage", "name"}
+    if storage.is_file(storage.join(search, JOB_ARGS_FILE)):  # a finished search ends at once; an
+        options, given = replace(options, resume=True), given | {"resume"}  # interrupted one continues
+    return tune_job.run_search(replace(options, given=frozenset(given)))
+
+
+def fold_options(options: EnsembleOptions, out: str) -> fold_job.FoldOptions:
+    """The fold job's options for ``--folds K`` writing into ``out``; its other options keep their defaults."""
+    return fold_job.FoldOptions(
+        experiment=options.experiment,
+        out=out,
+        top_k=options.top_k,
+        folds=options.folds,
+        test=options.test or None,
+        reference=options.reference or "test",
+        tta=("flip",) if options.tta else (),
+        use_gpu=options.gpus_per_model > 0,
+        batch_size=options.batch_size,
+        verbose=options.verbose,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -300,49 +283,75 @@ def main(args: argparse.Namespace) -> int:
     ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
     try:
-        if args.experiment is not None:  # one spelling, recorded and compared on resume
-            args.experiment = storage.absolute(args.experiment)
-        if args.smoke_test and args.out is None and args.name is None:
-            args.name = SMOKE_NAME
-        if not args.resume:
-            check_options(args, output_folder(args))
-        args = record_or_resume(args, get_args_parser(), "ensemble")
-        folder = output_folder(args)
-        check_options(args, folder)
+        options, folder = record_options(dict(vars(args)))
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    if args.smoke_test:
-        code = run_smoke_search(args, folder)
+    return run_ensemble(options, folder)
+
+
+def record_options(values: dict) -> tuple[EnsembleOptions, str]:
+    """The job's options from its values (``vars(args)``), checked and recorded in the output folder, or with
+    ``--resume`` the recorded ones; ``(options, output folder)``.
+
+    Raises:
+        ValueError: naming a refused option (before anything is recorded) or a conflict with the record.
+        FileNotFoundError: on --resume when the folder holds no record.
+    """
+    if values["experiment"] is not None:  # one spelling, recorded and compared on resume
+        values = {**values, "experiment": storage.absolute(values["experiment"])}
+    if values["smoke_test"] and values["out"] is None and values["name"] is None:
+        values = {**values, "name": SMOKE_NAME}
+    if not values["resume"]:
+        folder = output_folder(values["out"], values["name"], values["storage"])
+        check_options(options_from(EnsembleOptions, values), folder)
+    options = options_from(EnsembleOptions, record_or_resume(values, get_args_parser(), "ensemble"))
+    folder = output_folder(options.out, options.name, options.storage)
+    check_options(options, folder)
+    return options, folder
+
+
+def run_ensemble(options: EnsembleOptions, folder: str) -> int:
+    """The ensemble (``--folds``: the fold ensemble, :func:`ray_jobs.folds.run_fold_job`) of ``options`` into
+    ``folder``, after the smoke search with ``--smoke-test``; the exit code."""
+    if options.smoke_test:
+        code = run_smoke_search(folder)
         if code != 0:
             return code
-    if args.folds:  # the cross-validated ensemble is its own job
-        from ray_jobs import folds
-
-        return folds.main(folds.args_from_ensemble(args, folder))
+        search = storage.join(folder, "search")  # the 2-fold ensemble of its 2 trials (their epoch caps)
+        options = replace(options, experiment=search, folds=options.folds or 2, top_k=min(options.top_k, 2))
+    if options.folds:  # the cross-validated ensemble
+        return fold_job.run_fold_job(fold_options(options, folder))
     with tempfile.TemporaryDirectory(prefix="ich-ensemble-") as staging:
         out = Path(staging, "out") if is_uri(folder) else Path(folder)
         cache = Path(staging, "experiment") if is_uri(folder) else out / "experiment"
-        code = run(args, out, cache, folder)
+        code = run(options, out, cache, folder)
         if code == 0 and is_uri(folder):
             storage.copy_folder(out, folder)
             print(f"copied to {folder}")
     return code
 
 
-def predict_members(ray, args, checkpoints: list[str], trial_ids: list[str], shards: list[str], val_ids: list[str],
+def predict_members(ray, options: EnsembleOptions, checkpoints: list[str], trial_ids: list[str], shards: list[str], val_ids: list[str],
                     cache: Path) -> list[list[pd.DataFrame]]:  # fmt: skip
     """Each model's ``[validation table, test table]``: from ``cache`` when a file for the same checkpoint,
     shards, series and TTA is there (a resumed job), else one Ray task per model (then kept in ``cache``)."""
-    task = ray.remote(num_cpus=1, num_gpus=args.gpus_per_model)(predict_fn)
+    import pandas as pd
+
+    task = ray.remote(num_cpus=1, num_gpus=options.gpus_per_model)(predict_fn)
     files, refs = [], {}
     for trial, checkpoint in zip(trial_ids, checkpoints, strict=True):
-        key = json.dumps([checkpoint, shards, val_ids, args.tta]).encode()
-        stem = f"{E.check_file_name(trial, 'trial id')}-{hashlib.sha256(key).hexdigest()[:12]}"
+        key = json.dumps([checkpoint, shards, val_ids, options.tta]).encode()
+        stem = f"{check_file_name(trial, 'trial id')}-{hashlib.sha256(key).hexdigest()[:12]}"
         files.append([cache / f"{stem}-{part}.parquet" for part in ("val", "test")])
         if not all(f.is_file() for f in files[-1]):
             refs[trial] = task.remote(
-                checkpoint, shards, [val_ids, None], args.tta, args.batch_size, args.gpus_per_model > 0
+                checkpoint,
+                shards,
+                [val_ids, None],
+                options.tta,
+                options.batch_size,
+                options.gpus_per_model > 0,
             )
     logger.info("predicting %d validation series and %s with %d models (%d from %s)", len(val_ids), shards[1],
                 len(checkpoints), len(checkpoints) - len(refs), cache)  # fmt: skip
@@ -359,52 +368,52 @@ def predict_members(ray, args, checkpoints: list[str], trial_ids: list[str], sha
     return tables
 
 
-def choose_on_selection(
-    names: list[str], vals: list[pd.DataFrame], select: list[str], held: list[str], prevalence
-) -> tuple[list[int], np.ndarray, list[ModelScore]]:
-    """Members and thresholds chosen on the ``select`` series, scored on the ``held`` ones.
+def split_holdout(val: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(selection series, held-out series)`` of a labelled validation table, split by series: about
+    ``fraction`` of them held out (at least one, never all), stratified by positive series (any label) so that
+    both parts keep one where there are two, drawn with ``seed``.
 
-    Members: every model, or Caruana's greedy bag (:func:`ichmodel.ensemble.greedy_members`) when it scores
-    higher on the selection series. Returns ``(bag, thresholds, scores)``: ``scores`` holds each model's
-    held-out F2 at its own selection thresholds, then the ensemble's.
+    Raises:
+        ValueError: for fewer than 2 series.
     """
-
-    def part(frame: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
-        return frame[frame["series_id"].isin(ids)]
-
-    probs = [prediction_arrays(part(v, select))[0] for v in vals]
-    labels = prediction_arrays(part(vals[0], select))[1]
-    greedy, every = E.greedy_members(labels, probs), list(range(len(vals)))
-    scored = [E.tuned_f2(labels, E.bag_probs(probs, bag))[0] for bag in (greedy, every)]
-    bag = greedy if scored[0] > scored[1] else every
-    scores = []
-    for name, frames in [(n, [v]) for n, v in zip(names, vals, strict=True)] + [
-        (f"ensemble of {len(bag)}", [vals[i] for i in bag])
-    ]:
-        mean = E.average_predictions(frames)
-        thresholds = E.choose_thresholds(part(mean, select), prevalence)
-        score = E.score_predictions(part(mean, held), thresholds)
-        scores.append(ModelScore(name, score["micro_f2"], score["per_class"], thresholds.tolist()))
-    logger.info("members chosen on %d series: %s (%s)", len(select), [names[i] for i in bag],
-                "greedy" if bag is greedy else "every model")  # fmt: skip
-    return bag, np.asarray(scores[-1].thresholds), scores
+    labels = [f"label_{c}" for c in CLASSES]
+    positive = val.groupby("series_id")[labels].max().to_numpy().any(axis=1)
+    ids = np.asarray(sorted(val["series_id"].unique()))
+    if len(ids) < 2:
+        raise ValueError(f"--holdout needs at least 2 validation series to split. Got {len(ids)}")
+    n_hold = min(len(ids) - 1, max(1, int(fraction * len(ids) + 0.5)))
+    pos, neg = ids[positive], ids[~positive]
+    n_pos = int(n_hold * len(pos) / len(ids) + 0.5)
+    if len(pos) >= 2:
+        n_pos = min(max(n_pos, 1), len(pos) - 1)
+    n_pos = max(n_pos, n_hold - len(neg))  # enough negatives left to fill the rest
+    rng = np.random.default_rng(seed)
+    held = rng.permutation(pos)[:n_pos].tolist() + rng.permutation(neg)[: n_hold - n_pos].tolist()
+    return sorted(set(ids) - set(held)), sorted(held)
 
 
-def run(args: argparse.Namespace, out: Path, cache: Path, folder: str) -> int:
+def run(options: EnsembleOptions, out: Path, cache: Path, folder: str) -> int:
     """The ensemble job writing into the local folder ``out`` (copied to ``folder`` when that is a URI; a
     search on storage is downloaded into ``cache``); returns the exit code."""
+    from ichmodel import ensemble as E
+    from ichmodel import submission as S
+    from ichmodel.metrics import rsna_weighted_log_loss
+    from ichmodel.prediction_table import prediction_arrays
+    from ichmodel.report import make_report
+    from ichmodel.shards import load_manifest
+
     try:
-        if is_uri(args.experiment):
-            experiment = fetch_experiment(args.experiment, cache, args.top_k)
+        if is_uri(options.experiment):
+            experiment = fetch_experiment(options.experiment, cache, options.top_k)
         else:
-            experiment = Path(storage.absolute(args.experiment))
-        chosen = E.select_trials(experiment / "trials.csv", args.top_k)
+            experiment = Path(storage.absolute(options.experiment))
+        chosen = select_trials(experiment / "trials.csv", options.top_k)
         checkpoints = chosen["checkpoint"].tolist()
-        cfg, test_shards, val_ids = resolve_data(checkpoints, args.test and storage.absolute(args.test))
+        cfg, test_shards, val_ids = resolve_data(checkpoints, options.test and storage.absolute(options.test))
         train_manifest = load_manifest(cfg.data.shards)
         load_manifest(test_shards)
         ray = init_ray()
-        shared = {"--experiment": None if is_uri(args.experiment) else str(experiment), "--test": test_shards,
+        shared = {"--experiment": None if is_uri(options.experiment) else str(experiment), "--test": test_shards,
                   "data.shards (training shards of the models)": cfg.data.shards}  # fmt: skip
         storage.check_shared(shared, ray)
     except (ValueError, FileNotFoundError) as exc:
@@ -416,30 +425,32 @@ def run(args: argparse.Namespace, out: Path, cache: Path, folder: str) -> int:
     ]
     names = [f"trial {t}" for t in chosen["trial_id"]]
     try:
-        results = predict_members(ray, args, task_checkpoints, chosen["trial_id"].astype(str).tolist(),
+        results = predict_members(ray, options, task_checkpoints, chosen["trial_id"].astype(str).tolist(),
                                   [cfg.data.shards, test_shards], val_ids, out / "predictions")  # fmt: skip
     except ray.exceptions.RayTaskError as exc:
         logger.error("a prediction task failed: %s", exc)
         return 1
     prevalence = training_prevalence(cfg)
     vals = [r[0] for r in results]
-    if args.holdout:
+    if options.holdout:
         try:
-            select, held = split_holdout(vals[0], args.holdout)
+            select, held = split_holdout(vals[0], options.holdout)
         except ValueError as exc:
             logger.error("%s", exc)
             return 2
-        bag, thresholds, scores = choose_on_selection(names, vals, select, held, prevalence)
+        bag, thresholds, scores = E.choose_on_selection(names, vals, select, held, prevalence)
     else:
         bag = list(range(len(results)))
-        scores = [score_model(n, v, prevalence) for n, v in zip(names, vals, strict=True)]
-        scores.append(score_model(f"ensemble of {len(checkpoints)}", E.average_predictions(vals), prevalence))
+        scores = [E.score_model(n, v, prevalence) for n, v in zip(names, vals, strict=True)]
+        scores.append(
+            E.score_model(f"ensemble of {len(checkpoints)}", E.average_predictions(vals), prevalence)
+        )
         thresholds = np.asarray(scores[-1].thresholds)
     ens = scores[-1]
     val = E.average_predictions([vals[i] for i in bag])
     test = E.average_predictions([results[i][1] for i in bag])
     try:
-        written = write_outputs(out, val, test, thresholds, cfg.data.shards, val_ids, test_shards)
+        written = E.write_outputs(out, val, test, thresholds, cfg.data.shards, val_ids, test_shards)
     except S.SubmissionError as exc:
         logger.error("submission check failed, nothing written under that name: %s", exc)
         return 1
@@ -449,7 +460,7 @@ def run(args: argparse.Namespace, out: Path, cache: Path, folder: str) -> int:
         size=int(train_manifest["size"]),
         windows=train_manifest["windows"],
         format=train_manifest["format"],
-        tta=args.tta,
+        tta=options.tta,
         val_f2=ens.micro_f2,
         single_f2=[s.micro_f2 for s in scores[:-1]],
         trial_ids=[str(chosen["trial_id"][i]) for i in bag],
@@ -457,7 +468,9 @@ def run(args: argparse.Namespace, out: Path, cache: Path, folder: str) -> int:
     written.append(spec.save(out))
     probs, y_true = prediction_arrays(val)
     log_loss = rsna_weighted_log_loss(y_true, probs)
-    heading = f"Held-out F2 ({args.holdout:g} of the validation series)" if args.holdout else "Validation F2"
+    heading = (
+        f"Held-out F2 ({options.holdout:g} of the validation series)" if options.holdout else "Validation F2"
+    )
     report = make_report(
         out / "report",
         scores,
@@ -465,10 +478,10 @@ def run(args: argparse.Namespace, out: Path, cache: Path, folder: str) -> int:
         y_true=y_true,
         thresholds=thresholds,
         optuna_db=experiment / "optuna.db",
-        title=f"Ensemble of {args.experiment.rstrip('/').rsplit('/', 1)[-1]}",
+        title=f"Ensemble of {options.experiment.rstrip('/').rsplit('/', 1)[-1]}",
         score_heading=heading,
     )
-    print_scores(scores, args.holdout, len(val_ids))
+    print_scores(scores, options.holdout, len(val_ids))
     print(f"ensemble validation RSNA weighted log loss: {log_loss:.4f}")
     print("thresholds: " + ", ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, thresholds, strict=True)))
     print("files:")
@@ -478,7 +491,7 @@ def run(args: argparse.Namespace, out: Path, cache: Path, folder: str) -> int:
     return 0
 
 
-def print_scores(scores: list[ModelScore], holdout: float, num_val: int) -> None:
+def print_scores(scores: list, holdout: float, num_val: int) -> None:
     """Each model's and the ensemble's score, and what that score is worth."""
     column = "held-out micro-F2" if holdout else "val micro-F2"
     print(f"\n{'model':<28}{column:>18}")

@@ -1,6 +1,7 @@
-"""What a job keeps in its experiment folder so that ``--name --storage --resume`` alone continues it, wherever
-the folder is now: its own resolved arguments and config (``job_args.json``), and the Tune parts that Ray
-would otherwise pin to where the experiment first ran (the Optuna study, ASHA's rungs, ``trials.csv``).
+"""The Tune parts a search keeps in its experiment folder, so that ``--name --storage --resume`` continues it
+wherever the folder is now: the Optuna study, ASHA's rungs and ``trials.csv``, which Ray would otherwise pin
+to where the experiment first ran. (The job's own arguments and config, ``job_args.json``, are
+:mod:`ray_jobs.job_record`'s, which imports no Ray.)
 
 Tune restores the searcher, scheduler and callbacks from its own pickles (``tuner.pkl``, the searcher state)
 and gives them no say about where the experiment is now; so these parts pickle no location and are
@@ -10,124 +11,22 @@ attached to the experiment's current folder by :func:`attach_experiment` after `
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import pickle
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from ray_jobs.storage import absolute, is_file, is_uri, join, parent, read_bytes, write_bytes
+from ichmodel.trials import TRIALS_FILE, trials_table
+from ray_jobs.storage import is_file, is_uri, join, parent, read_bytes, write_bytes
 
 logger = logging.getLogger("ray_jobs.experiment")
 
-JOB_ARGS_FILE = "job_args.json"
 STUDY_FILE = "optuna.db"
 ASHA_STATE_FILE = "asha_state.pkl"
-TRIALS_FILE = "trials.csv"
-#: Options that say where this run is and how it talks, not what it computes: never recorded or compared
-#: (an experiment may be moved, so ``--storage`` on resume is where it is now).
-RUN_OPTIONS = frozenset({"resume", "storage", "name", "verbose", "given"})
-#: Options holding a local path (or URI), compared after :func:`ray_jobs.storage.absolute`.
-PATH_OPTIONS = frozenset({"data", "config", "test", "input", "out", "labels"})
-
-
-# ── arguments ─────────────────────────────────────────────────────────────────────────────────────────────
-
-
-def parse_job_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """``parser.parse_args(argv)`` plus ``given``: the names (dests) of the options the command line set, so
-    that a resume can tell a value given from a default."""
-    args = parser.parse_args(argv)
-    args.given = given_options(parser, argv)
-    return args
-
-
-def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The dests that ``argv`` sets, found by parsing it again with every default suppressed."""
-    defaults = {action: action.default for action in parser._actions}
-    try:
-        for action in defaults:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in defaults.items():
-            action.default = default
-
-
-def _normalized(key: str, value: Any) -> Any:
-    if key in PATH_OPTIONS and isinstance(value, str | Path):
-        return absolute(value)
-    if key == "space" and isinstance(value, str) and value.endswith(".py"):
-        return absolute(value)
-    return value
-
-
-def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments a job records: every option but :data:`RUN_OPTIONS`, paths made absolute."""
-    return {k: _normalized(k, v) for k, v in vars(args).items() if k not in RUN_OPTIONS}
-
-
-def write_job_record(experiment: str, job: str, args: argparse.Namespace, config: dict) -> str:
-    """Write ``experiment/job_args.json`` (atomically on a local folder): the job, its arguments, its config."""
-    record = {"job": job, "args": recorded_args(args), "config": config}
-    return write_bytes(join(experiment, JOB_ARGS_FILE), json.dumps(record, indent=2, sort_keys=True).encode())
-
-
-def read_job_record(experiment: str) -> dict | None:
-    """The record :func:`write_job_record` left in ``experiment``; None when there is none."""
-    data = _read_if_exists(join(experiment, JOB_ARGS_FILE))
-    return None if data is None else json.loads(data)
-
-
-def resume_job_args(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, experiment: str, job: str
-) -> tuple[argparse.Namespace, dict]:
-    """The recorded arguments and config of the ``job`` in ``experiment``, for a resume: ``(args, config)``.
-
-    The options of :data:`RUN_OPTIONS` come from ``args``. An option given on the command line (``args.given``,
-    from :func:`parse_job_args`; without it, every value that differs from ``parser``'s default) must equal
-    the recorded one.
-
-    Raises:
-        FileNotFoundError: when ``experiment`` holds no record.
-        ValueError: naming each option given with a value other than the recorded one, with both values.
-    """
-    record = read_job_record(experiment)
-    if record is None:
-        raise FileNotFoundError(
-            f"Nothing to resume at {experiment}: no {JOB_ARGS_FILE} there; run without --resume first"
-        )
-    if record.get("job") != job:
-        raise ValueError(f"{experiment} holds a {record.get('job')!r} job, not a {job!r} job")
-    recorded = record["args"]
-    given = getattr(args, "given", None)
-    if given is None:
-        given = {k for k, v in vars(args).items() if v != parser.get_default(k)}
-    conflicts = []
-    for key in sorted(given - RUN_OPTIONS):
-        value = _normalized(key, getattr(args, key))
-        if key in recorded and _jsonable(value) != recorded[key]:
-            option = "--" + key.replace("_", "-")
-            conflicts.append(f"{option} {value!r} given, but the experiment ran with {recorded[key]!r}")
-    if conflicts:
-        raise ValueError(
-            f"Cannot resume {experiment} with other arguments: " + "; ".join(conflicts)
-            + " (leave them out to resume as recorded, or start a new --name)"
-        )  # fmt: skip
-    restored = argparse.Namespace(**{**vars(args), **recorded})
-    for key in RUN_OPTIONS & set(vars(args)):
-        setattr(restored, key, getattr(args, key))
-    return restored, record["config"]
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 # ── storage ───────────────────────────────────────────────────────────────────────────────────────────────
@@ -290,7 +189,7 @@ class ExperimentASHA(ASHAScheduler):
 
 class TrialsTableCallback(Callback):
     """Rewrite ``trials.csv`` in the experiment each time a trial finishes, is stopped or fails, from every
-    trial that has reported (:func:`ray_jobs.tune.trials_table`)."""
+    trial that has reported (:func:`ichmodel.trials.trials_table`)."""
 
     def __init__(self) -> None:
         self._experiment: str | None = None
@@ -302,8 +201,6 @@ class TrialsTableCallback(Callback):
         return {**self.__dict__, "_experiment": None}
 
     def write(self, trials: list, errored: object = None) -> str | None:
-        from ray_jobs.tune import trials_table
-
         if self._experiment is None:
             return None
         results = [

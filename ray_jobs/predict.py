@@ -21,31 +21,19 @@ Runs in this process (no Ray cluster needed); --device cuda uses a GPU with bf16
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import logging
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import io as pyio  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from ichmodel import ensemble as E  # noqa: E402
-from ichmodel import submission as S  # noqa: E402
-from ichmodel.checkpoint import load_checkpoint, load_model  # noqa: E402
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.constants import CLASSES  # noqa: E402
-from ichmodel.dataset import SeriesDataset  # noqa: E402
-from ichmodel.dicom_readers import read_dicom_folder  # noqa: E402
-from ichmodel.predict import predict_dataset  # noqa: E402
-from ichmodel.prediction_table import summarize_series  # noqa: E402
-from ichmodel.preprocess import PreprocessOptions, preprocess  # noqa: E402
-from ichmodel.shards import MANIFEST_NAME, SKIPPED_NAME, load_manifest  # noqa: E402
-from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import parse_window, setup_logging  # noqa: E402
+from ray_jobs import storage
+from ray_jobs.cli import parse_window, setup_logging
+from ray_jobs.job_record import options_from
 
 logger = logging.getLogger("ray_jobs.predict")
 
@@ -89,125 +77,67 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_predictor(args: argparse.Namespace) -> tuple[list[str], list[float], int | None, list | None, bool]:
-    """``(checkpoints, thresholds, size, windows, tta)`` from --ensemble or --checkpoint.
+@dataclass(frozen=True)
+class PredictOptions:
+    """One prediction job, typed: the options of :func:`get_args_parser`."""
 
-    Raises:
-        FileNotFoundError: when the ensemble.json or checkpoint is missing.
-    """
-    if args.ensemble:
-        spec = E.EnsembleSpec.load(local_copy(args.ensemble, E.ENSEMBLE_SPEC_NAME, args.cache))
-        models = [local_copy(m, None, args.cache) for m in spec.models]
-        return models, spec.thresholds, spec.size, spec.windows, spec.tta
-    checkpoint = local_copy(args.checkpoint, None, args.cache)
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"No checkpoint at {args.checkpoint}")
-    ckpt = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(ckpt["config"])
-    size = windows = None
-    try:
-        manifest = load_manifest(cfg.data.shards)
-        size, windows = manifest["size"], manifest["windows"]
-    except FileNotFoundError:
-        logger.warning("training shards %r are not here: pass --size and --window", cfg.data.shards)
-    return [checkpoint], list(ckpt["thresholds"]), size, windows, False
-
-
-def local_copy(location: str, spec_name: str | None, cache: Path) -> str:
-    """``location`` itself when it is a local path, else a download of it into ``cache``.
-
-    ``spec_name``: the file to take when ``location`` is a folder (ensemble.json).
-
-    Raises:
-        FileNotFoundError: naming the URI when nothing is stored there.
-    """
-    if not storage.is_uri(location):
-        return location
-    if spec_name and not storage.is_file(location):
-        location = storage.join(location, spec_name)
-    local = cache / f"{len(list(cache.glob('*')))}-{location.split('?', 1)[0].rsplit('/', 1)[-1]}"
-    if not storage.download(location, local):
-        raise FileNotFoundError(f"No file at {location}")
-    return str(local)
-
-
-def prepare_shards(args: argparse.Namespace, size: int | None, windows: list | None) -> Path | str:
-    """The shard folder to predict: --input itself if it is one, else DICOM preprocessed into OUT/shards.
-
-    Raises:
-        ValueError: when the image size or windows are unknown.
-    """
-    if storage.is_file(storage.join(args.input, MANIFEST_NAME)):
-        return args.input if storage.is_uri(args.input) else Path(args.input)
-    size, windows = args.size or size, args.window or windows
-    if size is None or not windows:
-        raise ValueError(f"Unknown image size {size} or windows {windows}: pass --size and --window")
-    options = PreprocessOptions(
-        size=int(size), windows=tuple(tuple(w) for w in windows), min_slices=args.min_slices
-    )
-    if storage.is_uri(args.input):
-        raise ValueError(
-            f"--input {args.input}: DICOM folders are read from local disk; copy them here first"
-        )
-    shards = Path(args.out) / "shards"
-    preprocess(read_dicom_folder(args.input), shards, options)
-    return shards
+    input: str
+    out: str
+    checkpoint: str | None = None
+    ensemble: str | None = None
+    tta: bool | None = None
+    size: int | None = None
+    window: tuple[tuple[float, float], ...] | None = None
+    min_slices: int = 1
+    device: str = "cpu"
+    batch_size: int = 4
 
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    options = options_from(PredictOptions, vars(args), window=args.window and tuple(args.window))
     with tempfile.TemporaryDirectory(prefix="ich-predict-") as folder:
-        target = args.out
-        if storage.is_uri(target):  # write here, then copy the finished folder
-            args.out = str(Path(folder, "out"))
-        args.cache = Path(folder, "downloads")
-        args.cache.mkdir()
-        code = run(args)
-        args.out = target
-        if code == 0 and storage.is_uri(target):
-            storage.copy_folder(Path(folder, "out"), target)
-            print(f"copied to {target}")
+        out = Path(folder, "out") if storage.is_uri(options.out) else Path(options.out)  # then copied
+        cache = Path(folder, "downloads")
+        cache.mkdir()
+        code = run(options, out, cache)
+        if code == 0 and storage.is_uri(options.out):
+            storage.copy_folder(out, options.out)
+            print(f"copied to {options.out}")
     return code
 
 
-def run(args: argparse.Namespace) -> int:
-    """The prediction job writing into the local folder ``args.out``; returns the exit code."""
-    out = Path(args.out)
+def run(options: PredictOptions, out: Path, cache: Path) -> int:
+    """The prediction job writing into the local folder ``out`` (downloads into ``cache``); the exit code."""
+    import pandas as pd
+
+    from ichmodel.constants import CLASSES
+    from ichmodel.predict_studies import load_predictor, predict_studies, prepare_shards, read_skipped
+
     try:
-        checkpoints, thresholds, size, windows, tta = load_predictor(args)
-        shards = prepare_shards(args, size, windows)
+        predictor = load_predictor(options.checkpoint, options.ensemble, cache)
+        size, windows = options.size or predictor.size, options.window or predictor.windows
+        shards = prepare_shards(options.input, out, size, windows, options.min_slices)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    skipped_csv = storage.join(shards, SKIPPED_NAME)
-    skipped = (
-        pd.read_csv(pyio.StringIO(storage.read_text(skipped_csv)))
-        if storage.is_file(skipped_csv)
-        else pd.DataFrame()
-    )
+    skipped, skipped_csv = read_skipped(shards)
     if len(skipped):
         print(f"skipped {len(skipped)} file(s) (see {skipped_csv}):")
         for row in skipped.itertuples():
             print(f"  {row.path}: {row.reason}")
-    dataset = SeriesDataset(shards)
-    if len(dataset) == 0:
-        logger.error("Nothing to predict: every input in %s was skipped", args.input)
+    result = predict_studies(
+        predictor, shards, out, tta=options.tta, device=options.device, batch_size=options.batch_size
+    )
+    if result is None:
+        logger.error("Nothing to predict: every input in %s was skipped", options.input)
         return 1
-    models = [load_model(p, args.device)[0] for p in checkpoints]
-    tta = tta if args.tta is None else args.tta
-    frame = predict_dataset(models, dataset, batch_size=args.batch_size, device=args.device, tta=tta)
-    S.write_submission(frame, "per_slice", out / "per_slice.csv", S.expected_slices(shards), thresholds)
-    frame.to_csv(out / "probabilities.csv", index=False, float_format="%.6f")
-    summary = summarize_series(frame, thresholds)
-    first = frame.groupby("series_id", sort=True)["slice_id"].first()
-    summary.insert(1, "first_slice", summary["series_id"].map(first))
-    summary.to_csv(out / "series_summary.csv", index=False, float_format="%.6f")
-
+    thresholds = predictor.thresholds
     print(
-        f"\n{len(models)} model(s){' + TTA' if tta else ''}, thresholds "
+        f"\n{result.num_models} model(s){' + TTA' if result.tta else ''}, thresholds "
         + ", ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, thresholds, strict=True))
     )
-    table = summary[["first_slice", "num_slices", *(f"max_{c}" for c in CLASSES), "positive_any"]]
+    table = result.summary[["first_slice", "num_slices", *(f"max_{c}" for c in CLASSES), "positive_any"]]
     with pd.option_context("display.width", 200, "display.max_colwidth", 48, "display.precision", 3):
         print(table.to_string(index=False))
     print(f"\nfiles: {out / 'per_slice.csv'}, {out / 'probabilities.csv'}, {out / 'series_summary.csv'}")

@@ -23,30 +23,22 @@ already written for the same series and options is reused, not rewritten.
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import logging
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import logging  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-from ichmodel.constants import DEFAULT_WINDOWS  # noqa: E402
-from ichmodel.preprocess import (
-    PreprocessOptions,
-    ShardResult,
-    ShardTask,
-    plan_shards,
-    write_outputs,
-    write_shard,
-)  # noqa: E402
-from ichmodel.read_records import ReadResult, SkipRecord  # noqa: E402
-from ichmodel.readers import read_input  # noqa: E402
-from ray_jobs import storage  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+from ichmodel.constants import DEFAULT_WINDOWS
+from ray_jobs import storage
+from ray_jobs.cli import (
+    REPO_ROOT,
     add_output_arguments,
     init_ray,
     output_folder,
@@ -54,6 +46,11 @@ from ray_jobs.cli import (  # noqa: E402
     record_or_resume,
     setup_logging,
 )
+from ray_jobs.job_record import options_from, parse_job_args
+
+if TYPE_CHECKING:
+    from ichmodel.preprocess import PreprocessOptions, ShardResult, ShardTask
+    from ichmodel.readers import ReadResult
 
 logger = logging.getLogger("ray_jobs.preprocess")
 
@@ -104,6 +101,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class PreprocessJob:
+    """One preprocessing job, typed: every option of :func:`get_args_parser` (the same defaults; a test checks)."""
+
+    format: str | None = None
+    input: str | None = None
+    labels: str | None = None
+    out: str | None = None
+    name: str | None = None
+    storage: str = str(REPO_ROOT / "runs")
+    resume: bool = False
+    size: int = 256
+    shard_series: int = 16
+    windows: tuple[tuple[float, float], ...] = tuple(DEFAULT_WINDOWS)
+    min_slices: int = 2
+    num_cpus: int | None = None
+    verbose: bool = False
+
+
 def ray_map_fn(num_cpus: int | None):
     """A ``map_fn`` for the readers: one Ray task per chunk (in-process when there is only one chunk)."""
 
@@ -142,6 +158,10 @@ def mirror_input(uri: str, folder: Path, contents: bool) -> Path:
 
 def read_remote_input(fmt: str, uri: str, labels: str | None, folder: Path) -> ReadResult:
     """:func:`read_input` on a mirror of ``uri`` (and ``labels``), with every path turned back into a URI."""
+    import dataclasses
+
+    from ichmodel.readers import SkipRecord, read_input
+
     root = mirror_input(uri, folder / "input", contents=fmt != "dlcv")
     if labels is not None and storage.is_uri(labels):
         local_labels = folder / "labels" / labels.split("?", 1)[0].rsplit("/", 1)[-1]
@@ -166,6 +186,8 @@ def run_shards(
     tasks: list[ShardTask], out: str, options: PreprocessOptions, num_cpus: int | None
 ) -> list[ShardResult]:
     """Run :func:`write_shard` for every task as a Ray task, logging progress as shards finish."""
+    from ichmodel.preprocess import write_shard
+
     ray = init_ray(num_cpus)
 
     def write_shard_on_node(task: ShardTask) -> tuple[str, ShardResult]:
@@ -191,54 +213,70 @@ def run_shards(
     return results
 
 
-def check_paths(args: argparse.Namespace) -> dict[str, str | None]:
+def check_paths(job: PreprocessJob) -> dict[str, str | None]:
     """``{option: absolute path or URI}`` of --input, --labels, --out, each checked for a submitted job
     (:func:`ray_jobs.storage.check_not_in_job_dir`) and, on a cluster, for being shared by every node.
 
     Raises:
         ValueError: naming the option and the path.
     """
-    paths = {"--input": args.input, "--labels": args.labels, "--out": output_folder(args)}
+    paths = {
+        "--input": job.input,
+        "--labels": job.labels,
+        "--out": output_folder(job.out, job.name, job.storage),
+    }
     for option, location in paths.items():
         storage.check_not_in_job_dir(option, location)
     paths = {k: None if v is None else storage.absolute(v) for k, v in paths.items()}
-    storage.check_shared(paths, init_ray(args.num_cpus))
+    storage.check_shared(paths, init_ray(job.num_cpus))
     return paths
 
 
-def restore_or_record(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` recorded in the output folder, or with ``--resume`` the recorded ones
+def restore_or_record(values: dict) -> PreprocessJob:
+    """The job's values (``vars(args)``) recorded in the output folder, or with ``--resume`` the recorded ones
     (:func:`ray_jobs.cli.record_or_resume`).
 
     Raises:
         ValueError: when --format or --input is missing, or a value given on resume differs from the record.
         FileNotFoundError: on --resume when the folder holds no record.
     """
-    if not args.resume and (args.format is None or args.input is None):
+    if not values["resume"] and (values["format"] is None or values["input"] is None):
         raise ValueError("--format and --input are required (unless --resume)")
-    if args.input is not None:  # one spelling, recorded and compared on resume
-        args.input = storage.absolute(args.input)
-    return record_or_resume(args, get_args_parser(), "preprocess")
+    if values["input"] is not None:  # one spelling, recorded and compared on resume
+        values = {**values, "input": storage.absolute(values["input"])}
+    restored = record_or_resume(values, get_args_parser(), "preprocess")
+    windows = tuple(tuple(w) for w in restored["windows"])
+    return options_from(PreprocessJob, restored, windows=windows)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run (or with ``--resume`` continue) the job; ``args`` from :func:`parse_args` (or a plain
     ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
+    try:
+        job = restore_or_record(dict(vars(args)))
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return run_preprocess(job)
+
+
+def run_preprocess(job: PreprocessJob) -> int:
+    """Read the input, write the shards with one Ray task each, then the manifest; the exit code."""
+    from ichmodel.preprocess import PreprocessOptions, plan_shards, write_outputs
+    from ichmodel.readers import read_input
+
     with tempfile.TemporaryDirectory(prefix="ich-preprocess-") as folder:
         try:
-            args = restore_or_record(args)
-            paths = check_paths(args)
-            options = PreprocessOptions(
-                size=args.size, windows=tuple(args.windows), min_slices=args.min_slices
-            )
+            paths = check_paths(job)
+            options = PreprocessOptions(size=job.size, windows=tuple(job.windows), min_slices=job.min_slices)
             if storage.is_uri(paths["--input"]):
-                found = read_remote_input(args.format, paths["--input"], paths["--labels"], Path(folder))
+                found = read_remote_input(job.format, paths["--input"], paths["--labels"], Path(folder))
             else:
                 found = read_input(
-                    args.format, paths["--input"], paths["--labels"], map_fn=ray_map_fn(args.num_cpus)
+                    job.format, paths["--input"], paths["--labels"], map_fn=ray_map_fn(job.num_cpus)
                 )
-            tasks = plan_shards(found.series, args.shard_series)
+            tasks = plan_shards(found.series, job.shard_series)
         except (ValueError, FileNotFoundError) as exc:
             logger.error("%s", exc)
             return 2
@@ -246,22 +284,20 @@ def main(args: argparse.Namespace) -> int:
     logger.info(
         "%d series, %d slices in %d shards → %s", len(found.series), found.num_slices, len(tasks), out
     )
-    results = run_shards(tasks, out, options, args.num_cpus) if tasks else []
+    results = run_shards(tasks, out, options, job.num_cpus) if tasks else []
     manifest = write_outputs(out, found, options, results)
     print(
         f"series: {manifest['num_series']}, slices: {manifest['num_slices']}, skipped: {manifest['num_skipped']} "
         f"(see {storage.join(out, 'skipped.csv')}); manifest: {storage.join(out, 'manifest.json')}"
     )
     if manifest["num_series"] == 0:
-        logger.error("Nothing usable in %s: every input was skipped", args.input)
+        logger.error("Nothing usable in %s: every input was skipped", job.input)
         return 1
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
-    from ray_jobs.experiment import parse_job_args
-
+    """The command line, with which options it gave (:func:`ray_jobs.job_record.parse_job_args`)."""
     return parse_job_args(get_args_parser(), argv)
 
 

@@ -16,28 +16,36 @@ its arguments and config in STORAGE/NAME/job_args.json: `--name N --storage S --
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import json
+import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.demo_data import ensure_demo_data  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+from ichmodel.config import Config
+from ichmodel.demo_data import ensure_demo_data
+from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
+    ConfigArgs,
     add_config_arguments,
     build_config,
     init_ray_for_job,
     setup_logging,
 )
-from ray_jobs.experiment import parse_job_args, read_job_record, resume_job_args, write_job_record  # noqa: E402
-from ray_jobs.storage import absolute, join  # noqa: E402
-from ray_jobs.worker import CHECKPOINT_FILE, build_trainer  # noqa: E402
+from ray_jobs.job_record import (
+    options_from,
+    parse_job_args,
+    read_job_record,
+    resume_job_args,
+    write_job_record,
+)
+from ray_jobs.storage import absolute, join
+from ray_jobs.worker import CHECKPOINT_FILE, build_trainer
 
 logger = logging.getLogger("ray_jobs.train")
 #: Epoch caps on the generated demo data, unless --epochs, --set or --config say otherwise.
@@ -75,49 +83,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_config(args: argparse.Namespace) -> Config:
+@dataclass(frozen=True)
+class TrainRun:
+    """Where and how one Train run goes: STORAGE/NAME (``storage`` as given), its workers, retries, the test hook."""
+
+    name: str
+    storage: str
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 1
+    fail_at_epoch: int | None = None
+
+
+def run_config(config_args: ConfigArgs, use_gpu: bool = False) -> Config:
     """The run's config (:func:`ray_jobs.cli.build_config`); without ``--data``, on generated demo data."""
-    if args.data is not None:
-        return build_config(args, gpu=args.use_gpu)
+    if config_args.data is not None:
+        return build_config(config_args, gpu=use_gpu)
     train_shards, _ = ensure_demo_data(DEMO_ROOT)
     defaults = {"data.shards": str(train_shards), "train.max_epochs": DEMO_EPOCHS.split(",")}
-    return build_config(args, defaults, gpu=args.use_gpu)
+    return build_config(config_args, defaults, gpu=use_gpu)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Train (or continue) the run; ``args`` from :func:`parse_args` (or a plain ``parse_args``, where every
-    value other than a default counts as given on resume)."""
-    setup_logging(args.verbose)
-    storage = absolute(args.storage)
-    run_dir = join(storage, args.name)
-    try:
-        if not args.resume and read_job_record(run_dir) is not None:
-            # Train continues a run of the same name: every value must be the recorded one (nothing mixed).
-            args.given = set(vars(args))
-        if args.resume or read_job_record(run_dir) is not None:
-            args, recorded = resume_job_args(args, get_args_parser(), run_dir, "train")
-            cfg = Config.from_dict(recorded)
-        else:
-            cfg = run_config(args)
-            write_job_record(run_dir, "train", args, cfg.to_dict())
-    except (ValueError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return 2
-    ray = init_ray_for_job(args.storage, args.data and cfg.data.shards)
+def train_run(cfg: Config, run: TrainRun, data: str | None) -> int:
+    """Fit (or continue) the Train run ``run`` of ``cfg`` on Ray and print its summary; the exit code.
+
+    ``data``: ``--data`` as given (checked to be shared by every node of a cluster), None for the demo data.
+    """
+    ray = init_ray_for_job(run.storage, data and cfg.data.shards)
     if ray is None:
         return 2
+    storage = absolute(run.storage)
     loop_config = {"config": cfg.to_dict(), "overrides": {}}
-    if args.fail_at_epoch is not None:
+    if run.fail_at_epoch is not None:
         loop_config.update(
-            fail_at_epoch=args.fail_at_epoch, fail_marker=str(Path(storage) / f".{args.name}.failed-once")
+            fail_at_epoch=run.fail_at_epoch, fail_marker=str(Path(storage) / f".{run.name}.failed-once")
         )
     trainer = build_trainer(
         loop_config,
-        name=args.name,
+        name=run.name,
         storage_path=storage,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        max_failures=args.max_failures,
+        num_workers=run.num_workers,
+        use_gpu=run.use_gpu,
+        max_failures=run.max_failures,
     )
     result = trainer.fit()
     if result.error:
@@ -126,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     metrics = result.metrics or {}
     checkpoint = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
     summary = {
-        "name": args.name,
+        "name": run.name,
         "finished": bool(metrics.get("finished")),
         "global_epoch": metrics.get("global_epoch"),
         "stage": metrics.get("stage"),
@@ -138,8 +145,32 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(args: argparse.Namespace) -> int:
+    """Train (or continue) the run; ``args`` from :func:`parse_args` (or a plain ``parse_args``, where every
+    value other than a default counts as given on resume)."""
+    setup_logging(args.verbose)
+    storage = absolute(args.storage)
+    run_dir = join(storage, args.name)
+    values = dict(vars(args))
+    try:
+        recorded = read_job_record(run_dir)
+        if not args.resume and recorded is not None:
+            # Train continues a run of the same name: every value must be the recorded one (nothing mixed).
+            values = {**values, "given": set(values)}
+        if args.resume or recorded is not None:
+            values, config = resume_job_args(values, get_args_parser(), run_dir, "train")
+            cfg = Config.from_dict(config)
+        else:
+            cfg = run_config(ConfigArgs.of(values), use_gpu=args.use_gpu)
+            write_job_record(run_dir, "train", values, cfg.to_dict())
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return train_run(cfg, options_from(TrainRun, values), values["data"])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
+    """The command line, with which options it gave (:func:`ray_jobs.job_record.parse_job_args`)."""
     return parse_job_args(get_args_parser(), argv)
 
 

@@ -34,43 +34,39 @@ trial (TensorBoard: tensorboard --logdir STORAGE/NAME), the Train runs with thei
 
 from __future__ import annotations
 
+if __spec__ is None:  # run as a script (python ray_jobs/x.py): this checkout's root first on the import path
+    import _paths  # noqa: F401
+
+import argparse
+import logging
+import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-
-import pandas as pd  # noqa: E402
-
-from ichmodel.config import Config  # noqa: E402
-from ichmodel.demo_data import ensure_demo_data  # noqa: E402
-from ichmodel.stages import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing  # noqa: E402
-from ray_jobs.cli import (  # noqa: E402
+from ichmodel.config import Config
+from ichmodel.demo_data import ensure_demo_data
+from ichmodel.stages import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing
+from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
+    ConfigArgs,
     add_config_arguments,
     build_config,
     init_ray_for_job,
     setup_logging,
 )
-from ray_jobs.experiment import (  # noqa: E402
-    TRIALS_FILE,
-    ExperimentASHA,
-    ExperimentOptunaSearch,
-    TrialsTableCallback,
-    attach_experiment,
+from ray_jobs.job_record import (
+    options_from,
     parse_job_args,
     read_job_record,
     resume_job_args,
     write_job_record,
 )
-from ray_jobs.shared_stages import prepare_shared_stages  # noqa: E402
-from ray_jobs.storage import absolute, is_uri, join, write_bytes  # noqa: E402
-from ray_jobs.worker import CHECKPOINT_FILE, build_trainer, finished_run_report  # noqa: E402
-from search_spaces import load_space  # noqa: E402
+from ray_jobs.shared_stages import prepare_shared_stages
+from ray_jobs.storage import absolute, is_uri, join, write_bytes
+from ray_jobs.worker import build_trainer, finished_run_report
+from search_spaces import load_space
 
 logger = logging.getLogger("ray_jobs.tune")
 #: Tune, ASHA and Optuna rank trials by the validation F2 of the weights the checkpoint exports (best over
@@ -144,14 +140,51 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def base_config(args: argparse.Namespace) -> Config:
+@dataclass(frozen=True)
+class SearchOptions:
+    """One search, typed: every option of :func:`get_args_parser` (the same defaults; a test checks), and
+    ``given``: the options a command line set (:func:`ray_jobs.job_record.parse_job_args`), for a resume."""
+
+    data: str | None = None
+    config: str | None = None
+    set: tuple[str, ...] = ()
+    epochs: str | None = None
+    space: str = "default"
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    workers_per_trial: int = 1
+    gpus_per_trial: float = 0
+    cpus_per_worker: float = 1
+    storage: str = str(REPO_ROOT / "runs")
+    name: str = "search"
+    resume: bool = False
+    seed: int = 0
+    grace_epochs: int | None = None
+    optuna_storage: str | None = None
+    max_failures: int = 1
+    smoke_test: bool = False
+    driver_resource: str | None = None
+    share_stages: str = "auto"
+    time_budget: float | None = None
+    fail_at_epoch: int | None = None
+    verbose: bool = False
+    given: frozenset[str] | None = None
+
+    def values(self) -> dict:
+        """``{option: value}`` as a job records them (:func:`ray_jobs.job_record.write_job_record`)."""
+        values = asdict(self)
+        values["set"] = list(self.set)
+        return values
+
+
+def base_config(options: SearchOptions) -> Config:
     """The fixed part of every trial's config (the search overrides it): :func:`ray_jobs.cli.build_config`
     with this job's epoch caps (:data:`EPOCHS`) and, without ``--data``, generated demo data."""
-    kind = "smoke" if args.smoke_test else "data" if args.data is not None else "demo"
+    kind = "smoke" if options.smoke_test else "data" if options.data is not None else "demo"
     defaults = {"train.max_epochs": EPOCHS[kind].split(",")}
-    if args.data is None:
-        defaults.update({"data.shards": str(demo_shards(args.smoke_test)), "data.val_fraction": 0.25})
-    return build_config(args, defaults, gpu=args.gpus_per_trial > 0)
+    if options.data is None:
+        defaults.update({"data.shards": str(demo_shards(options.smoke_test)), "data.val_fraction": 0.25})
+    return build_config(ConfigArgs.of(options.values()), defaults, gpu=options.gpus_per_trial > 0)
 
 
 def demo_shards(smoke_test: bool) -> Path:
@@ -232,54 +265,58 @@ def train_trial_fn(
         raise result.error
 
 
-def trial_scaling(args: argparse.Namespace) -> dict:
+def trial_scaling(options: SearchOptions) -> dict:
     """The ``ScalingConfig`` arguments of every Train run of the search (trials and shared stages)."""
     return {
-        "num_workers": args.workers_per_trial,
-        "use_gpu": args.gpus_per_trial > 0,
+        "num_workers": options.workers_per_trial,
+        "use_gpu": options.gpus_per_trial > 0,
         "resources_per_worker": {
-            "CPU": args.cpus_per_worker,
-            **({"GPU": args.gpus_per_trial} if args.gpus_per_trial else {}),
+            "CPU": options.cpus_per_worker,
+            **({"GPU": options.gpus_per_trial} if options.gpus_per_trial else {}),
         },
     }
 
 
-def make_tune_config(args: argparse.Namespace, cfg: Config, space_fn, grace: int, max_concurrent: int | None):
+def make_tune_config(options: SearchOptions, cfg: Config, space_fn, grace: int, max_concurrent: int | None):
     """A new search's ``TuneConfig``: seeded TPE (constant liar unless one trial runs at a time, so trials
     proposed together are not all alike), ASHA with ``grace`` epochs before its first rung (``--grace-epochs``
     replaces it), the concurrency cap and ``--time-budget``."""
     import optuna
     from ray import tune
 
+    from ray_jobs.experiment import ExperimentASHA, ExperimentOptunaSearch
+
     # The study is a file of the experiment (found from where it is at each start) unless --optuna-storage
     # names one; on a storage URI without --optuna-storage it is in memory, pickled with the searcher's state.
-    study_url = args.optuna_storage or (None if is_uri(args.storage) else "experiment")
+    study_url = options.optuna_storage or (None if is_uri(options.storage) else "experiment")
     concurrent = max_concurrent is None or max_concurrent > 1
     searcher = ExperimentOptunaSearch(
         study_url=study_url,
         space=space_fn,
         metric=METRIC,
         mode="max",
-        sampler=optuna.samplers.TPESampler(seed=args.seed, constant_liar=concurrent),
-        study_name=args.name,
+        sampler=optuna.samplers.TPESampler(seed=options.seed, constant_liar=concurrent),
+        study_name=options.name,
     )
     total_epochs = sum(cfg.train.max_epochs)
     scheduler = ExperimentASHA(
-        time_attr="global_epoch", max_t=max(total_epochs, 1), grace_period=max(args.grace_epochs or grace, 1)
+        time_attr="global_epoch",
+        max_t=max(total_epochs, 1),
+        grace_period=max(options.grace_epochs or grace, 1),
     )
     return tune.TuneConfig(
         search_alg=searcher,
         scheduler=scheduler,
         metric=METRIC,
         mode="max",
-        num_samples=args.num_samples or (2 if args.smoke_test else 4),
+        num_samples=options.num_samples or (2 if options.smoke_test else 4),
         max_concurrent_trials=max_concurrent,
-        time_budget_s=args.time_budget,
+        time_budget_s=options.time_budget,
     )
 
 
 def build_tuner(
-    args: argparse.Namespace,
+    options: SearchOptions,
     cfg: Config,
     storage: str,
     space_fn,
@@ -295,130 +332,102 @@ def build_tuner(
     """
     from ray import tune
 
-    experiment = join(storage, args.name)
+    from ray_jobs.experiment import TrialsTableCallback, attach_experiment
+
+    experiment = join(storage, options.name)
     # The trainable is built from the recorded config on resume (Tuner.restore keeps only its name).
     trainable = tune.with_parameters(
         train_trial_fn,
         base=cfg.to_dict(),
-        scaling=trial_scaling(args),
+        scaling=trial_scaling(options),
         storage=join(experiment, "train_runs"),
-        max_failures=args.max_failures,
-        fail_at_epoch=args.fail_at_epoch,
+        max_failures=options.max_failures,
+        fail_at_epoch=options.fail_at_epoch,
         start_from=(shared or {}).get("checkpoint"),
         shared_epochs=(shared or {}).get("epochs", 0),
     )
     # A trial's driver only waits on its TorchTrainer: give it no CPU so the workers get them all.
     driver = {"memory": 100 * 1024**2}
-    if args.driver_resource:
-        driver[args.driver_resource] = 0.01
+    if options.driver_resource:
+        driver[options.driver_resource] = 0.01
     trainable = tune.with_resources(trainable, driver)
-    if args.resume and tune.Tuner.can_restore(experiment):
+    if options.resume and tune.Tuner.can_restore(experiment):
         logger.info("resuming experiment %s: finished trials are kept, unfinished ones continue", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
         attach_experiment(tuner, experiment)
         return tuner
-    if args.resume:
+    if options.resume:
         logger.info("experiment %s was stopped before its first trial: starting its trials now", experiment)
     tuner = tune.Tuner(
         trainable,
-        tune_config=make_tune_config(args, cfg, space_fn, grace, max_concurrent),
+        tune_config=make_tune_config(options, cfg, space_fn, grace, max_concurrent),
         run_config=tune.RunConfig(
-            name=args.name,
+            name=options.name,
             storage_path=storage,
-            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
             callbacks=[TrialsTableCallback()],
-            verbose=2 if args.verbose else 1,  # 1: the trial status table; 2: every epoch's full result too
+            verbose=2
+            if options.verbose
+            else 1,  # 1: the trial status table; 2: every epoch's full result too
         ),
     )
     attach_experiment(tuner, experiment)
     return tuner
 
 
-def default_max_concurrent(total: dict, args: argparse.Namespace) -> tuple[int, bool]:
+def default_max_concurrent(total: dict, options: SearchOptions) -> tuple[int, bool]:
     """``(cap, fits_now)``: the trials whose Train workers fit the cluster's resources at once, or, when not
     even one fits yet (GPU nodes still to come), :data:`PENDING_MAX_CONCURRENT` and False.
 
     Trial drivers hold no CPU, so without a cap Tune would start every trial and the surplus Train
     runs would wait for workers (and time out), each asking the autoscaler for more nodes.
     """
-    need = {"CPU": args.workers_per_trial * args.cpus_per_worker}
-    if args.gpus_per_trial:
-        need["GPU"] = args.workers_per_trial * args.gpus_per_trial
+    need = {"CPU": options.workers_per_trial * options.cpus_per_worker}
+    if options.gpus_per_trial:
+        need["GPU"] = options.workers_per_trial * options.gpus_per_trial
     fits = min(int(total.get(key, 0) // amount) for key, amount in need.items() if amount > 0)
     return (fits, True) if fits else (PENDING_MAX_CONCURRENT, False)
-
-
-def trials_table(results, storage: str = "") -> pd.DataFrame:
-    """One row per trial, best ``model_f2`` first: id, F2s, epochs, checkpoint, status and its parameters.
-
-    ``model_f2`` is the validation F2 of the weights the trial's checkpoint exports (its stage's best epoch);
-    ``last_val_f2`` and ``last_val_loss`` are those of the last epoch it ran. ``shared_from`` names the shared
-    stages' checkpoint the trial started from ("" for none) and ``shared_epochs`` how many of its ``epochs``
-    were trained there, once for the whole search.
-
-    With a URI ``storage`` (``s3://...``) the checkpoint column holds full URIs (Ray reports them without
-    the scheme), which ray_jobs/ensemble.py downloads.
-    """
-    scheme = storage.split("://", 1)[0] + "://" if is_uri(storage) else ""
-    rows = []
-    for result in results:
-        metrics = result.metrics or {}
-        config = result.config or {}
-        checkpoint = metrics.get("checkpoint_path")
-        if checkpoint and scheme and not is_uri(checkpoint):
-            checkpoint = scheme + checkpoint + ("?" + storage.split("?", 1)[1] if "?" in storage else "")
-        rows.append(
-            {
-                "trial_id": metrics.get("trial_id") or Path(result.path).name,
-                "model_f2": metrics.get("model_f2", float("nan")),  # of the weights the checkpoint exports
-                "last_val_f2": metrics.get("val_f2", float("nan")),
-                "last_val_loss": metrics.get("val_loss", float("nan")),
-                "epochs": metrics.get("global_epoch", 0),
-                "finished": bool(metrics.get("finished", False)),
-                "checkpoint": join(str(checkpoint), CHECKPOINT_FILE) if checkpoint else "",
-                "status": "ERROR" if result.error else "OK",
-                "node_id": metrics.get("node_id", ""),
-                "shared_from": metrics.get("shared_from", ""),  # the shared stages' checkpoint it continued
-                "shared_epochs": metrics.get("shared_epochs", 0),  # of ``epochs``, those trained there once
-                **{k: v for k, v in config.items() if "." in k},
-            }
-        )
-    table = pd.DataFrame(rows)
-    if not table.empty:
-        table = table.sort_values("model_f2", ascending=False, na_position="last").reset_index(drop=True)
-    return table
 
 
 def main(args: argparse.Namespace) -> int:
     """Run (or with ``--resume`` continue) the search; ``args`` from :func:`parse_args` (or a plain
     ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
-    storage = absolute(args.storage)
-    experiment = join(storage, args.name)
+    return run_search(options_from(SearchOptions, vars(args), set=tuple(args.set)))
+
+
+def run_search(options: SearchOptions) -> int:
+    """Run (or with ``options.resume`` continue) the search STORAGE/NAME and write its trials table; the
+    exit code (2: refused before any trial, naming why; 1: no trial finished without error)."""
+    import pandas as pd
+
+    storage = absolute(options.storage)
+    experiment = join(storage, options.name)
     try:
-        if args.resume:  # the experiment's own arguments and config; a conflicting value is an error
-            args, recorded = resume_job_args(args, get_args_parser(), experiment, "tune")
+        if options.resume:  # the experiment's own arguments and config; a conflicting value is an error
+            values, recorded = resume_job_args(options.values(), get_args_parser(), experiment, "tune")
             cfg = Config.from_dict(recorded)
             # An experiment recorded before stages were shared goes on without them.
             if "share_stages" not in read_job_record(experiment)["args"]:
-                args.share_stages = "off"
+                values["share_stages"] = "off"
+            options = options_from(SearchOptions, values, set=tuple(values["set"]), given=options.given)
         else:
-            cfg = base_config(args)
-        space_fn = load_space(args.space)
+            cfg = base_config(options)
+        space_fn = load_space(options.space)
         searched = check_space(space_fn, cfg)
-        share = plan_sharing(searched, cfg.train.max_epochs, getattr(args, "share_stages", "auto"))
+        share = plan_sharing(searched, cfg.train.max_epochs, options.share_stages)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
     os.environ.setdefault(
         "TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"
     )  # metrics arrive through Train's callback
-    ray = init_ray_for_job(args.storage, args.data and cfg.data.shards)
+    ray = init_ray_for_job(options.storage, options.data and cfg.data.shards)
     if ray is None:
         return 2
-    max_concurrent = args.max_concurrent
+    max_concurrent = options.max_concurrent
     if max_concurrent is None:
-        max_concurrent, fits_now = default_max_concurrent(ray.cluster_resources(), args)
+        max_concurrent, fits_now = default_max_concurrent(ray.cluster_resources(), options)
         if not fits_now:
             logger.warning(
                 "the cluster has %s now, too little for one trial: waiting for the autoscaler, with up to "
@@ -429,20 +438,22 @@ def main(args: argparse.Namespace) -> int:
         else:
             logger.info("up to %d trials at once (what the cluster holds now; --max-concurrent sets it)",
                         max_concurrent)  # fmt: skip
-    if not args.resume:  # before Tune writes anything: what --resume restores
-        write_job_record(experiment, "tune", args, cfg.to_dict())
+    if not options.resume:  # before Tune writes anything: what --resume restores
+        write_job_record(experiment, "tune", options.values(), cfg.to_dict())
     log_sharing(share)
     shared = prepare_shared_stages(
-        experiment, cfg, share, scaling=trial_scaling(args), max_failures=args.max_failures
+        experiment, cfg, share, scaling=trial_scaling(options), max_failures=options.max_failures
     )
     grace = grace_epochs(searched, cfg.train.max_epochs, share)
-    logger.info("ASHA: no trial is stopped before global epoch %d (%s)", args.grace_epochs or grace,
-                "--grace-epochs" if args.grace_epochs else "one epoch after every searched parameter acts")  # fmt: skip
+    logger.info("ASHA: no trial is stopped before global epoch %d (%s)", options.grace_epochs or grace,
+                "--grace-epochs" if options.grace_epochs else "one epoch after every searched parameter acts")  # fmt: skip
     try:
-        tuner = build_tuner(args, cfg, storage, space_fn, max_concurrent, grace, shared)
+        tuner = build_tuner(options, cfg, storage, space_fn, max_concurrent, grace, shared)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
+    from ichmodel.trials import TRIALS_FILE, trials_table
+
     results = tuner.fit()
     table = trials_table(results, storage)
     out = write_bytes(join(experiment, TRIALS_FILE), table.to_csv(index=False).encode())
@@ -473,7 +484,7 @@ def log_sharing(share: SharePlan) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with which options it gave (:func:`ray_jobs.experiment.parse_job_args`)."""
+    """The command line, with which options it gave (:func:`ray_jobs.job_record.parse_job_args`)."""
     return parse_job_args(get_args_parser(), argv)
 
 

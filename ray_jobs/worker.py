@@ -13,9 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ichmodel.trials import CHECKPOINT_FILE  # in each checkpoint folder Train reports, beside config.json
 from ray_jobs.cli import setup_logging
-
-CHECKPOINT_FILE = "checkpoint.pt"  # in each checkpoint folder Train reports, beside config.json
 
 #: The metrics first in each report, in this order: Tune's status table shows them as its columns.
 REPORT_COLUMNS = ("global_epoch", "stage", "val_f2", "model_f2", "val_loss", "train_loss", "lr")

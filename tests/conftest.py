@@ -115,6 +115,7 @@ def job_parser(script: str) -> argparse.ArgumentParser:
     """The argument parser of ``ray_jobs/<script>.py``."""
     spec = importlib.util.spec_from_file_location(f"_job_{script}", REPO_ROOT / "ray_jobs" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (a job's typed options) look their module up there
     spec.loader.exec_module(module)
     return module.get_args_parser()
 

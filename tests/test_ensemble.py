@@ -11,6 +11,9 @@ import pytest
 from sklearn.metrics import fbeta_score
 
 from ichmodel import ensemble as E
+from ichmodel import fold_ensemble as FE
+from ichmodel import trials as T
+from ichmodel.calibration import FoldAlignment
 from ichmodel.checkpoint import load_model
 from ichmodel.constants import CLASSES
 from ichmodel.metrics import search_thresholds
@@ -46,15 +49,15 @@ def test_select_trials_skips_errors_and_missing_checkpoints(tmp_path):
     pd.DataFrame(rows, columns=["trial_id", "model_f2", "checkpoint", "status"]).to_csv(
         tmp_path / "trials.csv", index=False
     )
-    chosen = E.select_trials(tmp_path / "trials.csv", 2)
+    chosen = T.select_trials(tmp_path / "trials.csv", 2)
     assert chosen["trial_id"].tolist() == ["b", "a"]
     assert chosen["checkpoint"].tolist() == [
         str(tmp_path / "b" / "checkpoint.pt"),
         str(tmp_path / "a" / "checkpoint.pt"),
     ]
-    assert E.select_trials(tmp_path / "trials.csv", 10)["trial_id"].tolist() == ["b", "a", "c"]
+    assert T.select_trials(tmp_path / "trials.csv", 10)["trial_id"].tolist() == ["b", "a", "c"]
     with pytest.raises(ValueError, match="top_k must be >= 1. Got 0"):
-        E.select_trials(tmp_path / "trials.csv", 0)
+        T.select_trials(tmp_path / "trials.csv", 0)
 
     pd.DataFrame(rows[:2], columns=["trial_id", "model_f2", "checkpoint", "status"]).to_csv(
         tmp_path / "bad.csv", index=False
@@ -62,9 +65,9 @@ def test_select_trials_skips_errors_and_missing_checkpoints(tmp_path):
     with pytest.raises(
         ValueError, match=r"No usable trial.*gone: checkpoint .* does not exist; err: status ERROR"
     ):
-        E.select_trials(tmp_path / "bad.csv", 3)
+        T.select_trials(tmp_path / "bad.csv", 3)
     with pytest.raises(FileNotFoundError, match="ray_jobs/tune.py"):
-        E.select_trials(tmp_path / "nothing.csv", 3)
+        T.select_trials(tmp_path / "nothing.csv", 3)
 
 
 def test_average_predictions_is_the_mean_aligned_by_slice():
@@ -119,15 +122,15 @@ def test_select_trials_reads_a_table_with_the_older_best_f2_column(tmp_path, cap
     pd.DataFrame(rows, columns=["trial_id", "best_f2", "checkpoint", "status"]).to_csv(
         tmp_path / "trials.csv", index=False
     )
-    with caplog.at_level("INFO", logger="ichmodel.ensemble"):
-        chosen = E.select_trials(tmp_path / "trials.csv", 2)
+    with caplog.at_level("INFO", logger="ichmodel.trials"):
+        chosen = T.select_trials(tmp_path / "trials.csv", 2)
     assert chosen["trial_id"].tolist() == ["b", "a"] and chosen["model_f2"].tolist() == [0.7, 0.5]
     assert "names its F2 column 'best_f2'" in caplog.text
     pd.DataFrame(rows, columns=["trial_id", "f2", "checkpoint", "status"]).to_csv(
         tmp_path / "trials.csv", index=False
     )
     with pytest.raises(ValueError, match=r"lacks columns \['model_f2'\]"):
-        E.select_trials(tmp_path / "trials.csv", 2)
+        T.select_trials(tmp_path / "trials.csv", 2)
 
 
 @pytest.mark.parametrize("bad", ["../../evil", "..", ".", "a/b", "", "x y"])
@@ -139,8 +142,8 @@ def test_a_trial_id_that_cannot_name_a_file_is_refused(tmp_path, bad):
     )
     message = f"Invalid trial_id in {tmp_path / 'trials.csv'}: {bad!r} cannot name a file"
     with pytest.raises(ValueError, match=re.escape(message)):
-        E.select_trials(tmp_path / "trials.csv", 2)
-    assert E.check_file_name("train_3f2a.1-b", "trial_id") == "train_3f2a.1-b"
+        T.select_trials(tmp_path / "trials.csv", 2)
+    assert T.check_file_name("train_3f2a.1-b", "trial_id") == "train_3f2a.1-b"
 
 
 def test_ensemble_spec_round_trip(tmp_path):
@@ -206,16 +209,16 @@ def test_bootstrap_interval_over_series():
     preds = {
         name: (p >= 0.5).astype(np.int8) for name, p in zip(("single", "ensemble"), members, strict=True)
     }
-    out = E.bootstrap_f2(labels, preds, series, n_boot=400, seed=1)
+    out = FE.bootstrap_f2(labels, preds, series, n_boot=400, seed=1)
     for name, pred in preds.items():
         assert out[name]["f2"] == pytest.approx(fbeta_score(labels.ravel(), pred.ravel(), beta=2), rel=1e-12)
         assert out[name]["low"] < out[name]["f2"] < out[name]["high"]
     diff = out["ensemble - single"]
     assert diff["f2"] == pytest.approx(out["ensemble"]["f2"] - out["single"]["f2"])
     assert 0 < diff["low"] < diff["f2"] < diff["high"]  # the better member wins on every resample range
-    same = E.bootstrap_f2(labels, {"a": preds["single"], "b": preds["single"]}, series, n_boot=50)
+    same = FE.bootstrap_f2(labels, {"a": preds["single"], "b": preds["single"]}, series, n_boot=50)
     assert same["b - a"] == {"f2": 0.0, "low": 0.0, "high": 0.0}
-    assert E.bootstrap_f2(labels, preds, series, n_boot=400, seed=1) == out  # seeded
+    assert FE.bootstrap_f2(labels, preds, series, n_boot=400, seed=1) == out  # seeded
 
 
 def test_average_predictions_of_tables_read_back_from_parquet(tmp_path):
@@ -240,7 +243,7 @@ def _oof_frames(noise: list[float], seed: int = 0) -> dict[str, pd.DataFrame]:
 
 
 def test_choose_fold_ensemble_prefers_greedy_when_a_member_is_noise():
-    choice, probs = E.choose_fold_ensemble(_oof_frames([1.5, 1.2, 1.5, 50.0]), n_boot=200)
+    choice, probs = FE.choose_fold_ensemble(_oof_frames([1.5, 1.2, 1.5, 50.0]), n_boot=200)
     assert choice.alignment is None and probs.shape == (1200, 5)
     assert choice.single_best == "t1" and choice.method == "greedy" and "t3" not in choice.bag
     assert choice.greedy_f2["cross_fitted"] > choice.top_k_f2["cross_fitted"]
@@ -260,7 +263,7 @@ def test_alignment_gives_each_fold_the_ensembles_reference_scale_and_keeps_its_r
     base = 1 / (1 + np.exp(-rng.normal(-1.0, 1.5, (400, 5))))
     reference = {0: _scaled(base, 0.5, -1.0), 1: _scaled(base, 2.0, 1.0), 2: _scaled(base, 1.0, 0.0)}
     reference[2][:, 4] = 0.3  # a class this fold's model never separates: shifted, not stretched
-    alignment = E.FoldAlignment.fit(reference)
+    alignment = FoldAlignment.fit(reference)
     ensemble = np.mean(list(reference.values()), axis=0)
     z_ens = np.log(ensemble) - np.log1p(-ensemble)
     np.testing.assert_allclose(alignment.ensemble, np.stack([z_ens.mean(0), z_ens.std(0)], 1), rtol=1e-9)
@@ -276,7 +279,7 @@ def test_alignment_gives_each_fold_the_ensembles_reference_scale_and_keeps_its_r
     with pytest.raises(ValueError, match="No reference figures for folds \\[3\\]"):
         alignment.apply(base[:2], np.array([0, 3]))
     with pytest.raises(ValueError, match="same >= 2 reference slices"):
-        E.FoldAlignment.fit({0: base, 1: base[:-1]})
+        FoldAlignment.fit({0: base, 1: base[:-1]})
 
 
 def test_aligned_oof_rows_share_one_threshold_where_raw_fold_scales_differ():
@@ -292,8 +295,8 @@ def test_aligned_oof_rows_share_one_threshold_where_raw_fold_scales_differ():
             probs[rows] = _scaled(probs[rows], scale, shift)
         frame[list(CLASSES)] = probs
         reference[name] = {k: _scaled(ref_base, scale, shift) for k, (scale, shift) in moves.items()}
-    raw, _ = E.choose_fold_ensemble(frames, n_boot=50)
-    aligned, probs = E.choose_fold_ensemble(frames, n_boot=50, reference=reference)
+    raw, _ = FE.choose_fold_ensemble(frames, n_boot=50)
+    aligned, probs = FE.choose_fold_ensemble(frames, n_boot=50, reference=reference)
     assert aligned.ensemble_f2["cross_fitted"] > raw.ensemble_f2["cross_fitted"] + 0.05
     assert aligned.alignment["reference_slices"] == 300 and sorted(aligned.alignment["folds"]) == [0, 1, 2]
     fold = frames["t0"].sort_values(["series_id", "position"])["fold"].to_numpy()
@@ -305,11 +308,11 @@ def test_aligned_oof_rows_share_one_threshold_where_raw_fold_scales_differ():
     assert np.all(fold_spreads(raw_probs).max(0) / fold_spreads(raw_probs).min(0) > 3)
     assert np.all(fold_spreads(probs).max(0) / fold_spreads(probs).min(0) < 1.3)  # now they spread alike
     with pytest.raises(ValueError, match="lack members or folds: \\['t1'\\]"):
-        E.choose_fold_ensemble(frames, reference={"t0": reference["t0"]})
+        FE.choose_fold_ensemble(frames, reference={"t0": reference["t0"]})
 
 
 def test_choose_fold_ensemble_refuses_members_over_other_slices():
     frames = _oof_frames([1.0, 1.0])
     frames["t1"] = frames["t1"].iloc[:-10]
     with pytest.raises(ValueError, match="covers other slices"):
-        E.choose_fold_ensemble(frames)
+        FE.choose_fold_ensemble(frames)

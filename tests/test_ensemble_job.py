@@ -13,12 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import fbeta_score
 
+from ichmodel import ensemble as E
 from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
 from ichmodel.prediction_table import PROB_COLUMNS
 from ichmodel.splits import split_series
+from ichmodel.trials import select_trials
 from ray_jobs import ensemble as job
+from ray_jobs.cli import record_or_resume
 from tests.datagen import write_checkpoint
 
 pytestmark = pytest.mark.ray
@@ -181,7 +184,7 @@ def test_a_search_on_storage_is_fetched_best_first_and_then_ensembled_like_a_loc
         experiment / "train-t0" / "checkpoint.pt"
     ).read_bytes()
     assert not (local / "checkpoints" / "t1").exists()
-    chosen = job.E.select_trials(local / "trials.csv", top_k=2)  # t1 reported missing, t0 kept
+    chosen = select_trials(local / "trials.csv", top_k=2)  # t1 reported missing, t0 kept
     assert list(chosen["trial_id"]) == ["t0"]
     with pytest.raises(FileNotFoundError, match="No trials table"):
         job.fetch_experiment(f"file://{tmp_path}/nothing", tmp_path / "cache2", top_k=1)
@@ -199,12 +202,12 @@ def test_holdout_chooses_members_and_thresholds_on_the_rest_and_scores_the_held_
     positive = vals[0].groupby("series_id")[[f"label_{c}" for c in CLASSES]].max().any(axis=1)
     assert positive[select].any() and positive[held].any()  # stratified: both parts keep positive series
 
-    bag, thresholds, scores = job.choose_on_selection(list(frames), vals, select, held, None)
+    bag, thresholds, scores = E.choose_on_selection(list(frames), vals, select, held, None)
     assert 2 not in bag and [s.name for s in scores][:3] == ["t0", "t1", "t2"]
-    mean = job.E.average_predictions([vals[i] for i in bag])
+    mean = E.average_predictions([vals[i] for i in bag])
     on_select, on_held = mean[mean["series_id"].isin(select)], mean[mean["series_id"].isin(held)]
-    assert thresholds.tolist() == job.E.choose_thresholds(on_select).tolist()  # tuned without the held-out
-    assert scores[-1].micro_f2 == pytest.approx(job.E.score_predictions(on_held, thresholds)["micro_f2"])
+    assert thresholds.tolist() == E.choose_thresholds(on_select).tolist()  # tuned without the held-out
+    assert scores[-1].micro_f2 == pytest.approx(E.score_predictions(on_held, thresholds)["micro_f2"])
     with pytest.raises(ValueError, match="at least 2 validation series"):
         job.split_holdout(vals[0][vals[0]["series_id"] == series[0]], 0.5)
 
@@ -215,12 +218,16 @@ def test_resume_restores_the_recorded_options_and_refuses_a_conflicting_one(tmp_
                            "--holdout", "0.3", "--top-k", "2"])  # fmt: skip
     assert job.main(args) == 2  # no trials.csv; the arguments were recorded first
     assert "No trials table" in caplog.text
-    restored = job.record_or_resume(
-        job.parse_args(["--name", "e", "--storage", str(tmp_path), "--resume"]),
+    restored = record_or_resume(
+        vars(job.parse_args(["--name", "e", "--storage", str(tmp_path), "--resume"])),
         job.get_args_parser(),
         "ensemble",
     )
-    assert (restored.experiment, restored.holdout, restored.top_k) == (str(tmp_path / "none"), 0.3, 2)
+    assert (restored["experiment"], restored["holdout"], restored["top_k"]) == (
+        str(tmp_path / "none"),
+        0.3,
+        2,
+    )
     assert (
         job.main(job.parse_args(["--name", "e", "--storage", str(tmp_path), "--resume", "--top-k", "3"])) == 2
     )
@@ -254,7 +261,7 @@ def test_a_validation_file_missing_a_slice_is_refused(demo_shards, tmp_path):
     _, val_ids = split_series(train, 0.25, 0)
     val = _predictions(S.expected_slices(train, val_ids))
     test_frame = _predictions(S.expected_slices(test))
-    written = job.write_outputs(tmp_path / "ok", val, test_frame, [0.5] * 5, train, val_ids, test)
+    written = E.write_outputs(tmp_path / "ok", val, test_frame, [0.5] * 5, train, val_ids, test)
     assert sorted(p.name for p in written) == sorted(
         ["val_probs.parquet", "val_per_slice.csv", "val_leaderboard.csv"]
         + ["test_probs.parquet", "test_per_slice.csv", "submission.csv"]
@@ -263,7 +270,7 @@ def test_a_validation_file_missing_a_slice_is_refused(demo_shards, tmp_path):
     with pytest.raises(
         S.SubmissionError, match=rf"^val_per_slice.csv: 1 expected id\(s\) missing, e.g. \['{lost}'\]"
     ):
-        job.write_outputs(tmp_path / "bad", val.drop(index=3), test_frame, [0.5] * 5, train, val_ids, test)
+        E.write_outputs(tmp_path / "bad", val.drop(index=3), test_frame, [0.5] * 5, train, val_ids, test)
     assert not (tmp_path / "bad" / "val_per_slice.csv").exists()
 
 

@@ -160,10 +160,15 @@ def test_reference_option_names_what_aligns_the_folds(demo_shards, tmp_path):
     train, test = (str(p) for p in demo_shards)
 
     def choose(value):
-        return folds.reference_shards(folds.get_args_parser().parse_args([*base, "--reference", value]), test)
+        return folds.reference_shards(
+            folds.get_args_parser().parse_args([*base, "--reference", value]).reference, test
+        )
 
     base = ["--experiment", "e", "--out", "o"]
-    assert folds.reference_shards(folds.get_args_parser().parse_args(base), test) == (None, test)  # default
+    assert folds.reference_shards(folds.get_args_parser().parse_args(base).reference, test) == (
+        None,
+        test,
+    )  # default
     assert choose("test") == (None, test) and choose(test) == (None, test)  # the test predictions serve
     assert choose("none") == choose("NONE") == (None, None)
     assert choose(train) == (train, train)  # other shards: predicted besides the test shards
@@ -265,7 +270,8 @@ def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_re
 
 
 def test_fold_summary_chooses_members_calibrates_and_writes_its_files(tmp_path, capsys):
-    from ray_jobs.folds import FoldRuns, print_summary, summarize
+    from ichmodel.fold_ensemble import FoldRuns, summarize
+    from ray_jobs.folds import print_summary
     from tests.test_ensemble import _oof_frames
 
     oof = _oof_frames([1.5, 1.2, 50.0])
@@ -308,7 +314,10 @@ def test_fold_summary_chooses_members_calibrates_and_writes_its_files(tmp_path, 
 
 
 def test_ensemble_job_folds_option_maps_to_the_fold_job():
-    from ray_jobs import folds
+    from dataclasses import replace
+
+    from ray_jobs import ensemble
+    from ray_jobs.job_record import options_from
     from tests.conftest import job_parser
 
     args = job_parser("ensemble").parse_args(
@@ -326,12 +335,12 @@ def test_ensemble_job_folds_option_maps_to_the_fold_job():
             "1",
         ]
     )
-    mapped = folds.args_from_ensemble(args)
+    options = options_from(ensemble.EnsembleOptions, vars(args))
+    mapped = ensemble.fold_options(options, options.out)
     assert (mapped.experiment, mapped.top_k, mapped.folds, mapped.out) == ("runs/s", 2, 3, "o")
-    assert mapped.tta == ["flip"] and mapped.use_gpu and mapped.test is None
+    assert mapped.tta == ("flip",) and mapped.use_gpu and mapped.test is None
     assert mapped.reference == "test"  # by default the test series align the folds
-    args.reference = "none"
-    assert folds.args_from_ensemble(args).reference == "none"
+    assert ensemble.fold_options(replace(options, reference="none"), options.out).reference == "none"
 
 
 def test_fold_job_refuses_a_storage_uri_for_out(tmp_path, monkeypatch, caplog):

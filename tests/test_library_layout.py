@@ -1,9 +1,8 @@
-"""The library's layout: no import cycle among ``ichmodel``'s modules (read with ``ast``, imports inside
-functions included), and the modules a job's ``--help`` needs load without torch or Ray."""
+"""The library's layout: the modules a job's ``--help`` needs load without torch or Ray (import cycles and
+module sizes: tests/test_structure.py)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -15,54 +14,6 @@ LIBRARY = REPO_ROOT / "ichmodel"
 #: the prediction table and everything that reads it.
 LIGHT_MODULES = ("config", "constants", "io", "shards", "stages", "splits", "prediction_table", "folds",
                  "ensemble", "submission", "report", "demo_data", "readers", "preprocess")  # fmt: skip
-
-
-def library_imports() -> dict[str, set[str]]:
-    """``{module: the ichmodel modules it imports}`` for every module of ``ichmodel/``."""
-    modules = {p.stem for p in LIBRARY.glob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name in modules:
-        deps = set()
-        for node in ast.walk(ast.parse((LIBRARY / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "ichmodel":
-                deps |= {a.name for a in node.names if a.name in modules}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ichmodel."):
-                deps.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ichmodel.")}
-        graph[name] = deps - {name}
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle as ``[a, b, ..., a]``, or ``None``."""
-    done: set[str] = set()
-
-    def visit(node: str, path: list[str]) -> list[str] | None:
-        if node in path:
-            return path[path.index(node) :] + [node]
-        if node in done:
-            return None
-        for dep in sorted(graph.get(node, ())):
-            cycle = visit(dep, [*path, node])
-            if cycle:
-                return cycle
-        done.add(node)
-        return None
-
-    for start in sorted(graph):
-        cycle = visit(start, [])
-        if cycle:
-            return cycle
-    return None
-
-
-def test_find_cycle_finds_one_and_no_module_of_the_library_is_in_one():
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b"}, "b": set()}) is None
-    graph = library_imports()
-    assert {"engine", "stages", "train_step", "validation", "splits"} <= set(graph)
-    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
 def test_the_modules_a_jobs_help_needs_import_neither_torch_nor_ray():

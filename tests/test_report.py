@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 
 from ichmodel import ensemble as E
+from ichmodel import fold_ensemble as FE
 from ichmodel import metrics as M
+from ichmodel.calibration import FoldAlignment
 from ichmodel.constants import CLASSES
 from ichmodel.metrics import search_thresholds
 from ichmodel.report import (
@@ -195,8 +197,8 @@ def fold_run():
         frame["fold"] = fold
         oof[f"t{m}"] = frame
         reference[f"t{m}"] = {k: _scaled(ref_base, scale, shift) for k, (scale, shift) in moves.items()}
-    aligned, probs = E.choose_fold_ensemble(oof, n_boot=200, reference=reference)
-    raw, _ = E.choose_fold_ensemble(oof, n_boot=200)
+    aligned, probs = FE.choose_fold_ensemble(oof, n_boot=200, reference=reference)
+    raw, _ = FE.choose_fold_ensemble(oof, n_boot=200)
     return oof, reference, aligned, probs, raw
 
 
@@ -254,7 +256,7 @@ def test_the_single_best_shows_per_class_figures_only_from_its_own_rows(fold_run
     # what the job passes: the single best's aligned rows at its tuned thresholds (the same as its micro-F2)
     frame = oof[summary["single_best"]]
     labels = frame[[f"label_{c}" for c in CLASSES]].to_numpy()
-    aligned = E.FoldAlignment.fit(reference[summary["single_best"]]).apply(
+    aligned = FoldAlignment.fit(reference[summary["single_best"]]).apply(
         frame[list(CLASSES)].to_numpy(), frame["fold"].to_numpy()
     )
     f2, thresholds = E.tuned_f2(labels, aligned)

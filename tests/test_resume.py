@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from ray_jobs import experiment as X
+from ray_jobs import job_record as R
 
 
 def _tune_args(argv: list[str]):
@@ -24,32 +25,35 @@ def test_resume_restores_the_recorded_arguments_and_refuses_a_conflicting_one(tm
 
     first = _tune_args(["--data", str(tmp_path), "--storage", str(tmp_path), "--name", "s", "--epochs", "3,3,6",
                         "--num-samples", "5"])  # fmt: skip
-    X.write_job_record(str(tmp_path / "s"), "tune", first, {"train": {"max_epochs": [3, 3, 6]}})
+    R.write_job_record(str(tmp_path / "s"), "tune", vars(first), {"train": {"max_epochs": [3, 3, 6]}})
     plain = _tune_args(["--storage", str(tmp_path), "--name", "s", "--resume"])
     assert plain.given == {"storage", "name", "resume"}  # defaults are not "given"
-    args, config = X.resume_job_args(plain, tune.get_args_parser(), str(tmp_path / "s"), "tune")
-    assert (args.epochs, args.num_samples, args.data) == ("3,3,6", 5, str(tmp_path.resolve()))
-    assert args.resume and config == {"train": {"max_epochs": [3, 3, 6]}}
+    args, config = R.resume_job_args(vars(plain), tune.get_args_parser(), str(tmp_path / "s"), "tune")
+    assert (args["epochs"], args["num_samples"], args["data"]) == ("3,3,6", 5, str(tmp_path.resolve()))
+    assert args["resume"] and config == {"train": {"max_epochs": [3, 3, 6]}}
     # The same value given again (here a relative spelling of the same folder) is no conflict.
     same = _tune_args(["--storage", str(tmp_path), "--name", "s", "--resume", "--epochs", "3,3,6"])
-    assert X.resume_job_args(same, tune.get_args_parser(), str(tmp_path / "s"), "tune")[0].epochs == "3,3,6"
+    assert (
+        R.resume_job_args(vars(same), tune.get_args_parser(), str(tmp_path / "s"), "tune")[0]["epochs"]
+        == "3,3,6"
+    )
     # Given values equal to the record (--num-samples 5, --seed 0) pass; one that differs (--epochs) is an
     # error naming the option and both values.
     other = _tune_args(["--storage", str(tmp_path), "--name", "s", "--resume", "--epochs", "1,1,1",
                         "--num-samples", "5", "--seed", "0"])  # fmt: skip
     with pytest.raises(ValueError, match=r"--epochs '1,1,1' given, but the experiment ran with '3,3,6'"):
-        X.resume_job_args(other, tune.get_args_parser(), str(tmp_path / "s"), "tune")
+        R.resume_job_args(vars(other), tune.get_args_parser(), str(tmp_path / "s"), "tune")
     with pytest.raises(FileNotFoundError, match="no job_args.json"):
-        X.resume_job_args(plain, tune.get_args_parser(), str(tmp_path / "nothing"), "tune")
+        R.resume_job_args(vars(plain), tune.get_args_parser(), str(tmp_path / "nothing"), "tune")
     with pytest.raises(ValueError, match="holds a 'tune' job, not a 'train' job"):
-        X.resume_job_args(plain, tune.get_args_parser(), str(tmp_path / "s"), "train")
+        R.resume_job_args(vars(plain), tune.get_args_parser(), str(tmp_path / "s"), "train")
 
 
 def test_tune_resume_with_a_conflicting_value_exits_with_both_values_named(tmp_path, caplog):
     from ray_jobs import tune
 
     first = _tune_args(["--data", str(tmp_path / "a"), "--storage", str(tmp_path), "--name", "s"])
-    X.write_job_record(str(tmp_path / "s"), "tune", first, {})
+    R.write_job_record(str(tmp_path / "s"), "tune", vars(first), {})
     code = tune.main(
         _tune_args(["--storage", str(tmp_path), "--name", "s", "--resume", "--data", str(tmp_path / "b")])
     )

@@ -166,8 +166,10 @@ def test_shared_key_depends_only_on_what_the_shared_stages_read():
 
 def _tune_args(*argv: str):
     from ray_jobs import tune
+    from ray_jobs.job_record import options_from
 
-    return tune.parse_args(["--data", "/tmp/shards", "--storage", "/tmp/runs", *argv])
+    args = tune.parse_args(["--data", "/tmp/shards", "--storage", "/tmp/runs", *argv])
+    return options_from(tune.SearchOptions, vars(args), set=tuple(args.set))
 
 
 @pytest.mark.parametrize(("max_concurrent", "liar"), [(None, True), (3, True), (1, False)])

@@ -118,24 +118,30 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64,
     assert Path(done["checkpoint_path"]) == Path(summary["checkpoint"]).parent
 
 
+def _run_config(args):
+    """``train.run_config`` of a parsed command line (what ``train.main`` passes it)."""
+    from ray_jobs import train
+    from ray_jobs.cli import ConfigArgs
+
+    return train.run_config(ConfigArgs.of(vars(args)), use_gpu=args.use_gpu)
+
+
 def test_a_flag_set_on_the_command_line_is_parsed_strictly(tmp_path):
     """``--set train.amp_bf16=fasle`` turned bf16 on (``bool("fasle")``); ``=false`` must turn it off."""
     from ray_jobs import train
 
     parser = train.get_args_parser()
     data = ["--data", str(tmp_path)]
-    assert (
-        train.run_config(parser.parse_args([*data, "--set", "train.amp_bf16=false"])).train.amp_bf16 is False
-    )
-    assert train.run_config(parser.parse_args([*data, "--set", "train.amp_bf16=No"])).train.amp_bf16 is False
-    assert train.run_config(parser.parse_args([*data, "--set", "augment.enabled=0"])).augment.enabled is False
+    assert _run_config(parser.parse_args([*data, "--set", "train.amp_bf16=false"])).train.amp_bf16 is False
+    assert _run_config(parser.parse_args([*data, "--set", "train.amp_bf16=No"])).train.amp_bf16 is False
+    assert _run_config(parser.parse_args([*data, "--set", "augment.enabled=0"])).augment.enabled is False
     for bad in ("train.amp_bf16=fasle", "train.amp_bf16=2"):
         with pytest.raises(ValueError, match=r"train\.amp_bf16 must be a boolean"):
-            train.run_config(parser.parse_args([*data, "--set", bad]))
+            _run_config(parser.parse_args([*data, "--set", bad]))
     with pytest.raises(ValueError, match=r"data\.batch_size must be an integer\. Got 2\.5"):
-        train.run_config(parser.parse_args([*data, "--set", "data.batch_size=2.5"]))
+        _run_config(parser.parse_args([*data, "--set", "data.batch_size=2.5"]))
     with pytest.raises(ValueError, match=r"train\.max_epochs must be an integer\. Got 'x'"):
-        train.run_config(parser.parse_args([*data, "--epochs", "1,x,1"]))
+        _run_config(parser.parse_args([*data, "--epochs", "1,x,1"]))
 
 
 @pytest.mark.parametrize(("with_data", "stated_as"), [(True, "with --data"), (False, "on the demo data")])
@@ -147,7 +153,7 @@ def test_the_run_gets_the_epoch_caps_that_the_help_states(monkeypatch, tmp_path,
     (text,) = [a.help for a in parser._actions if "--epochs" in a.option_strings]
     caps = dict((where, tuple(map(int, c.split(",")))) for c, where in
                 re.findall(r"(\d+,\d+,\d+) (with --data|on the demo data)", text))  # fmt: skip
-    cfg = train.run_config(parser.parse_args(["--data", str(tmp_path)] if with_data else []))
+    cfg = _run_config(parser.parse_args(["--data", str(tmp_path)] if with_data else []))
     assert cfg.train.max_epochs == caps[stated_as]
     assert cfg.data.shards == str(tmp_path if with_data else tmp_path / "demo")
 
@@ -230,12 +236,12 @@ def test_a_job_with_its_own_ray_talks_only_to_it_and_leaves_nothing_after_kill_9
 
 
 def test_a_rerun_of_a_recorded_run_with_other_values_is_refused_naming_both(tmp_path, caplog):
-    from ray_jobs import experiment, train
+    from ray_jobs import job_record, train
 
     first = train.parse_args(
         ["--data", str(tmp_path), "--storage", str(tmp_path), "--name", "r", "--epochs", "2,1,1"]
     )
-    experiment.write_job_record(str(tmp_path / "r"), "train", first, {})
+    job_record.write_job_record(str(tmp_path / "r"), "train", vars(first), {})
     # Without --resume, every value counts (Train would continue the run's checkpoint on a mixed config).
     again = train.parse_args(["--data", str(tmp_path), "--storage", str(tmp_path), "--name", "r"])
     assert train.main(again) == 2

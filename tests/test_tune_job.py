@@ -223,7 +223,7 @@ def test_bad_space_file_gives_a_clear_error(demo_shards, tmp_path, space, messag
 def test_trials_table_ranks_trials_and_keeps_the_storage_scheme_on_checkpoints():
     from types import SimpleNamespace
 
-    from ray_jobs.tune import trials_table
+    from ichmodel.trials import trials_table
 
     def result(trial, f2, path, error=None, val_loss=0.5):  # the fields of a ray.tune.Result the table reads
         metrics = {
@@ -281,6 +281,14 @@ def _stated_caps(parser) -> dict[str, tuple[int, int, int]]:
     return {where: tuple(int(e) for e in caps.split(",")) for caps, where in found}
 
 
+def _search(args):
+    """The typed options ``tune.main`` makes of a parsed command line."""
+    from ray_jobs import tune
+    from ray_jobs.job_record import options_from
+
+    return options_from(tune.SearchOptions, vars(args), set=tuple(args.set))
+
+
 @pytest.mark.parametrize(
     ("argv", "stated_as"),
     [
@@ -298,17 +306,17 @@ def test_trials_get_the_epoch_caps_that_the_help_states(monkeypatch, tmp_path, a
     caps = _stated_caps(parser)
     assert set(caps) == {"with --data", "on the demo data", "with --smoke-test"}
     assert caps["with --data"] == (5, 5, 10)  # a first real search: minutes per trial, not hours
-    assert tune.base_config(parser.parse_args(argv)).train.max_epochs == caps[stated_as]
+    assert tune.base_config(_search(parser.parse_args(argv))).train.max_epochs == caps[stated_as]
 
 
 def test_gpu_trials_and_runs_default_to_larger_batches_that_the_user_can_override(tmp_path):
     from ray_jobs import train, tune
-    from ray_jobs.cli import GPU_DEFAULTS
+    from ray_jobs.cli import GPU_DEFAULTS, ConfigArgs
 
     data = ["--data", str(tmp_path)]
     parser = tune.get_args_parser()
-    cpu = tune.base_config(parser.parse_args(data)).data
-    gpu = tune.base_config(parser.parse_args([*data, "--gpus-per-trial", "1"])).data
+    cpu = tune.base_config(_search(parser.parse_args(data))).data
+    gpu = tune.base_config(_search(parser.parse_args([*data, "--gpus-per-trial", "1"]))).data
     assert (cpu.batch_size, cpu.num_workers) == (4, 0)  # the paper's 4 series on CPU
     assert (gpu.batch_size, gpu.num_workers) == (
         GPU_DEFAULTS["data.batch_size"],
@@ -316,9 +324,12 @@ def test_gpu_trials_and_runs_default_to_larger_batches_that_the_user_can_overrid
     )
     assert gpu.batch_size >= 16
     mine = parser.parse_args([*data, "--gpus-per-trial", "1", "--set", "data.batch_size=6"])
-    assert tune.base_config(mine).data.batch_size == 6
+    assert tune.base_config(_search(mine)).data.batch_size == 6
     run = train.get_args_parser().parse_args([*data, "--use-gpu"])
-    assert train.run_config(run).data.batch_size == GPU_DEFAULTS["data.batch_size"]
+    assert (
+        train.run_config(ConfigArgs.of(vars(run)), use_gpu=run.use_gpu).data.batch_size
+        == GPU_DEFAULTS["data.batch_size"]
+    )
 
 
 def test_epoch_caps_from_the_command_line_or_a_config_file_replace_the_jobs_default(tmp_path):
@@ -328,14 +339,14 @@ def test_epoch_caps_from_the_command_line_or_a_config_file_replace_the_jobs_defa
     (tmp_path / "c.yaml").write_text("train:\n  max_epochs: [3, 3, 6]\n")
     data = ["--data", str(tmp_path)]
     assert tune.base_config(
-        parser.parse_args([*data, "--config", str(tmp_path / "c.yaml")])
+        _search(parser.parse_args([*data, "--config", str(tmp_path / "c.yaml")]))
     ).train.max_epochs == (
         3,
         3,
         6,
     )
     with_set = parser.parse_args([*data, "--set", "train.max_epochs=[4,4,8]"])
-    assert tune.base_config(with_set).train.max_epochs == (4, 4, 8)
+    assert tune.base_config(_search(with_set)).train.max_epochs == (4, 4, 8)
     with_both = parser.parse_args([*data, "--set", "train.max_epochs=[4,4,8]", "--epochs", "2,2,2"])
-    assert tune.base_config(with_both).train.max_epochs == (2, 2, 2)
-    assert tune.base_config(with_both).data.shards == str(tmp_path.resolve())
+    assert tune.base_config(_search(with_both)).train.max_epochs == (2, 2, 2)
+    assert tune.base_config(_search(with_both)).data.shards == str(tmp_path.resolve())
