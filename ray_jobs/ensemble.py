@@ -216,10 +216,11 @@ def resolve_data(checkpoints: list[str], test: str | None) -> tuple[Config, str,
 def training_prevalence(cfg: Config):
     """Each class's share of the training series' labelled slices (the models' own training split)."""
     from ichmodel.dataset import SeriesDataset, class_prevalence
+    from ichmodel.shard_cache import ShardCache
     from ichmodel.splits import split_series
 
     train_ids, _ = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
-    return class_prevalence(SeriesDataset(cfg.data.shards, train_ids))
+    return class_prevalence(SeriesDataset(cfg.data.shards, train_ids, cache=ShardCache.from_config(cfg.data)))
 
 
 def check_options(options: EnsembleOptions, folder: str) -> None:

@@ -38,6 +38,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     from ichmodel.config import Config
     from ichmodel.dataset import SeriesDataset
     from ichmodel.engine import fit
+    from ichmodel.shard_cache import ShardCache
     from ichmodel.splits import split_series
 
     setup_logging()
@@ -49,8 +50,11 @@ def train_fn_per_worker(loop_config: dict) -> None:
         train_ids, val_ids = list(loop_config["split"]["train"]), list(loop_config["split"]["val"])
     else:
         train_ids, val_ids = split_series(cfg.data.shards, cfg.data.val_fraction, cfg.data.split_seed)
-    train_set = SeriesDataset(cfg.data.shards, train_ids, max_slices=cfg.data.max_slices, seed=cfg.train.seed)
-    val_set = SeriesDataset(cfg.data.shards, val_ids)
+    cache = ShardCache.from_config(cfg.data)  # used only when the shards are a storage URI
+    train_set = SeriesDataset(
+        cfg.data.shards, train_ids, max_slices=cfg.data.max_slices, seed=cfg.train.seed, cache=cache
+    )
+    val_set = SeriesDataset(cfg.data.shards, val_ids, cache=cache)
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -218,6 +222,7 @@ def predict_fn(
     from ichmodel.checkpoint import load_model
     from ichmodel.dataset import SeriesDataset
     from ichmodel.predict import predict_dataset
+    from ichmodel.shard_cache import ShardCache
     from ray_jobs.storage import fetch, is_uri
 
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -231,7 +236,7 @@ def predict_fn(
     return [
         predict_dataset(
             model,
-            SeriesDataset(d, ids),
+            SeriesDataset(d, ids, cache=ShardCache.from_config(cfg.data)),
             batch_size=batch_size,
             device=device,
             tta=tta if isinstance(tta, bool) else tuple(tta),

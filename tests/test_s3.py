@@ -111,9 +111,13 @@ def test_preprocess_tune_and_ensemble_with_every_path_on_s3(ray_head, s3, tmp_pa
     assert len(train) == 8 and train[0]["images"].shape[1:] == (3, 32, 32)
     assert sum(int((labels >= 0).all()) for labels in series_labels(train)) == 8
 
+    cache = tmp_path / "shard-cache"  # the node-local copies of the bucket's shard files (data.cache_dir)
     _run(ray_head, env, "tune", "--smoke-test", "--data", f"{bucket}/shards/train", "--set",
-         "data.val_fraction=0.25", "--num-samples", "1", "--storage", f"{bucket}/runs", "--name", "s3",
-         timeout=400)  # fmt: skip
+         "data.val_fraction=0.25", "--set", f"data.cache_dir={cache}", "--num-samples", "1", "--storage",
+         f"{bucket}/runs", "--name", "s3", timeout=400)  # fmt: skip
+    cached = sorted(p.name.split("-", 1)[1] for p in cache.glob("*.parquet"))
+    assert cached == ["shard-00000.parquet", "shard-00001.parquet"]  # each file once, whole, under one key
+    assert not list(cache.glob("*.tmp"))
     trials = pd.read_csv(io.StringIO(store.read_text(f"{bucket}/runs/s3/trials.csv")))
     assert len(trials) == 1 and trials["status"].tolist() == ["OK"]
     assert trials["checkpoint"][0].startswith(f"{bucket}/runs/s3/") and store.is_file(trials["checkpoint"][0])
