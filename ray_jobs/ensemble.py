@@ -369,30 +369,6 @@ def predict_members(ray, options: EnsembleOptions, checkpoints: list[str], trial
     return tables
 
 
-def split_holdout(val: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """``(selection series, held-out series)`` of a labelled validation table, split by series: about
-    ``fraction`` of them held out (at least one, never all), stratified by positive series (any label) so that
-    both parts keep one where there are two, drawn with ``seed``.
-
-    Raises:
-        ValueError: for fewer than 2 series.
-    """
-    labels = [f"label_{c}" for c in CLASSES]
-    positive = val.groupby("series_id")[labels].max().to_numpy().any(axis=1)
-    ids = np.asarray(sorted(val["series_id"].unique()))
-    if len(ids) < 2:
-        raise ValueError(f"--holdout needs at least 2 validation series to split. Got {len(ids)}")
-    n_hold = min(len(ids) - 1, max(1, int(fraction * len(ids) + 0.5)))
-    pos, neg = ids[positive], ids[~positive]
-    n_pos = int(n_hold * len(pos) / len(ids) + 0.5)
-    if len(pos) >= 2:
-        n_pos = min(max(n_pos, 1), len(pos) - 1)
-    n_pos = max(n_pos, n_hold - len(neg))  # enough negatives left to fill the rest
-    rng = np.random.default_rng(seed)
-    held = rng.permutation(pos)[:n_pos].tolist() + rng.permutation(neg)[: n_hold - n_pos].tolist()
-    return sorted(set(ids) - set(held)), sorted(held)
-
-
 def run(options: EnsembleOptions, out: Path, cache: Path, folder: str) -> int:
     """The ensemble job writing into the local folder ``out`` (copied to ``folder`` when that is a URI; a
     search on storage is downloaded into ``cache``); returns the exit code."""
@@ -402,6 +378,7 @@ def run(options: EnsembleOptions, out: Path, cache: Path, folder: str) -> int:
     from ichmodel.prediction_table import prediction_arrays
     from ichmodel.report import make_report
     from ichmodel.shards import load_manifest
+    from ichmodel.splits import split_holdout
 
     try:
         if is_uri(options.experiment):

@@ -18,7 +18,7 @@ from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
 from ichmodel.prediction_table import PROB_COLUMNS
-from ichmodel.splits import split_series
+from ichmodel.splits import split_holdout, split_series
 from ichmodel.trials import select_trials
 from ray_jobs import ensemble as job
 from ray_jobs.cli import record_or_resume
@@ -134,7 +134,7 @@ def test_ensemble_job_writes_checked_files_and_an_f2_that_sklearn_reproduces(
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert "predictions: 0 models predicted now, 2 read from" in again.stdout
     held_f2 = float(re.search(r"ensemble held-out micro-F2: ([0-9.]+)", again.stdout).group(1))
-    _, held = job.split_holdout(pd.read_parquet(out / "val_probs.parquet"), 0.5)
+    _, held = split_holdout(pd.read_parquet(out / "val_probs.parquet"), 0.5)
     board = pd.read_csv(out / "val_leaderboard.csv")
     held_slices = set(shards.loc[shards["series_id"].isin(held), "slice_id"].str.removesuffix(".jpg"))
     board = board[board["ID"].str.rsplit("_", n=1).str[0].isin(held_slices)]
@@ -195,10 +195,10 @@ def test_holdout_chooses_members_and_thresholds_on_the_rest_and_scores_the_held_
 
     frames = {t: f.drop(columns=["fold"]) for t, f in _oof_frames([1.5, 1.2, 50.0]).items()}  # t2: noise
     vals = list(frames.values())
-    select, held = job.split_holdout(vals[0], 0.3)
+    select, held = split_holdout(vals[0], 0.3)
     series = sorted(vals[0]["series_id"].unique())
     assert sorted(select + held) == series and not set(select) & set(held)
-    assert len(held) == round(0.3 * len(series)) and job.split_holdout(vals[0], 0.3) == (select, held)
+    assert len(held) == round(0.3 * len(series)) and split_holdout(vals[0], 0.3) == (select, held)
     positive = vals[0].groupby("series_id")[[f"label_{c}" for c in CLASSES]].max().any(axis=1)
     assert positive[select].any() and positive[held].any()  # stratified: both parts keep positive series
 
@@ -209,7 +209,7 @@ def test_holdout_chooses_members_and_thresholds_on_the_rest_and_scores_the_held_
     assert thresholds.tolist() == E.choose_thresholds(on_select).tolist()  # tuned without the held-out
     assert scores[-1].micro_f2 == pytest.approx(E.score_predictions(on_held, thresholds)["micro_f2"])
     with pytest.raises(ValueError, match="at least 2 validation series"):
-        job.split_holdout(vals[0][vals[0]["series_id"] == series[0]], 0.5)
+        split_holdout(vals[0][vals[0]["series_id"] == series[0]], 0.5)
 
 
 def test_resume_restores_the_recorded_options_and_refuses_a_conflicting_one(tmp_path, caplog):
