@@ -25,8 +25,8 @@ import torch
 
 from ichmodel.checkpoint import checkpoint_dict, prune_checkpoint, save_checkpoint
 from ichmodel.config import Config
-from ichmodel.stages import TrainState
 from ichmodel.model import build_model
+from ichmodel.stages import TrainState
 
 TRIALS = 32
 
