@@ -110,6 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "flipped slices and average (flip; ray_jobs/folds.py --tta also offers reverse)")  # fmt: skip
     parser.add_argument("--folds", type=int, default=0, help="retrain the top-k configurations on K folds and "
                         "choose members, thresholds and calibration out of fold (ray_jobs/folds.py; default 0: off)")  # fmt: skip
+    parser.add_argument("--fold-epochs", default=None, metavar="E1,E2,E3",
+                        help="with --folds: epoch caps of every fold run (default: each configuration's own)")  # fmt: skip
     parser.add_argument("--reference", default=None, metavar="SHARDS|test|none",
                         help="with --folds: unlabelled series that put the OOF rows on the fold models' "
                         "average scale before thresholds are tuned (default: the test shards; none: off)")  # fmt: skip
@@ -139,6 +141,7 @@ class EnsembleOptions:
     resume: bool = False
     tta: bool = False
     folds: int = 0
+    fold_epochs: str | None = None
     reference: str | None = None
     gpus_per_model: float = 0.0
     batch_size: int = 4
@@ -235,6 +238,8 @@ def check_options(options: EnsembleOptions, folder: str) -> None:
         raise ValueError("--experiment (the search to ensemble) is required, unless --smoke-test or --resume")
     if not 0 <= options.holdout < 1:
         raise ValueError(f"--holdout is a fraction of the validation series in [0, 1). Got {options.holdout}")
+    if options.fold_epochs and not (options.folds or options.smoke_test):
+        raise ValueError(f"--fold-epochs {options.fold_epochs} is for the fold ensemble (--folds K)")
     if options.holdout and options.folds:
         raise ValueError(
             f"--holdout {options.holdout} is for the ensemble without --folds (--folds {options.folds} scores out of fold)"
@@ -274,6 +279,7 @@ def fold_options(options: EnsembleOptions, out: str) -> fold_job.FoldOptions:
         folds=options.folds,
         test=options.test or None,
         reference=options.reference or "test",
+        epochs=options.fold_epochs,
         tta=("flip",) if options.tta else (),
         use_gpu=options.gpus_per_model > 0,
         batch_size=options.batch_size,
