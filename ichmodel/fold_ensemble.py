@@ -6,7 +6,7 @@ reference series. From there everything is here: :func:`choose_fold_ensemble` pi
 and thresholds on OOF micro-F2, with each fold's rows aligned to the ensemble's scale
 (:class:`ichmodel.calibration.FoldAlignment`) and :func:`bootstrap_f2` intervals over series;
 :func:`calibrate_oof` fits the RSNA probability calibration; :func:`summarize` writes the ensemble's tables
-and ``fold_ensemble.json``; :func:`write_fold_outputs` the submission files, ``ensemble.json`` and the report;
+and ``fold_ensemble.json``; :func:`write_fold_outputs` the submission files, ``ensemble.json``, the report and the viewer;
 :func:`summary_lines` the figures a user reads first.
 """
 
@@ -279,7 +279,7 @@ def summarize(result: FoldRuns, out: Path, n_boot: int = 1000) -> dict:
 
 def summary_lines(summary: dict) -> list[str]:
     """The figures a user reads first (the fold job prints them): single best vs ensemble OOF micro-F2, each
-    labelled with its rows and thresholds (:func:`ichmodel.report.fold_scores`, the list the report's table is
+    labelled with its rows and thresholds (:func:`ichmodel.scores.fold_scores`, the list the report's table is
     rendered from), members, alignment, calibration, and the ``RESULT`` line for scripts (same list)."""
     scores = fold_scores(summary)
     lines = format_scores(scores)
