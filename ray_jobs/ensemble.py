@@ -19,7 +19,7 @@ optimistic (the trials were ranked and the thresholds tuned on the series it sco
 --holdout FRACTION sets that share of the validation series aside (by series, stratified by positive series):
 members (all top-k, or greedy selection if it scores higher) and thresholds are chosen on the rest, and the
 reported score is that of the held-out series. --folds K retrains the configurations on K folds instead
-(ray_jobs/folds.py: out-of-fold members, thresholds and score).
+(ray_jobs/folds.py: out-of-fold members, thresholds and score; --fold-epochs E1,E2,E3 caps each fold run).
 
 The output folder is --out, or STORAGE/NAME with --name (--storage, default runs/). The job records its
 arguments there (job_args.json) first; --resume with only --out (or --name/--storage) continues it as
