@@ -27,7 +27,7 @@ from ichmodel import submission as S
 from ichmodel.constants import CLASSES
 from ichmodel.io import atomic_write_text
 from ichmodel.prediction_table import KEY_COLUMNS, LABEL_COLUMNS, PROB_COLUMNS, prediction_arrays
-from ichmodel.report import ModelScore
+from ichmodel.scores import ModelScore
 from ichmodel.shards import load_manifest
 from ichmodel.submission import check_thresholds
 

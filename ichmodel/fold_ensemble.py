@@ -6,7 +6,7 @@ reference series. From there everything is here: :func:`choose_fold_ensemble` pi
 and thresholds on OOF micro-F2, with each fold's rows aligned to the ensemble's scale
 (:class:`ichmodel.calibration.FoldAlignment`) and :func:`bootstrap_f2` intervals over series;
 :func:`calibrate_oof` fits the RSNA probability calibration; :func:`summarize` writes the ensemble's tables
-and ``fold_ensemble.json``; :func:`write_fold_outputs` the submission files, ``ensemble.json`` and the report;
+and ``fold_ensemble.json``; :func:`write_fold_outputs` the submission files, ``ensemble.json``, the report and the viewer;
 :func:`summary_lines` the figures a user reads first.
 """
 
@@ -29,19 +29,19 @@ from ichmodel.ensemble import (
     EnsembleSpec,
     average_predictions,
     bag_probs,
-    choose_thresholds,
     cross_fitted_f2,
     greedy_members,
     labelled_arrays,
-    score_predictions,
     top_k_members,
     tuned_f2,
     write_outputs,
 )
 from ichmodel.io import atomic_write_text
 from ichmodel.prediction_table import PROB_COLUMNS, prediction_arrays
-from ichmodel.report import ModelScore, make_report
+from ichmodel.report import make_report
+from ichmodel.scores import fold_scores, format_scores, result_line
 from ichmodel.shards import load_manifest
+from ichmodel.viewer import write_viewer
 
 
 def _series_counts(labels: np.ndarray, pred: np.ndarray, series: np.ndarray) -> np.ndarray:
@@ -107,7 +107,8 @@ class FoldEnsemble:
     ``"top_k"`` (every member once) or ``"greedy"`` (:func:`greedy_members`), whichever has the higher
     cross-fitted OOF micro-F2. F2 figures are ``{"tuned": at thresholds tuned on all OOF rows,
     "cross_fitted": thresholds tuned on the other folds}``. ``bootstrap``: :func:`bootstrap_f2` of the single
-    best member against the ensemble, each at its tuned thresholds. ``alignment``: the bag's
+    best member against the ensemble, each at its tuned thresholds; ``per_class`` / ``single_per_class``: the
+    ensemble's / single best's per-class F2 on the same rows at those thresholds. ``alignment``: the bag's
     :class:`FoldAlignment` as a dict when the OOF rows were aligned (the thresholds then hold for the mean of
     the fold models; the single best's figures are then those of its rows aligned to its own fold models'
     mean), else ``None``.
@@ -125,6 +126,7 @@ class FoldEnsemble:
     per_class: dict[str, float]
     bootstrap: dict[str, dict[str, float]]
     alignment: dict | None = None
+    single_per_class: dict[str, float] = field(default_factory=dict)
 
 
 def choose_fold_ensemble(
@@ -201,6 +203,9 @@ def choose_fold_ensemble(
         per_class=dict(zip(CLASSES, map(float, M.per_class_f2(labels, decisions["ensemble"])), strict=True)),
         bootstrap=bootstrap_f2(labels, decisions, series, n_boot=n_boot, seed=seed),
         alignment=None if alignment is None else asdict(alignment),
+        single_per_class=dict(
+            zip(CLASSES, map(float, M.per_class_f2(labels, decisions["single"])), strict=True)
+        ),
     )
     return choice, ensemble
 
@@ -273,20 +278,11 @@ def summarize(result: FoldRuns, out: Path, n_boot: int = 1000) -> dict:
 
 
 def summary_lines(summary: dict) -> list[str]:
-    """The figures a user reads first (the fold job prints them): single best vs ensemble OOF micro-F2,
-    interval, members, alignment, calibration, and a ``RESULT`` line for scripts."""
-    boot = summary["bootstrap"]
-    lines = [f"{'OOF micro-F2':<34}{'tuned':>9}{'cross-fitted':>14}{'95% interval (series)':>26}"]
-    for key, name in (("single", f"single best ({summary['single_best']})"), ("ensemble", "ensemble")):
-        f2 = summary[f"{key}_f2"]
-        lines.append(
-            f"{name:<34}{f2['tuned']:>9.4f}{f2['cross_fitted']:>14.4f}"
-            f"{boot[key]['low']:>15.4f} - {boot[key]['high']:.4f}"
-        )
-    diff = boot["ensemble - single"]
-    lines.append(
-        f"ensemble - single: {diff['f2']:+.4f} (95% interval {diff['low']:+.4f} .. {diff['high']:+.4f})"
-    )
+    """The figures a user reads first (the fold job prints them): single best vs ensemble OOF micro-F2, each
+    labelled with its rows and thresholds (:func:`ichmodel.scores.fold_scores`, the list the report's table is
+    rendered from), members, alignment, calibration, and the ``RESULT`` line for scripts (same list)."""
+    scores = fold_scores(summary)
+    lines = format_scores(scores)
     lines.append(
         f"members: {summary['method']} bag {summary['bag']} (top-k {summary['top_k_f2']['cross_fitted']:.4f}, "
         f"greedy {summary['greedy_f2']['cross_fitted']:.4f} cross-fitted)"
@@ -305,20 +301,23 @@ def summary_lines(summary: dict) -> list[str]:
         + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
         + f" (after: cross-fitted; applied: {summary['calibration']['method']})"
     )
-    e, one = summary["ensemble_f2"], summary["single_f2"]
-    lines.append(
-        f"RESULT ensemble_oof_f2={e['tuned']:.6f} ensemble_oof_f2_cross_fitted={e['cross_fitted']:.6f} "
-        f"single_oof_f2={one['tuned']:.6f} single_oof_f2_cross_fitted={one['cross_fitted']:.6f}"
-    )
+    lines.append(result_line(scores))
     return lines
 
 
 def write_fold_outputs(
-    result: FoldRuns, summary: dict, out: Path, tta: Sequence[str], folds: int
+    result: FoldRuns,
+    summary: dict,
+    out: Path,
+    tta: Sequence[str],
+    folds: int,
+    optuna_db: str | Path | None = None,
 ) -> list[Path]:
     """Submission files (:func:`ichmodel.ensemble.write_outputs`' files, with ``val_*`` = the OOF predictions of every
     labelled series), the RSNA file from calibrated probabilities when a calibration was kept,
-    ``ensemble.json`` (every fold model of the bag) and ``report/``."""
+    ``ensemble.json`` (every fold model of the bag), ``report/`` (the figures of :func:`fold_scores`, the same
+    list :func:`summary_lines` prints; the search's figures from ``optuna_db``, a local file or storage URI)
+    and ``viewer/`` (the ensemble's OOF rows at its thresholds, thumbnails from the training shards)."""
     oof, test = pd.read_parquet(out / "oof_ensemble.parquet"), pd.read_parquet(out / "test_ensemble.parquet")
     thresholds = np.asarray(summary["thresholds"])
     shards, test_shards = result.runs[0]["shards"], result.runs[0]["test_shards"]
@@ -344,28 +343,23 @@ def write_fold_outputs(
         trial_ids=summary["bag"],
     )
     written.append(spec.save(out))
-    single = score_predictions(
-        result.oof[summary["single_best"]], choose_thresholds(result.oof[summary["single_best"]])
-    )
     probs, labels = prediction_arrays(oof)
-    scores = [
-        ModelScore(f"single best ({summary['single_best']})", single["micro_f2"], single["per_class"]),
-        ModelScore(f"ensemble ({summary['method']})", summary["ensemble_f2"]["tuned"], summary["per_class"]),
-    ]
-    boot = [[k, v["f2"], v["low"], v["high"]] for k, v in summary["bootstrap"].items()]
     losses = [[k, v] for k, v in summary["calibration"]["oof_log_loss"].items()]
     tables = [
-        ("OOF micro-F2, 95% bootstrap interval over series", ["", "F2", "low", "high"], boot),
-        ("OOF RSNA weighted log loss (after: cross-fitted calibration)", ["calibration", "loss"], losses),
+        ("OOF RSNA weighted log loss (after: cross-fitted calibration)", ["calibration", "loss"], losses)
     ]
     report = make_report(
         out / "report",
-        scores,
+        fold_scores(summary),
         labels,
         probs,
         thresholds,
+        optuna_db=optuna_db,
         score_heading="Out-of-fold F2",
         tables=tables,
         title=f"Fold ensemble ({folds} folds)",
     )
-    return [*written, report]
+    rows = "aligned OOF rows" if summary.get("alignment") else "raw OOF rows"
+    viewer = write_viewer(out, oof, thresholds, shards,
+                          title=f"Fold ensemble ({folds} folds): {rows} at the ensemble's thresholds")  # fmt: skip
+    return [*written, report, viewer]

@@ -135,7 +135,9 @@ def predict_studies(
     batch_size: int = 4,
 ) -> Predictions | None:
     """Predict every series of ``shards`` and write ``out/per_slice.csv`` (0/1 at the predictor's thresholds,
-    checked against the shards' slices), ``out/probabilities.csv`` and ``out/series_summary.csv``.
+    checked against the shards' slices), ``out/probabilities.csv``, ``out/series_summary.csv`` and
+    ``out/viewer/index.html`` (:func:`ichmodel.viewer.write_viewer`: the same thresholds, thumbnails from
+    ``shards``).
 
     ``tta``: None for the predictor's own. Returns None when there is nothing to predict (every input skipped).
     """
@@ -144,6 +146,7 @@ def predict_studies(
     from ichmodel.dataset import SeriesDataset
     from ichmodel.predict import predict_dataset
     from ichmodel.prediction_table import summarize_series
+    from ichmodel.viewer import write_viewer
 
     dataset = SeriesDataset(shards)
     if len(dataset) == 0:
@@ -158,4 +161,5 @@ def predict_studies(
     first = frame.groupby("series_id", sort=True)["slice_id"].first()
     summary.insert(1, "first_slice", summary["series_id"].map(first))
     summary.to_csv(out / "series_summary.csv", index=False, float_format="%.6f")
+    write_viewer(out, frame, thresholds, shards, title=f"Predictions of {len(models)} model(s) on {shards}")
     return Predictions(frame, summary, len(models), tta)

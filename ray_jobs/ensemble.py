@@ -19,7 +19,7 @@ optimistic (the trials were ranked and the thresholds tuned on the series it sco
 --holdout FRACTION sets that share of the validation series aside (by series, stratified by positive series):
 members (all top-k, or greedy selection if it scores higher) and thresholds are chosen on the rest, and the
 reported score is that of the held-out series. --folds K retrains the configurations on K folds instead
-(ray_jobs/folds.py: out-of-fold members, thresholds and score).
+(ray_jobs/folds.py: out-of-fold members, thresholds and score; --fold-epochs E1,E2,E3 caps each fold run).
 
 The output folder is --out, or STORAGE/NAME with --name (--storage, default runs/). The job records its
 arguments there (job_args.json) first; --resume with only --out (or --name/--storage) continues it as
@@ -29,7 +29,9 @@ predictions kept in OUT/predictions are reused (keyed by checkpoint, shards and 
 Writes into --out: submission.csv (course leaderboard ID,prediction; DLCV input), test_per_slice.csv
 (dirname,ID,ich,...,edh 0/1), submission_rsna.csv (Kaggle ID,Label; RSNA input), test_probs.parquet,
 the same files for validation (val_*), ensemble.json (models, thresholds, image size and windows; read by
-ray_jobs/predict.py) and report/index.html. Every CSV is checked against the slices of the shards it
+ray_jobs/predict.py), report/index.html and viewer/index.html (the ensemble's validation rows at its
+thresholds, per series). Every figure printed names its rows and thresholds as the report's table does;
+the RESULT line (single_val_f2, ensemble_val_f2; with --holdout *_holdout_f2) carries the same values. Every CSV is checked against the slices of the shards it
 predicts (for validation: the validation series) before it is renamed into place. --test may be left out when the training shards have a sibling test/ folder (the demo's layout).
 Every path may be a storage URI (s3://, gs://, file://): an --out URI gets the finished folder, written locally
 first; prediction tasks download checkpoints kept on storage themselves. On a cluster, local --experiment and
@@ -104,9 +106,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folder or URI for the submission files, ensemble.json and report/ (or give --name)",
     )
     add_output_arguments(parser, "ensemble")
-    parser.add_argument("--tta", action="store_true", help="also predict left-right flipped slices, average")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: also predict left-right "
+                        "flipped slices and average (flip; ray_jobs/folds.py --tta also offers reverse)")  # fmt: skip
     parser.add_argument("--folds", type=int, default=0, help="retrain the top-k configurations on K folds and "
                         "choose members, thresholds and calibration out of fold (ray_jobs/folds.py; default 0: off)")  # fmt: skip
+    parser.add_argument("--fold-epochs", default=None, metavar="E1,E2,E3",
+                        help="with --folds: epoch caps of every fold run (default: each configuration's own)")  # fmt: skip
     parser.add_argument("--reference", default=None, metavar="SHARDS|test|none",
                         help="with --folds: unlabelled series that put the OOF rows on the fold models' "
                         "average scale before thresholds are tuned (default: the test shards; none: off)")  # fmt: skip
@@ -136,6 +141,7 @@ class EnsembleOptions:
     resume: bool = False
     tta: bool = False
     folds: int = 0
+    fold_epochs: str | None = None
     reference: str | None = None
     gpus_per_model: float = 0.0
     batch_size: int = 4
@@ -233,6 +239,8 @@ def check_options(options: EnsembleOptions, folder: str) -> None:
         raise ValueError("--experiment (the search to ensemble) is required, unless --smoke-test or --resume")
     if not 0 <= options.holdout < 1:
         raise ValueError(f"--holdout is a fraction of the validation series in [0, 1). Got {options.holdout}")
+    if options.fold_epochs and not (options.folds or options.smoke_test):
+        raise ValueError(f"--fold-epochs {options.fold_epochs} is for the fold ensemble (--folds K)")
     if options.holdout and options.folds:
         raise ValueError(
             f"--holdout {options.holdout} is for the ensemble without --folds (--folds {options.folds} scores out of fold)"
@@ -272,6 +280,7 @@ def fold_options(options: EnsembleOptions, out: str) -> fold_job.FoldOptions:
         folds=options.folds,
         test=options.test or None,
         reference=options.reference or "test",
+        epochs=options.fold_epochs,
         tta=("flip",) if options.tta else (),
         use_gpu=options.gpus_per_model > 0,
         batch_size=options.batch_size,
@@ -379,6 +388,7 @@ def run(options: EnsembleOptions, out: Path, cache: Path, folder: str) -> int:
     from ichmodel.report import make_report
     from ichmodel.shards import load_manifest
     from ichmodel.splits import split_holdout
+    from ichmodel.viewer import write_viewer
 
     try:
         if is_uri(options.experiment):
@@ -424,6 +434,7 @@ def run(options: EnsembleOptions, out: Path, cache: Path, folder: str) -> int:
             E.score_model(f"ensemble of {len(checkpoints)}", E.average_predictions(vals), prevalence)
         )
         thresholds = np.asarray(scores[-1].thresholds)
+    scores = labelled_scores(scores, options.holdout)
     ens = scores[-1]
     val = E.average_predictions([vals[i] for i in bag])
     test = E.average_predictions([results[i][1] for i in bag])
@@ -459,6 +470,8 @@ def run(options: EnsembleOptions, out: Path, cache: Path, folder: str) -> int:
         title=f"Ensemble of {options.experiment.rstrip('/').rsplit('/', 1)[-1]}",
         score_heading=heading,
     )
+    viewer = write_viewer(out, val, thresholds, cfg.data.shards,
+                          title=f"Ensemble's validation rows at its thresholds ({ens.estimate.label})")  # fmt: skip
     print_scores(scores, options.holdout, len(val_ids))
     print(f"ensemble validation RSNA weighted log loss: {log_loss:.4f}")
     print("thresholds: " + ", ".join(f"{c}={t:.2f}" for c, t in zip(CLASSES, thresholds, strict=True)))
@@ -466,25 +479,39 @@ def run(options: EnsembleOptions, out: Path, cache: Path, folder: str) -> int:
     for path in written:
         print(f"  {storage.join(folder, Path(path).relative_to(out).as_posix()) if is_uri(folder) else path}")
     print(f"report: {report}")
+    print(f"viewer: {viewer}")
     return 0
 
 
+def labelled_scores(scores: list, holdout: float) -> list:
+    """``scores`` (each model's, then the ensemble's) labelled with their estimate (validation rows, or with
+    ``holdout`` the held-out rows) and roles: the single best model is ``single``, the ensemble ``ensemble``
+    (their keys on the RESULT line and in the report's table)."""
+    from dataclasses import replace as with_fields
+
+    from ichmodel.scores import VALIDATION, holdout_estimate
+
+    estimate = holdout_estimate(holdout) if holdout else VALIDATION
+    best = max(range(len(scores) - 1), key=lambda i: scores[i].micro_f2)
+    roles = ["single" if i == best else "" for i in range(len(scores) - 1)] + ["ensemble"]
+    return [with_fields(s, estimate=estimate, role=r) for s, r in zip(scores, roles, strict=True)]
+
+
 def print_scores(scores: list, holdout: float, num_val: int) -> None:
-    """Each model's and the ensemble's score, and what that score is worth."""
-    column = "held-out micro-F2" if holdout else "val micro-F2"
-    print(f"\n{'model':<28}{column:>18}")
-    for s in scores[:-1]:
-        print(f"{s.name:<28}{s.micro_f2:>18.6f}")
-    print(f"{'single best':<28}{max(s.micro_f2 for s in scores[:-1]):>18.6f}")
+    """Each model's and the ensemble's score, labelled as the report's table labels them, what that score is
+    worth, and the RESULT line (:func:`ichmodel.scores.format_scores`, :func:`ichmodel.scores.result_line`)."""
+    from ichmodel.scores import format_scores, result_line
+
+    print("\n" + "\n".join(format_scores(scores)))
     if holdout:
-        print(f"ensemble held-out micro-F2: {scores[-1].micro_f2:.6f} ({scores[-1].name}; members and thresholds "
-              f"chosen on the other {1 - holdout:g} of the {num_val} validation series)")  # fmt: skip
+        print(f"ensemble: {scores[-1].name}; members and thresholds chosen on the other {1 - holdout:g} of the "
+              f"{num_val} validation series")  # fmt: skip
         print("note: the top-k trials were still ranked on every validation series (their training runs' "
               "model_f2); --folds K gives an out-of-fold estimate")  # fmt: skip
-        return
-    print(f"ensemble validation micro-F2: {scores[-1].micro_f2:.6f}")
-    print(f"note: this validation score is optimistic: the trials were ranked and the thresholds tuned on the "
-          f"same {num_val} series it scores; --holdout FRACTION or --folds K give an honest estimate")  # fmt: skip
+    else:
+        print(f"note: this validation score is optimistic: the trials were ranked and the thresholds tuned on "
+              f"the same {num_val} series it scores; --holdout FRACTION or --folds K give an honest estimate")  # fmt: skip
+    print(result_line(scores))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ oof_<trial>.parquet (every labelled series once, with its fold), test_<trial>.pa
 folds), oof_ensemble.parquet (aligned), test_ensemble.parquet, test_calibrated.parquet, fold_ensemble.json
 (members, thresholds, OOF F2 tuned and cross-fitted, bootstrap intervals over series, alignment,
 calibration), ray_jobs/ensemble.py's submission files (val_* = the OOF predictions), ensemble.json (every fold model of the chosen members) and
-report/index.html. Prints single best vs ensemble OOF micro-F2 with intervals. Predictions of a run are kept
+report/index.html (with the search's figures from EXPERIMENT/optuna.db) and viewer/index.html (the OOF
+rows at the ensemble's thresholds, per series). Prints single best vs ensemble OOF micro-F2 with intervals,
+each labelled with its rows and thresholds, as the report's table shows them, and the RESULT line. Predictions of a run are kept
 in --out/predictions and reused while the run is not retrained. A finished run is reused whatever the
 options of the rerun: use a new --out (or --storage) after changing --set/--epochs. Run as
 ray_jobs/ensemble.py --folds K, the job records its arguments in the output folder and --resume with only
@@ -110,8 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         choices=["flip", "reverse"],
-        help="test-time augmentation of the predictions (repeatable; checked against "
-        "each model's training augmentation)",
+        help="test-time augmentation (repeatable): flip = also predict left-right flipped slices, reverse = "
+        "also predict the series in reversed slice order; every combination is averaged (checked against each "
+        "model's training augmentation: reverse needs augment.reverse_prob > 0)",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -361,7 +364,8 @@ def run_fold_job(options: FoldOptions) -> int:
     if all(prediction_arrays(t)[1] is not None for t in result.oof.values()):
         summary = summarize(result, out)
         try:
-            written = write_fold_outputs(result, summary, out, options.tta, options.folds)
+            study = storage.join(storage.absolute(options.experiment), "optuna.db")  # the search's, if any
+            written = write_fold_outputs(result, summary, out, options.tta, options.folds, optuna_db=study)
         except S.SubmissionError as exc:
             logger.error("submission check failed, nothing written under that name: %s", exc)
             return 1

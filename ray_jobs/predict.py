@@ -14,7 +14,9 @@ used are listed with the reason (OUT/shards/skipped.csv).
 
 Writes OUT/per_slice.csv (dirname,ID,ich,ivh,sah,sdh,edh 0/1 at the ensemble's thresholds; dirname is the
 series UID, ID the file path), OUT/probabilities.csv (per-slice probabilities) and OUT/series_summary.csv
-(per series: slices, highest probability and positive slices per class), and prints the summary.
+(per series: slices, highest probability and positive slices per class), and OUT/viewer/index.html (per
+series, a strip per class of per-slice probability against the threshold, the decision and thumbnails of the
+slices that fired; opens from disk), and prints the summary.
 Runs in this process (no Ray cluster needed); --device cuda uses a GPU with bf16. --checkpoint, --ensemble,
 --input (shards) and --out may be storage URIs (s3://, gs://, file://); so may the models in ensemble.json.
 """
@@ -59,7 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--tta",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="reversed-sequence TTA (default: as the ensemble was built; off for --checkpoint)",
+        help="test-time augmentation: --tta also predicts left-right flipped slices and averages (flip); "
+        "--no-tta turns it off (default: as ensemble.json records it, which may name flip and/or reverse = "
+        "reversed slice order; off for --checkpoint)",
     )
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: as trained)")
     parser.add_argument(
@@ -141,6 +145,7 @@ def run(options: PredictOptions, out: Path, cache: Path) -> int:
     with pd.option_context("display.width", 200, "display.max_colwidth", 48, "display.precision", 3):
         print(table.to_string(index=False))
     print(f"\nfiles: {out / 'per_slice.csv'}, {out / 'probabilities.csv'}, {out / 'series_summary.csv'}")
+    print(f"viewer: {out / 'viewer' / 'index.html'} (open it in a browser)")
     return 0
 
 

@@ -18,6 +18,8 @@ from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
 from ichmodel.prediction_table import PROB_COLUMNS
+from ichmodel.report import report_figures
+from ichmodel.scores import parse_result_line
 from ichmodel.splits import split_holdout, split_series
 from ichmodel.trials import select_trials
 from ray_jobs import ensemble as job
@@ -85,7 +87,7 @@ def test_ensemble_job_writes_checked_files_and_an_f2_that_sklearn_reproduces(
     assert "skipping trial broken: status ERROR" in proc.stderr
 
     # Independent score: the written leaderboard file against the labels read straight from the shards.
-    printed = float(re.search(r"ensemble validation micro-F2: ([0-9.]+)", proc.stdout).group(1))
+    printed = parse_result_line(proc.stdout)["ensemble_val_f2"]
     train_shards = demo_shards[0]
     _, val_ids = split_series(train_shards, 0.25, 0)
     shards = pq.read_table(
@@ -107,7 +109,7 @@ def test_ensemble_job_writes_checked_files_and_an_f2_that_sklearn_reproduces(
 
     # Each single model's score is printed; the trained one scores what its training run reported.
     for trial, f2 in zip(("t0", "t1"), spec["single_f2"], strict=True):
-        assert re.search(rf"trial {trial}\s+{f2:.6f}", proc.stdout)
+        assert re.search(rf"trial {trial}\s+{f2:.4f}", proc.stdout)
     trained_f2 = load_checkpoint(experiment / "train-t0" / "checkpoint.pt")["best_f2"]
     assert spec["single_f2"][0] == pytest.approx(trained_f2, abs=1e-6)
 
@@ -124,6 +126,13 @@ def test_ensemble_job_writes_checked_files_and_an_f2_that_sklearn_reproduces(
     assert set(submission["prediction"]) <= {0, 1}
     page = (out / "report" / "index.html").read_text()
     assert f"{printed:.4f}" in page and "trial t1" in page
+    on_page, in_result = report_figures(page), parse_result_line(proc.stdout)  # one truth, one label
+    assert set(on_page) == set(in_result) == {"single_val_f2", "ensemble_val_f2"}
+    assert all(in_result[k] == pytest.approx(v, abs=5e-7) for k, v in on_page.items())
+    assert in_result["single_val_f2"] == pytest.approx(max(spec["single_f2"]), abs=5e-7)
+    assert "micro-F2 on validation rows; thresholds tuned on these rows:" in proc.stdout
+    viewer = (out / "viewer" / "index.html").read_text()  # the validation series, one row each
+    assert viewer.count('<section class="series"') == len(val_ids)
     assert "note: this validation score is optimistic" in proc.stdout
     assert "predictions: 2 models predicted now, 0 read from" in proc.stdout
 
@@ -133,7 +142,10 @@ def test_ensemble_job_writes_checked_files_and_an_f2_that_sklearn_reproduces(
                           "--out", str(out), "--holdout", "0.5"], timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert "predictions: 0 models predicted now, 2 read from" in again.stdout
-    held_f2 = float(re.search(r"ensemble held-out micro-F2: ([0-9.]+)", again.stdout).group(1))
+    held_f2 = parse_result_line(again.stdout)["ensemble_holdout_f2"]
+    again_page = (out / "report" / "index.html").read_text()
+    assert report_figures(again_page) == pytest.approx(parse_result_line(again.stdout), abs=5e-7)
+    assert "held-out rows (0.5 of the validation series)" in again_page
     _, held = split_holdout(pd.read_parquet(out / "val_probs.parquet"), 0.5)
     board = pd.read_csv(out / "val_leaderboard.csv")
     held_slices = set(shards.loc[shards["series_id"].isin(held), "slice_id"].str.removesuffix(".jpg"))

@@ -21,6 +21,8 @@ from ichmodel import submission as S
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.constants import CLASSES
 from ichmodel.folds import assemble_oof
+from ichmodel.report import report_figures
+from ichmodel.scores import parse_result_line
 from ichmodel.shards import load_manifest, series_index
 from ichmodel.splits import check_folds, fold_split, inner_split, make_folds, shard_fold_runs, shard_folds
 from ray_jobs.worker import finished_run_report
@@ -251,9 +253,26 @@ def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_re
     for name in ("submission.csv", "val_leaderboard.csv", "ensemble.json", "fold_ensemble.json",
                  "report/index.html"):  # fmt: skip
         assert (folder / name).is_file(), name
-    assert (
-        "RESULT ensemble_oof_f2=" in resumed.stdout and "OOF RSNA weighted log loss: before" in resumed.stdout
+    assert "OOF RSNA weighted log loss: before" in resumed.stdout
+    # one report, one truth: the page's keyed figures are the RESULT line's, each labelled with its rows
+    page = (folder / "report" / "index.html").read_text()
+    on_page, in_result = report_figures(page), parse_result_line(resumed.stdout)
+    assert set(on_page) == set(in_result) and {"ensemble_oof_f2", "single_oof_f2_cross_fitted"} <= set(
+        in_result
     )
+    for key, value in on_page.items():
+        assert in_result[key] == pytest.approx(value, abs=5e-7), key
+    assert "micro-F2 on OOF rows, aligned to the ensemble&#x27;s scale" not in page  # escaped once, in cells
+    assert "OOF rows, aligned to the ensemble&#x27;s scale" in page
+    assert (
+        "micro-F2 on OOF rows, aligned to the ensemble's scale; thresholds tuned on these rows:"
+        in resumed.stdout
+    )
+    # the study is found from the experiment (its optuna.db), not left out
+    assert (folder / "report" / "optuna_history.png").is_file() and "no Optuna study" not in page
+    # the viewer of the OOF rows: one row per labelled training series
+    viewer = (folder / "viewer" / "index.html").read_text()
+    assert viewer.count('<section class="series"') == len(ids)
     summary = json.loads((folder / "fold_ensemble.json").read_text())
     bag, alignment = summary["bag"], summary["alignment"]
     test_slices = S.expected_slices(str(shards / "test"))
@@ -293,7 +312,7 @@ def test_fold_summary_chooses_members_calibrates_and_writes_its_files(tmp_path, 
     assert oof_ens.groupby("series_id")["fold"].nunique().eq(1).all()
     print_summary(summary)
     printed = capsys.readouterr().out
-    assert "RESULT ensemble_oof_f2=" in printed and "single best (t1)" in printed
+    assert "ensemble_oof_f2" in parse_result_line(printed) and "single best (t1)" in printed
     assert summary["alignment"] is None and "not aligned" in printed
 
     # with reference predictions the OOF rows are aligned, and the summary says on what

@@ -241,3 +241,8 @@ def test_predict_job_on_a_folder_of_dicom_studies(model_and_data, tmp_path):
     probs = pd.read_csv(out / "probabilities.csv")[list(CLASSES)].to_numpy()
     assert ((probs >= 0) & (probs <= 1)).all()
     assert "CT_small.dcm" in proc.stdout  # the printed per-series table
+    # the viewer of the same predictions: one row per series, at the checkpoint's thresholds, thumbnails
+    viewer = (out / "viewer" / "index.html").read_text()
+    assert viewer.count('<section class="series"') == len(summary)
+    assert all(f"<h2>{sid}</h2>" in viewer for sid in summary["series_id"])
+    assert f"viewer: {out / 'viewer' / 'index.html'}" in proc.stdout

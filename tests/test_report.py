@@ -21,17 +21,15 @@ from ichmodel import metrics as M
 from ichmodel.calibration import FoldAlignment
 from ichmodel.constants import CLASSES
 from ichmodel.metrics import search_thresholds
-from ichmodel.report import (
+from ichmodel.report import make_report, plot_optuna_study, report_figures
+from ichmodel.scores import (
     OOF_ROWS_ALIGNED,
     OOF_ROWS_RAW,
     ModelScore,
     fold_scores,
     format_scores,
     holdout_estimate,
-    make_report,
     parse_result_line,
-    plot_optuna_study,
-    report_figures,
     result_line,
 )
 from tests.conftest import REPO_ROOT
@@ -131,7 +129,8 @@ def test_importing_and_using_the_report_leaves_the_matplotlib_backend_alone(tmp_
 import sys, matplotlib
 matplotlib.use("svg")  # the caller's choice, not Agg
 import numpy as np
-from ichmodel.report import ModelScore, make_report
+from ichmodel.report import make_report
+from ichmodel.scores import ModelScore
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 assert "matplotlib.pyplot" not in sys.modules
 y = np.eye(5, dtype=np.int8)
@@ -251,9 +250,10 @@ def test_page_terminal_and_result_line_give_the_same_figures_with_their_rows_and
 def test_the_single_best_shows_per_class_figures_only_from_its_own_rows(fold_run, tmp_path):
     oof, reference, choice, probs, raw = fold_run
     summary = asdict(choice)
-    single = next(s for s in fold_scores(summary) if s.key == "single_oof_f2")
-    assert single.per_class == {}  # the summary has none; figures from other rows are not shown instead
-    # what the job passes: the single best's aligned rows at its tuned thresholds (the same as its micro-F2)
+    no_per_class = {k: v for k, v in summary.items() if k != "single_per_class"}
+    single = next(s for s in fold_scores(no_per_class) if s.key == "single_oof_f2")
+    assert single.per_class == {}  # a summary without them: figures from other rows are not shown instead
+    # what choose_fold_ensemble keeps: the single best's aligned rows at its tuned thresholds (as its micro-F2)
     frame = oof[summary["single_best"]]
     labels = frame[[f"label_{c}" for c in CLASSES]].to_numpy()
     aligned = FoldAlignment.fit(reference[summary["single_best"]]).apply(
@@ -264,9 +264,11 @@ def test_the_single_best_shows_per_class_figures_only_from_its_own_rows(fold_run
     per_class = dict(
         zip(CLASSES, M.per_class_f2(labels, M.binarize(aligned, thresholds)).tolist(), strict=True)
     )
-    single = next(s for s in fold_scores(summary, per_class) if s.key == "single_oof_f2")
+    assert summary["single_per_class"] == pytest.approx(per_class, abs=1e-12)
+    single = next(s for s in fold_scores(summary) if s.key == "single_oof_f2")
+    assert single.per_class == pytest.approx(per_class, abs=1e-12)
     page = make_report(
-        tmp_path, fold_scores(summary, per_class), labels, probs, summary["thresholds"]
+        tmp_path, fold_scores(no_per_class, per_class), labels, probs, summary["thresholds"]
     ).read_text()
     assert _cells(page, "single_oof_f2")[5:] == [f"{per_class[c]:.4f}" for c in CLASSES]
     # without a reference the rows are raw, and every figure says so

@@ -136,6 +136,10 @@ def test_preprocess_tune_and_ensemble_with_every_path_on_s3(ray_head, s3, tmp_pa
     )
     assert len(submission) == 5 * test_slices and set(submission["prediction"]) <= {0, 1}
     assert store.is_file(f"{bucket}/sub/report/index.html")
+    viewer = store.read_text(f"{bucket}/sub/viewer/index.html")  # written locally (thumbnails read from the
+    assert (
+        viewer.count('<section class="series"') == 2
+    )  # bucket's shards), then uploaded: 2 validation series
 
 
 def test_a_path_in_a_submitted_jobs_working_dir_is_refused(tmp_path, monkeypatch):
