@@ -61,6 +61,7 @@ from ichmodel.trials import CHECKPOINT_FILE, check_file_name, select_trials
 from ray_jobs import storage
 from ray_jobs.cli import init_ray, parse_overrides, setup_logging
 from ray_jobs.job_record import options_from
+from ray_jobs.leases import JOB_ERRORS, add_force_argument, hold_folder, job_failed
 from ray_jobs.worker import build_trainer, finished_run_report, predict_fn
 
 if TYPE_CHECKING:
@@ -114,7 +115,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "each model's training augmentation)",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_force_argument(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"
+    )
     return parser
 
 
@@ -322,7 +326,13 @@ def _sorted_probs(table):
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    return run_fold_job(options_from(FoldOptions, vars(args), set=tuple(args.set), tta=tuple(args.tta)))
+    try:
+        with hold_folder(storage.absolute(args.out), "folds.py", args.force):  # one writer per output folder
+            return run_fold_job(
+                options_from(FoldOptions, vars(args), set=tuple(args.set), tta=tuple(args.tta))
+            )
+    except JOB_ERRORS as exc:
+        return job_failed(exc, args.verbose)
 
 
 def run_fold_job(options: FoldOptions) -> int:
