@@ -48,6 +48,8 @@ def hold_folder(folder: str, job: str, force: bool = False) -> Iterator[Lease]:
     """Hold the lease on ``folder`` (a path or URI) for the block; released at its end (a job killed holds it
     until its pid is found dead, or its heartbeat is :data:`ichmodel.lease.STALE_AFTER_S` old). Inside a
     block of this process on the same folder, the lease already held (nothing taken, nothing released).
+    A storage failure raised in the block (no space, read-only, permission, bucket, credentials) comes out
+    as a :class:`~ichmodel.storage_errors.StorageError` naming ``folder``; other errors pass unchanged.
 
     Raises:
         ichmodel.lease.LeaseHeld: one line naming the job holding it and how to take over (``--force``).
@@ -62,6 +64,11 @@ def hold_folder(folder: str, job: str, force: bool = False) -> Iterator[Lease]:
     _HELD[key] = lease
     try:
         yield lease
+    except OSError as exc:  # a storage failure the job met (pyarrow's, the OS's) as one StorageError line
+        error = storage_error(exc, key)
+        if error is None or error is exc:
+            raise
+        raise error from exc
     finally:
         _HELD.pop(key, None)
         lease.release()

@@ -4,6 +4,7 @@ nested in one process, the held lease is reused rather than refused."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from ichmodel.lease import LEASE_NAME, LeaseHeld, acquire
+from ichmodel.storage_errors import StorageError
 from ray_jobs.leases import EXIT_LEASE, hold_folder
 from tests.conftest import REPO_ROOT
 
@@ -82,3 +84,13 @@ def test_nested_holds_in_one_process_reuse_the_lease_and_release_it_once(tmp_pat
     assert not (folder / LEASE_NAME).exists()
     with hold_folder(str(folder), "again.py"):
         pass
+
+
+def test_a_storage_failure_inside_a_held_folder_comes_out_as_one_line_naming_it(tmp_path):
+    folder = tmp_path / "run"
+    full = f"Out of space writing {folder} \\(No space left on device\\)"
+    with pytest.raises(StorageError, match=full), hold_folder(str(folder), "job.py"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(FileNotFoundError), hold_folder(str(folder), "job.py"):  # not a storage failure: as is
+        raise FileNotFoundError("no such input")
+    assert not (folder / LEASE_NAME).exists()
