@@ -131,6 +131,11 @@ def classify(exc: BaseException) -> tuple[str, str] | None:
         for pattern, kind, cause in _TEXT_KINDS:
             if isinstance(exc, OSError) and pattern.search(str(exc)):
                 return kind, cause
+        if type(exc).__name__ in (
+            "NoCredentialsError",
+            "PartialCredentialsError",
+        ):  # botocore, before a request
+            return "credentials", type(exc).__name__
         if type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
             return "unreachable", type(exc).__name__
         exc = exc.__cause__ or exc.__context__

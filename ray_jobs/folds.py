@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -327,7 +328,8 @@ def _sorted_probs(table):
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     try:
-        with hold_folder(storage.absolute(args.out), "folds.py", args.force):  # one writer per output folder
+        local = not storage.is_uri(args.out)  # a URI is refused below: the fold job writes local folders only
+        with hold_folder(storage.absolute(args.out), "folds.py", args.force) if local else nullcontext():
             return run_fold_job(
                 options_from(FoldOptions, vars(args), set=tuple(args.set), tta=tuple(args.tta))
             )
