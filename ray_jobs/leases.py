@@ -21,6 +21,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from ichmodel.lease import Lease, LeaseHeld, LeaseLost, acquire
 from ichmodel.storage_errors import StorageError, storage_error
@@ -60,6 +61,7 @@ def hold_folder(folder: str, job: str, force: bool = False) -> Iterator[Lease]:
     if held is not None and not held.lost:
         yield held
         return
+    new_folder = None if "://" in key or Path(key).exists() else Path(key)  # removed again if left empty
     lease = acquire(key, {"job": job, "command": " ".join(sys.argv)[:300]}, force=force)
     _HELD[key] = lease
     try:
@@ -72,6 +74,9 @@ def hold_folder(folder: str, job: str, force: bool = False) -> Iterator[Lease]:
     finally:
         _HELD.pop(key, None)
         lease.release()
+        if new_folder is not None:  # a job refused before it wrote anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                new_folder.rmdir()
 
 
 def job_failed(exc: BaseException, verbose: bool = False) -> int:
