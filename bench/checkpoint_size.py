@@ -5,7 +5,7 @@
 Builds the model (``pretrained_weights=None``: nothing is downloaded), takes one AdamW step so the optimizer
 holds its two moments, and saves the checkpoint as the format before issue 26 did (the best weights as a
 second copy, optimizer state in every file) and as it does now: the best weights shared with the last when
-they are equal, the optimizer state only in the newest file (:func:`ichmodel.checkpoint.prune_checkpoint`
+they are equal, the optimizer state only in the newest file (:func:`ichmodel.checkpoint_recovery.prune_checkpoint`
 for the older one), only the best weights for a trial that stopped. Prints a table and a line
 ``RESULT {json}`` (MB = 10^6 bytes), with the storage a 32-trial search keeps (two checkpoints per trial).
 """
@@ -23,7 +23,8 @@ import tempfile
 
 import torch
 
-from ichmodel.checkpoint import checkpoint_dict, prune_checkpoint, save_checkpoint
+from ichmodel.checkpoint import checkpoint_dict, save_checkpoint
+from ichmodel.checkpoint_recovery import prune_checkpoint
 from ichmodel.config import Config
 from ichmodel.model import build_model
 from ichmodel.stages import TrainState

@@ -338,7 +338,12 @@ def eval_batches(num_items: int, batch_size: int, rank: int = 0, world: int = 1)
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_workers: int) -> DataLoader:
+def make_loader(
+    dataset: SeriesDataset,
+    batches: Iterable[list[int]],
+    num_workers: int,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
     """A DataLoader over ``batches`` (lists of series indices) that pads each with :func:`collate_series`.
 
     For a shard folder in object storage, the shard files the batches need start downloading into the
@@ -346,6 +351,8 @@ def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_worker
     first the files of the batches that worker will get, then the rest (the files later epochs of an
     :class:`EpochBatches` need); with ``num_workers == 0``, in this process. Workers are not forked while
     this process downloads for the same dataset (an earlier 0-worker loader's downloads finish first).
+    ``generator``: draws the workers' base seed (else torch's global generator does), so a run resumed
+    from a checkpoint starts workers seeded as the uninterrupted run's were.
     """
     worker_init_fn = None
     if isinstance(dataset, SeriesDataset) and dataset.remote is not None:
@@ -367,6 +374,7 @@ def make_loader(dataset: SeriesDataset, batches: Iterable[list[int]], num_worker
         prefetch_factor=4 if num_workers > 0 else None,  # keep a GPU fed across slow shard reads
         persistent_workers=num_workers > 0,  # one set of workers per loader, not one per epoch
         worker_init_fn=worker_init_fn,
+        generator=generator,
     )
 
 

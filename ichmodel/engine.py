@@ -55,6 +55,7 @@ from ichmodel.dataset import (
 from ichmodel.diagnostics import format_shares, gradient_shares
 from ichmodel.losses import build_loss
 from ichmodel.model import ICHModel, build_model
+from ichmodel.rng_state import capture_rng_state, restore_rng_state
 from ichmodel.stages import (
     Stage,
     TrainState,
@@ -165,9 +166,16 @@ def start_stage(
         optimizer, mode="max", factor=cfg.train.lr_factor, patience=cfg.train.lr_patience
     )
     warmup = warmup_epochs(cfg, plan, state)
-    if state.stage_started and resume is not None and resume.get("optimizer"):
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+    if state.stage_started and resume is not None:
+        if resume.get("scheduler"):
+            scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("optimizer"):
+            optimizer.load_state_dict(resume["optimizer"])
+        else:  # a pruned checkpoint (the fallback when the newest is unreadable): fresh moments, saved lr
+            saved = (resume.get("scheduler") or {}).get("_last_lr") or [cfg.train.lr]
+            for group, lr in zip(optimizer.param_groups, saved, strict=False):
+                group["lr"] = float(lr)
+            logger.warning("the checkpoint holds no optimizer state: a fresh AdamW at lr %.2e", saved[0])
     else:
         if run.best_model is not None:  # the next stage starts from the best weights so far
             run.net.load_state_dict(run.best_model)
@@ -237,9 +245,12 @@ def run_epoch(
     cfg, state = run.cfg, run.state
     seed = cfg.train.seed * 1_000_003 + state.global_epoch
     ctx.generator = torch.Generator().manual_seed(seed * 31 + run.rank)  # augmentation and strategies
+    if run.world > 1:  # each rank's own stream (dropout), the same after a resume (only rank 0's is saved)
+        torch.manual_seed(seed * 31 + run.rank + 7)
     batches = epoch_batches(run)
     if run.train_loader is None:  # one loader (and one set of workers) for every epoch of the run
-        run.train_loader = make_loader(run.train_set, batches, cfg.data.num_workers)
+        workers_seed = torch.Generator().manual_seed(cfg.train.seed * 31 + run.rank)  # same after a resume
+        run.train_loader = make_loader(run.train_set, batches, cfg.data.num_workers, workers_seed)
     train = train_one_epoch(ctx, run.train_loader, progress)
     if run.val_loader is None:
         val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
@@ -315,6 +326,7 @@ def run_stage(
                 optimizer=optimizer,
                 scheduler=scheduler,
                 best_model=run.best_model,
+                rng=capture_rng_state(),
             )
             on_epoch_end(metrics, make)
 
@@ -356,6 +368,8 @@ def fit(
     )
     if not state.finished and rank == 0:
         warn_scarce_classes(val_set)
+    if resume is not None and resume.get("rng") is not None:  # the draws go on as they would have
+        restore_rng_state(resume["rng"])
     while not state.finished and state.stage < len(plan):
         if plan[state.stage].max_epochs == 0:
             next_stage(state, plan)

@@ -19,6 +19,7 @@ cause: :func:`ichmodel.checkpoint.save_checkpoint` therefore writes through a Py
 from __future__ import annotations
 
 import errno
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,11 +126,16 @@ def classify(exc: BaseException) -> tuple[str, str] | None:
             if number is None:  # pyarrow: "[errno 28] No space left on device" in the text only
                 found = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
                 number = int(found.group(1)) if found else None
-            if number in _ERRNO_KINDS:
-                return _ERRNO_KINDS[number], exc.strerror or errno.errorcode.get(number, str(number))
+            if number in _ERRNO_KINDS:  # the short cause (pyarrow's strerror is its whole message)
+                return _ERRNO_KINDS[number], os.strerror(number)
         for pattern, kind, cause in _TEXT_KINDS:
             if isinstance(exc, OSError) and pattern.search(str(exc)):
                 return kind, cause
+        if type(exc).__name__ in (
+            "NoCredentialsError",
+            "PartialCredentialsError",
+        ):  # botocore, before a request
+            return "credentials", type(exc).__name__
         if type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
             return "unreachable", type(exc).__name__
         exc = exc.__cause__ or exc.__context__

@@ -72,6 +72,7 @@ from ray_jobs.cli import (
     setup_logging,
 )
 from ray_jobs.job_record import JOB_ARGS_FILE, options_from, parse_job_args
+from ray_jobs.leases import JOB_ERRORS, add_force_argument, hold_folder, job_failed
 from ray_jobs.storage import fetch, is_uri
 from ray_jobs.worker import predict_fn
 
@@ -124,7 +125,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "thresholds are chosen on the rest (default 0: none, the score is optimistic)")  # fmt: skip
     parser.add_argument("--smoke-test", action="store_true",
                         help="a tiny search (ray_jobs/tune.py --smoke-test) plus a 2-fold ensemble of it")  # fmt: skip
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_force_argument(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"
+    )
     return parser
 
 
@@ -292,12 +296,24 @@ def main(args: argparse.Namespace) -> int:
     """Run (or with ``--resume`` continue) the job; ``args`` from :func:`parse_args` (or a plain
     ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
+    values = dict(vars(args))
+    if values["smoke_test"] and values["out"] is None and values["name"] is None:
+        values["name"] = SMOKE_NAME
     try:
-        options, folder = record_options(dict(vars(args)))
-    except (ValueError, FileNotFoundError) as exc:
+        with hold_folder(
+            output_folder(values["out"], values["name"], values["storage"]), "ensemble.py", args.force
+        ):
+            try:
+                options, folder = record_options(values)
+            except (ValueError, FileNotFoundError) as exc:
+                logger.error("%s", exc)
+                return 2
+            return run_ensemble(options, folder)
+    except JOB_ERRORS as exc:
+        return job_failed(exc, args.verbose)
+    except ValueError as exc:  # neither --out nor --name
         logger.error("%s", exc)
         return 2
-    return run_ensemble(options, folder)
 
 
 def record_options(values: dict) -> tuple[EnsembleOptions, str]:

@@ -218,6 +218,29 @@ class TrialsTableCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self.write(trials)
+        keep_best_only(trial.last_result or {})
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.write(trials, errored=trial)
+
+
+def keep_best_only(result: dict) -> None:
+    """Shrink the checkpoints of a trial that ended (finished, or stopped by ASHA) to its exported weights
+    (:func:`ichmodel.checkpoint_recovery.prune_checkpoint` with ``best_only``): it will not continue, and
+    what the ensemble and the fold job read (the best weights, the config, the thresholds) stays.
+    ``result``: the trial's last result, whose ``checkpoint_path`` is in its Train run folder. Best effort:
+    a failure is logged and the files stay as they were."""
+    from ichmodel.checkpoint_recovery import prune_checkpoint, run_checkpoints
+    from ichmodel.trials import CHECKPOINT_FILE
+
+    newest = result.get("checkpoint_path")
+    if not newest:
+        return
+    try:
+        for location in run_checkpoints(parent(newest), CHECKPOINT_FILE):
+            before, after = prune_checkpoint(location, best_only=True)
+            logger.info(
+                "kept only the best weights of %s: %.1f → %.1f MB", location, before / 1e6, after / 1e6
+            )
+    except Exception as exc:  # the trial's result stands; its files keep their size
+        logger.warning("could not shrink the checkpoints of %s: %s", parent(newest), exc)

@@ -52,6 +52,7 @@ import hashlib
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -63,6 +64,7 @@ from ichmodel.trials import CHECKPOINT_FILE, check_file_name, select_trials
 from ray_jobs import storage
 from ray_jobs.cli import init_ray, parse_overrides, setup_logging
 from ray_jobs.job_record import options_from
+from ray_jobs.leases import JOB_ERRORS, add_force_argument, hold_folder, job_failed
 from ray_jobs.worker import build_trainer, finished_run_report, predict_fn
 
 if TYPE_CHECKING:
@@ -117,7 +119,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "model's training augmentation: reverse needs augment.reverse_prob > 0)",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_force_argument(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"
+    )
     return parser
 
 
@@ -325,7 +330,14 @@ def _sorted_probs(table):
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    return run_fold_job(options_from(FoldOptions, vars(args), set=tuple(args.set), tta=tuple(args.tta)))
+    try:
+        local = not storage.is_uri(args.out)  # a URI is refused below: the fold job writes local folders only
+        with hold_folder(storage.absolute(args.out), "folds.py", args.force) if local else nullcontext():
+            return run_fold_job(
+                options_from(FoldOptions, vars(args), set=tuple(args.set), tta=tuple(args.tta))
+            )
+    except JOB_ERRORS as exc:
+        return job_failed(exc, args.verbose)
 
 
 def run_fold_job(options: FoldOptions) -> int:

@@ -21,7 +21,7 @@ from ray_jobs.storage import absolute, is_file, join, read_bytes, write_bytes
 JOB_ARGS_FILE = "job_args.json"
 #: Options that say where this run is and how it talks, not what it computes: never recorded or compared
 #: (an experiment may be moved, so ``--storage`` on resume is where it is now).
-RUN_OPTIONS = frozenset({"resume", "storage", "name", "verbose", "given"})
+RUN_OPTIONS = frozenset({"resume", "storage", "name", "verbose", "given", "force"})
 #: Options holding a local path (or URI), compared after :func:`ray_jobs.storage.absolute`.
 PATH_OPTIONS = frozenset({"data", "config", "test", "input", "out", "labels"})
 

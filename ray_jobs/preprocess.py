@@ -47,6 +47,7 @@ from ray_jobs.cli import (
     setup_logging,
 )
 from ray_jobs.job_record import options_from, parse_job_args
+from ray_jobs.leases import JOB_ERRORS, add_force_argument, hold_folder, job_failed
 
 if TYPE_CHECKING:
     from ichmodel.preprocess import PreprocessOptions, ShardResult, ShardTask
@@ -97,7 +98,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--min-slices", type=int, default=2, help="skip series with fewer usable slices")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_force_argument(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"
+    )
     return parser
 
 
@@ -254,11 +258,14 @@ def main(args: argparse.Namespace) -> int:
     ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
     try:
-        job = restore_or_record(dict(vars(args)))
+        with hold_folder(output_folder(args.out, args.name, args.storage), "preprocess.py", args.force):
+            job = restore_or_record(dict(vars(args)))
+            return run_preprocess(job)
+    except JOB_ERRORS as exc:
+        return job_failed(exc, args.verbose)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    return run_preprocess(job)
 
 
 def run_preprocess(job: PreprocessJob) -> int:

@@ -44,6 +44,7 @@ from ray_jobs.job_record import (
     resume_job_args,
     write_job_record,
 )
+from ray_jobs.leases import JOB_ERRORS, add_force_argument, failure_line, hold_folder, job_failed
 from ray_jobs.storage import absolute, join
 from ray_jobs.worker import CHECKPOINT_FILE, build_trainer
 
@@ -79,7 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max-failures", type=int, default=1, help="worker failures retried from the last checkpoint"
     )
     parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_force_argument(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"
+    )
     return parser
 
 
@@ -126,9 +130,19 @@ def train_run(cfg: Config, run: TrainRun, data: str | None) -> int:
         use_gpu=run.use_gpu,
         max_failures=run.max_failures,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # ray.train.TrainingFailedError, after --max-failures retries
+        line = failure_line(exc, join(storage, run.name))
+        if line is None:
+            raise
+        logger.error("training failed: %s", line)
+        logger.debug("the failure as Ray reported it", exc_info=exc)
+        return 1
     if result.error:
-        logger.error("training failed: %s", result.error)
+        logger.error(
+            "training failed: %s", failure_line(result.error, join(storage, run.name)) or result.error
+        )
         return 1
     metrics = result.metrics or {}
     checkpoint = Path(result.checkpoint.path) / CHECKPOINT_FILE if result.checkpoint else None
@@ -147,21 +161,29 @@ def train_run(cfg: Config, run: TrainRun, data: str | None) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Train (or continue) the run; ``args`` from :func:`parse_args` (or a plain ``parse_args``, where every
-    value other than a default counts as given on resume)."""
+    value other than a default counts as given on resume). A run another job holds, or a storage failure,
+    ends it with one line (the traceback with ``-v``)."""
     setup_logging(args.verbose)
-    storage = absolute(args.storage)
-    run_dir = join(storage, args.name)
-    values = dict(vars(args))
+    run_dir = join(absolute(args.storage), args.name)
+    try:
+        with hold_folder(run_dir, "train.py", args.force):  # one writer per run: a second job ends here
+            return train_in(run_dir, dict(vars(args)))
+    except JOB_ERRORS as exc:
+        return job_failed(exc, args.verbose)
+
+
+def train_in(run_dir: str, values: dict) -> int:
+    """Record (or read back and check) the run's arguments in ``run_dir``, then :func:`train_run`."""
     try:
         recorded = read_job_record(run_dir)
-        if not args.resume and recorded is not None:
+        if not values["resume"] and recorded is not None:
             # Train continues a run of the same name: every value must be the recorded one (nothing mixed).
             values = {**values, "given": set(values)}
-        if args.resume or recorded is not None:
+        if values["resume"] or recorded is not None:
             values, config = resume_job_args(values, get_args_parser(), run_dir, "train")
             cfg = Config.from_dict(config)
         else:
-            cfg = run_config(ConfigArgs.of(values), use_gpu=args.use_gpu)
+            cfg = run_config(ConfigArgs.of(values), use_gpu=values["use_gpu"])
             write_job_record(run_dir, "train", values, cfg.to_dict())
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)

@@ -63,6 +63,7 @@ from ray_jobs.job_record import (
     resume_job_args,
     write_job_record,
 )
+from ray_jobs.leases import JOB_ERRORS, add_force_argument, hold_folder, job_failed
 from ray_jobs.shared_stages import prepare_shared_stages
 from ray_jobs.storage import absolute, is_uri, join, write_bytes
 from ray_jobs.worker import build_trainer, finished_run_report
@@ -136,7 +137,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--time-budget", type=float, default=None, help="stop the search after this many seconds"
     )
     parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_force_argument(parser)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"
+    )
     return parser
 
 
@@ -393,7 +397,11 @@ def main(args: argparse.Namespace) -> int:
     """Run (or with ``--resume`` continue) the search; ``args`` from :func:`parse_args` (or a plain
     ``parse_args``, where every value other than a default counts as given on resume)."""
     setup_logging(args.verbose)
-    return run_search(options_from(SearchOptions, vars(args), set=tuple(args.set)))
+    try:
+        with hold_folder(join(absolute(args.storage), args.name), "tune.py", args.force):  # one writer
+            return run_search(options_from(SearchOptions, vars(args), set=tuple(args.set)))
+    except JOB_ERRORS as exc:
+        return job_failed(exc, args.verbose)
 
 
 def run_search(options: SearchOptions) -> int:

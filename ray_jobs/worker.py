@@ -16,6 +16,9 @@ from pathlib import Path
 from ichmodel.trials import CHECKPOINT_FILE  # in each checkpoint folder Train reports, beside config.json
 from ray_jobs.cli import setup_logging
 
+#: Checkpoints Train keeps per run: the newest, and one to fall back to when it is unreadable (pruned of its
+#: optimizer state after each report: :func:`prune_older`).
+NUM_TO_KEEP = 2
 #: The metrics first in each report, in this order: Tune's status table shows them as its columns.
 REPORT_COLUMNS = ("global_epoch", "stage", "val_f2", "model_f2", "val_loss", "train_loss", "lr")
 
@@ -34,7 +37,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ichmodel.checkpoint import load_checkpoint, save_checkpoint
+    from ichmodel.checkpoint import save_checkpoint
     from ichmodel.config import Config
     from ichmodel.dataset import SeriesDataset
     from ichmodel.engine import fit
@@ -59,8 +62,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+        resume = newest_intact(checkpoint)
     start_from = loop_config.get("start_from")
     if resume is None and start_from:
         resume = load_start_checkpoint(start_from)
@@ -81,6 +83,8 @@ def train_fn_per_worker(loop_config: dict) -> None:
                 save_checkpoint(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
                 cfg.save(Path(folder) / "config.json")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            if loop_config.get("run_folder"):
+                prune_older(loop_config["run_folder"])
         else:
             ray.train.report(metrics, checkpoint=None)
         if fail_at is not None and metrics["global_epoch"] == fail_at and not Path(fail_marker).exists():
@@ -88,6 +92,42 @@ def train_fn_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"injected failure after global epoch {fail_at} (test hook)")
 
     fit(cfg, train_set, val_set, device, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def newest_intact(checkpoint) -> dict | None:
+    """The checkpoint dict to resume from: the file of ``checkpoint`` (``ray.train.get_checkpoint()``, the
+    newest Train recorded) when it verifies against its record and loads, else the newest intact one of the
+    other ``checkpoint_*`` folders of its run (each file passed over is logged, naming it and why).
+
+    Raises:
+        ichmodel.checkpoint_recovery.CheckpointCorrupt: when none is intact, naming each file and its cause.
+    """
+    from ichmodel.checkpoint_recovery import newest_intact_checkpoint, run_checkpoints
+
+    newest = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    run_folder = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    older = run_checkpoints(run_folder, CHECKPOINT_FILE, filesystem=checkpoint.filesystem)
+    found = newest_intact_checkpoint([newest, *(c for c in older if c != newest)], checkpoint.filesystem)
+    return found[1] if found else None
+
+
+def prune_older(run_folder: str) -> None:
+    """Drop the optimizer state from every checkpoint of the run but the newest (:data:`NUM_TO_KEEP` are
+    kept: the older one is the fallback when the newest is unreadable). Best effort: Train may be deleting
+    the oldest meanwhile; a failure is logged, and the file stays as it was."""
+    from ichmodel.checkpoint_recovery import prune_checkpoint, run_checkpoints
+
+    try:
+        for location in run_checkpoints(run_folder, CHECKPOINT_FILE)[1:]:
+            before, after = prune_checkpoint(location)
+            if after < before:
+                logging.getLogger("ray_jobs.worker").info(
+                    "pruned %s: %.1f → %.1f MB (no optimizer state)", location, before / 1e6, after / 1e6
+                )
+    except Exception as exc:  # a folder Train removed meanwhile, a storage hiccup: keep training
+        logging.getLogger("ray_jobs.worker").warning(
+            "could not prune older checkpoints of %s: %s", run_folder, exc
+        )
 
 
 def load_start_checkpoint(location: str) -> dict:
@@ -146,9 +186,11 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ray_jobs.storage import join
+
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "run_folder": join(storage_path, name)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker
         ),
@@ -156,7 +198,7 @@ def build_trainer(
             name=name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=NUM_TO_KEEP),
             callbacks=callbacks,
         ),
     )

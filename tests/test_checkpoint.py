@@ -15,24 +15,19 @@ import torch
 import torchvision
 
 from ichmodel import io as store
-from ichmodel.checkpoint import (
-    WEIGHT_KEYS,
+from ichmodel.checkpoint import WEIGHT_KEYS, checkpoint_dict, load_checkpoint, load_model, save_checkpoint
+from ichmodel.checkpoint_recovery import (
     CheckpointCorrupt,
-    capture_rng_state,
-    checkpoint_dict,
-    load_checkpoint,
-    load_model,
     load_verified_checkpoint,
     newest_intact_checkpoint,
     prune_checkpoint,
-    restore_rng_state,
     run_checkpoints,
-    save_checkpoint,
     verify_checkpoint,
 )
 from ichmodel.config import Config
 from ichmodel.engine import state_from_checkpoint
 from ichmodel.model import build_model
+from ichmodel.rng_state import capture_rng_state, restore_rng_state
 from ichmodel.stages import TrainState
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ichmodel.lease import LEASE_NAME, Holder, LeaseHeld, LeaseLost, _ReadBackLease, acquire, lease_location
+from ichmodel.lease import LEASE_NAME, Holder, LeaseHeld, LeaseLost, acquire, lease_location
+from ichmodel.lease_stores import _ReadBackLease
 from tests.conftest import REPO_ROOT
 
 BUCKET = "ich-lease"
@@ -231,7 +232,7 @@ def test_s3_lease_refuses_takes_over_a_dead_holder_and_releases_only_its_own(s3,
         acquire(lease_location(f"{bucket}/run-q").rsplit("/", 1)[0])
     forced._stop.set()  # the holder "dies": no release, its pid below is not alive
     forced._thread.join()
-    from ichmodel.lease import _S3Lease
+    from ichmodel.lease_stores import _S3Lease
 
     backend = _S3Lease(lease_location(f"{bucket}/run-q"))
     dead = subprocess.run(

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ichmodel.checkpoint import load_verified_checkpoint, save_checkpoint, verify_checkpoint
+from ichmodel.checkpoint import save_checkpoint
+from ichmodel.checkpoint_recovery import load_verified_checkpoint, verify_checkpoint
 from ichmodel.lease import acquire
 from ichmodel.storage_errors import StorageError, classify, storage_error
 
