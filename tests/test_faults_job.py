@@ -102,9 +102,9 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before_and_names_it(
 
 def test_two_searches_on_one_s3_experiment_one_runs_and_the_other_is_refused(
     ray_head,
-    s3,
+    s3,  # noqa: F811  (the fixture imported above)
     demo_shards,
-    monkeypatch,  # noqa: F811  (the fixture imported above)
+    monkeypatch,
 ):
     env, bucket, _ = s3
     for key, value in env.items():
