@@ -37,6 +37,14 @@ def data(demo_shards):
     return cfg, SeriesDataset(shards, train_ids), SeriesDataset(shards, val_ids)
 
 
+@pytest.fixture(scope="module")
+def two_series(data) -> SeriesDataset:
+    """Two of the training series (one step per epoch): for the tests of the stage flow, selection, resume
+    and validation, which check neither what a step learns nor how many steps an epoch has."""
+    train_set = data[1]
+    return SeriesDataset(train_set.shard_dir, train_set.series_ids[:2])
+
+
 @dataclass
 class FourEpochRun:
     """One ``fit`` over stages of 2, 1 and 1 epochs, watched: what two tests check of the same run."""
@@ -102,8 +110,9 @@ def test_stage_plan_follows_the_paper():
     assert [s.max_epochs for s in plan] == [3, 4, 5]
 
 
-def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(data):
-    cfg, train_set, val_set = data
+def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(data, two_series):
+    cfg, _, val_set = data
+    train_set = two_series
     saved = []
 
     def keep(metrics, make_checkpoint):
@@ -140,9 +149,11 @@ def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(d
         torch.testing.assert_close(final_model.state_dict()[key], value)
 
 
-def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(data, demo_shards, caplog):
+def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(
+    data, two_series, demo_shards, caplog
+):
     cfg, train_set, _ = data
-    train_set = SeriesDataset(train_set.shard_dir, train_set.series_ids[:2])  # one step per epoch is enough
+    train_set = two_series
     # Validation on unlabelled series: the supervised losses are 0 every epoch, so after the first epoch
     # nothing improves; with patience 1 the third epoch halves lr to 0.75e-6 < min_lr, which ends the stage.
     unlabelled = SeriesDataset(demo_shards[1])
@@ -221,12 +232,10 @@ def test_evaluate_reports_f2_with_tuned_thresholds_at_least_as_good_as_fixed(dat
     assert math.isfinite(result["val_loss"])
 
 
-def test_validation_autocasts_only_when_train_amp_bf16_is_set(data, monkeypatch):
+def test_validation_autocasts_only_when_train_amp_bf16_is_set(data, two_series, monkeypatch):
     """``evaluate`` used to run bf16 on CUDA whatever ``train.amp_bf16`` said; the engine now passes it on."""
     cfg, train_set, val_set = data
-    train_set = SeriesDataset(
-        train_set.shard_dir, train_set.series_ids[:2]
-    )  # what validation does is checked
+    train_set = two_series
     asked = []
     real = predict.autocast
 
@@ -267,9 +276,12 @@ def keep_weights(saved: list):
 
 
 @pytest.mark.parametrize("metric", ["mc_loss", "f2"])
-def test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights(data, monkeypatch, metric):
+def test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights(
+    data, two_series, monkeypatch, metric
+):
     """Before: only the last stage's best was exported, even when an earlier stage's was better."""
-    cfg, train_set, val_set = data
+    cfg, _, val_set = data
+    train_set = two_series
     cfg = cfg.with_overrides({"train.select_metric": metric, "train.max_epochs": [1, 0, 1]})
     key, values = ("val_mc", [0.5, 0.9]) if metric == "mc_loss" else ("val_f2", [0.6, 0.2])
     scripted_validation(monkeypatch, key, values)  # stage 0 is best, stage 2 is worse
@@ -285,9 +297,10 @@ def test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights(d
     assert [m["model_f2"] for m, _ in saved] == [saved[0][0]["val_f2"]] * 2 == [state.best_f2] * 2
 
 
-def test_select_metric_loss_compares_within_a_stage_only(data, monkeypatch):
+def test_select_metric_loss_compares_within_a_stage_only(data, two_series, monkeypatch):
     """Total losses of different stages do not compare: with "loss" the last stage's best is exported."""
-    cfg, train_set, val_set = data
+    cfg, _, val_set = data
+    train_set = two_series
     cfg = cfg.with_overrides({"train.select_metric": "loss", "train.max_epochs": [1, 0, 1]})
     scripted_validation(monkeypatch, "val_loss", [0.5, 0.9])
     saved = []
