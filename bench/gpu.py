@@ -293,7 +293,7 @@ def measure_size(
     size: int, root: Path, device: torch.device, args: argparse.Namespace, matmul: float
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    slices = (4, 6) if args.tiny else (24, 40)
+    slices = (6, 10) if args.tiny else (24, 40)
     patients = args.patients or max(8, round(24 * (256 / size) ** 2))
     shards = make_shards(root / f"px{size}", size, patients, slices)
     made_s = time.perf_counter() - start
