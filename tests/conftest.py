@@ -231,11 +231,3 @@ def demo_shards(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("demo")
     return ensure_demo_data(root, patients=8, test_patients=3, size=32)
-
-
-@pytest.fixture(scope="session")
-def shards_64(tmp_path_factory) -> Path:
-    """Generated DLCV-layout training shards at 64 px (the Ray Train job tests run at this size)."""
-    from ichmodel.demo_data import ensure_demo_data
-
-    return ensure_demo_data(tmp_path_factory.mktemp("demo64"), patients=8, test_patients=1, size=64)[0]

@@ -94,7 +94,7 @@ def test_memory_run_tree_follows_ancestry_and_tag():
 def test_train_step_bench_reports_every_step_and_its_ratios():
     result, out = run_bench(
         ["bench/train_step.py", "--size", "32", "--slices", "6", "--batch", "2", "--repeats", "1",
-         "--warmup", "0", "--pool", "8"]
+         "--warmup", "0", "--pool", "8", "--matmul", "256"]
     )  # fmt: skip
     assert_positive_finite(result)
     for step in ("full", "paper", "no_dt", "full_ng", "mc"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -36,6 +37,70 @@ def data(demo_shards):
     return cfg, SeriesDataset(shards, train_ids), SeriesDataset(shards, val_ids)
 
 
+@pytest.fixture(scope="module")
+def two_series(data) -> SeriesDataset:
+    """Two of the training series (one step per epoch): for the tests of the stage flow, selection, resume
+    and validation, which check neither what a step learns nor how many steps an epoch has."""
+    train_set = data[1]
+    return SeriesDataset(train_set.shard_dir, train_set.series_ids[:2])
+
+
+@dataclass
+class FourEpochRun:
+    """One ``fit`` over stages of 2, 1 and 1 epochs, watched: what two tests check of the same run."""
+
+    cfg: Config
+    train_set: SeriesDataset
+    lrs: list[tuple[int, float]]  # (stage, lr) after every optimizer step
+    history: list[dict]  # the metrics of every epoch
+    checkpoints: list[tuple[dict, dict]]  # (metrics, checkpoint fields the tests read) of every epoch
+    records: list[logging.LogRecord]  # warnings logged during the run
+
+
+@pytest.fixture(scope="module")
+def four_epoch_run(data) -> FourEpochRun:
+    """``fit`` at the defaults (lr 1e-3, one warm-up epoch, select on F2) with caps 2,1,1, run once for the
+    module: stage 0 runs two epochs (hand-over and gradient shares at a stage's start only), stage 2 adds
+    heads."""
+    cfg, train_set, val_set = data
+    cfg = cfg.with_overrides({"train.max_epochs": [2, 1, 1], "train.warmup_epochs": 1, "train.lr": 1e-3})
+    run = FourEpochRun(cfg, train_set, [], [], [], [])
+    real = engine.train_one_epoch
+
+    def recording(ctx, loader, progress=None):
+        handle = ctx.optimizer.register_step_post_hook(
+            lambda opt, *_: run.lrs.append((ctx.stage.index, opt.param_groups[0]["lr"]))
+        )
+        try:
+            return real(ctx, loader, progress)
+        finally:
+            handle.remove()
+
+    def keep(metrics, make_checkpoint):
+        checkpoint = make_checkpoint()
+        run.history.append(metrics)
+        run.checkpoints.append(
+            (metrics, {k: checkpoint[k] for k in ("stage", "epoch", "best_model", "best_score")})
+        )
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            run.records.append(record)
+
+    root, handler = logging.getLogger(), Keep(logging.WARNING)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # as caplog.at_level(logging.WARNING)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "train_one_epoch", recording)
+            fit(cfg, train_set, val_set, CPU, on_epoch_end=keep)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return run
+
+
 def test_stage_plan_follows_the_paper():
     cfg = Config().with_overrides({"loss.nu": 0.25, "train.max_epochs": [3, 4, 5]})
     plan = stage_plan(cfg)
@@ -45,8 +110,9 @@ def test_stage_plan_follows_the_paper():
     assert [s.max_epochs for s in plan] == [3, 4, 5]
 
 
-def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(data):
-    cfg, train_set, val_set = data
+def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(data, two_series):
+    cfg, _, val_set = data
+    train_set = two_series
     saved = []
 
     def keep(metrics, make_checkpoint):
@@ -83,8 +149,11 @@ def test_fit_runs_three_stages_and_resumes_from_a_checkpoint_at_the_same_place(d
         torch.testing.assert_close(final_model.state_dict()[key], value)
 
 
-def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(data, demo_shards, caplog):
+def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(
+    data, two_series, demo_shards, caplog
+):
     cfg, train_set, _ = data
+    train_set = two_series
     # Validation on unlabelled series: the supervised losses are 0 every epoch, so after the first epoch
     # nothing improves; with patience 1 the third epoch halves lr to 0.75e-6 < min_lr, which ends the stage.
     unlabelled = SeriesDataset(demo_shards[1])
@@ -106,11 +175,8 @@ def test_learning_rate_halves_on_plateau_and_the_stage_ends_below_min_lr(data, d
     assert logged == [1, 2, 3]
 
 
-def test_next_stage_starts_from_the_best_weights_of_the_last(data):
-    cfg, train_set, val_set = data
-    cfg = cfg.with_overrides({"train.max_epochs": [2, 1, 0]})
-    checkpoints = []
-    fit(cfg, train_set, val_set, CPU, on_epoch_end=lambda m, make: checkpoints.append((m, make())))
+def test_next_stage_starts_from_the_best_weights_of_the_last(four_epoch_run):
+    cfg, checkpoints = four_epoch_run.cfg, four_epoch_run.checkpoints
     stage0 = [c for m, c in checkpoints if m["stage"] == 0]
     best_of_stage0 = stage0[-1]["best_model"]
     # The stage-1 run began from stage 0's best weights: resume at stage 1 start and compare.
@@ -166,9 +232,10 @@ def test_evaluate_reports_f2_with_tuned_thresholds_at_least_as_good_as_fixed(dat
     assert math.isfinite(result["val_loss"])
 
 
-def test_validation_autocasts_only_when_train_amp_bf16_is_set(data, monkeypatch):
+def test_validation_autocasts_only_when_train_amp_bf16_is_set(data, two_series, monkeypatch):
     """``evaluate`` used to run bf16 on CUDA whatever ``train.amp_bf16`` said; the engine now passes it on."""
     cfg, train_set, val_set = data
+    train_set = two_series
     asked = []
     real = predict.autocast
 
@@ -209,9 +276,12 @@ def keep_weights(saved: list):
 
 
 @pytest.mark.parametrize("metric", ["mc_loss", "f2"])
-def test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights(data, monkeypatch, metric):
+def test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights(
+    data, two_series, monkeypatch, metric
+):
     """Before: only the last stage's best was exported, even when an earlier stage's was better."""
-    cfg, train_set, val_set = data
+    cfg, _, val_set = data
+    train_set = two_series
     cfg = cfg.with_overrides({"train.select_metric": metric, "train.max_epochs": [1, 0, 1]})
     key, values = ("val_mc", [0.5, 0.9]) if metric == "mc_loss" else ("val_f2", [0.6, 0.2])
     scripted_validation(monkeypatch, key, values)  # stage 0 is best, stage 2 is worse
@@ -227,9 +297,10 @@ def test_a_stage_that_does_not_beat_the_earlier_best_keeps_the_earlier_weights(d
     assert [m["model_f2"] for m, _ in saved] == [saved[0][0]["val_f2"]] * 2 == [state.best_f2] * 2
 
 
-def test_select_metric_loss_compares_within_a_stage_only(data, monkeypatch):
+def test_select_metric_loss_compares_within_a_stage_only(data, two_series, monkeypatch):
     """Total losses of different stages do not compare: with "loss" the last stage's best is exported."""
-    cfg, train_set, val_set = data
+    cfg, _, val_set = data
+    train_set = two_series
     cfg = cfg.with_overrides({"train.select_metric": "loss", "train.max_epochs": [1, 0, 1]})
     scripted_validation(monkeypatch, "val_loss", [0.5, 0.9])
     saved = []
@@ -252,31 +323,19 @@ def test_warmup_raises_the_lr_linearly_then_leaves_it_alone():
     assert seen == pytest.approx([0.2, 0.3, 0.1])
 
 
-def test_a_stage_that_adds_heads_warms_up_and_every_stage_logs_its_gradient_shares(data, monkeypatch, caplog):
+def test_a_stage_that_adds_heads_warms_up_and_every_stage_logs_its_gradient_shares(four_epoch_run):
     """Stage 2 adds no head (same tasks, plus masking and DT): full learning rate; stage 3 adds LP, DC and
     CPC to trained weights: warmed up."""
-    cfg, train_set, val_set = data
-    cfg = cfg.with_overrides({"train.max_epochs": [2, 1, 1], "train.warmup_epochs": 1, "train.lr": 1e-3})
-    lrs: list[tuple[int, float]] = []
-    real = engine.train_one_epoch
-
-    def recording(ctx, loader, progress=None):
-        handle = ctx.optimizer.register_step_post_hook(
-            lambda opt, *_: lrs.append((ctx.stage.index, opt.param_groups[0]["lr"]))
-        )
-        try:
-            return real(ctx, loader, progress)
-        finally:
-            handle.remove()
-
-    monkeypatch.setattr(engine, "train_one_epoch", recording)
-    history = []
-    with caplog.at_level(logging.WARNING):
-        fit(cfg, train_set, val_set, CPU, on_epoch_end=lambda m, _: history.append(m))
-    scarce = [r.message for r in caplog.records if "positive series in validation" in r.message]
+    cfg, lrs, history, records = (
+        four_epoch_run.cfg,
+        four_epoch_run.lrs,
+        four_epoch_run.history,
+        four_epoch_run.records,
+    )
+    scarce = [r.getMessage() for r in records if "positive series in validation" in r.getMessage()]
     assert scarce and len(scarce) == len(set(scarce))  # once per class per run, not at every epoch
-    assert not [r for r in caplog.records if r.name == "ichmodel.metrics"]
-    steps = math.ceil(len(train_set) / cfg.data.batch_size)
+    assert not [r for r in records if r.name == "ichmodel.metrics"]
+    steps = math.ceil(len(four_epoch_run.train_set) / cfg.data.batch_size)
     assert [lr for stage, lr in lrs if stage == 0] == pytest.approx([1e-3] * 2 * steps)  # nothing handed over
     assert [lr for stage, lr in lrs if stage == 1] == pytest.approx([1e-3] * steps)  # no new head
     assert [lr for stage, lr in lrs if stage == 2] == pytest.approx(

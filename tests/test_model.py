@@ -258,7 +258,7 @@ def test_tiny_model_overfits_eight_series() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     start = time.monotonic()
     model.train()
-    for _ in range(80):
+    for _ in range(50):  # F2 reaches 1.0 by step 50 here (0.998 at 40); the bar is 0.95
         parts = loss_fn(model(images, lengths), labels, valid)
         optimizer.zero_grad()
         parts["loss"].backward()

@@ -1,5 +1,5 @@
-"""``ray_jobs/train.py`` on the session's Ray head, 64 px generated data: 2-worker DDP through all stages,
-retry, resume."""
+"""``ray_jobs/train.py`` on the session's Ray head, the session's 32 px generated data (``demo_shards``): 2-worker
+DDP through all stages, retry, resume."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def _recorded_checkpoint(run_dir: Path) -> dict | None:
         return None  # the folder was just replaced by a newer one
 
 
-def test_two_worker_ddp_run_completes_all_stages(ray_head, shards_64, tmp_path):
-    summary = _summary(_train(ray_head, shards_64, tmp_path, "ddp", "--num-workers", "2"))
+def test_two_worker_ddp_run_completes_all_stages(ray_head, demo_shards, tmp_path):
+    summary = _summary(_train(ray_head, demo_shards[0], tmp_path, "ddp", "--num-workers", "2"))
     assert summary["finished"] is True
     assert (summary["stage"], summary["global_epoch"]) == (2, 3)
     ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)  # plain, safe to load
@@ -67,15 +67,15 @@ def test_two_worker_ddp_run_completes_all_stages(ray_head, shards_64, tmp_path):
     }
     model, cfg, _ = load_model(summary["checkpoint"])
     assert cfg.train.max_epochs == (1, 1, 1)
-    probs = series_probs(model, torch.rand(1, 3, 3, 64, 64), torch.tensor([3]))
+    probs = series_probs(model, torch.rand(1, 3, 3, 32, 32), torch.tensor([3]))
     assert probs.shape == (1, 3, 5) and bool(((probs >= 0) & (probs <= 1)).all())
 
 
 def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_run(
-    ray_head, shards_64, tmp_path
+    ray_head, demo_shards, tmp_path
 ):
     summary = _summary(
-        _train(ray_head, shards_64, tmp_path, "flaky", "--num-workers", "1", "--fail-at-epoch", "2")
+        _train(ray_head, demo_shards[0], tmp_path, "flaky", "--num-workers", "1", "--fail-at-epoch", "2")
     )
     assert (tmp_path / ".flaky.failed-once").exists(), "the injected failure did not happen"
     assert summary["finished"] is True and (summary["stage"], summary["global_epoch"]) == (2, 3)
@@ -84,8 +84,8 @@ def test_worker_failure_resumes_from_checkpoint_and_ends_like_an_uninterrupted_r
     assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0]
 
 
-def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64, tmp_path):
-    args = job_args("train", shards_64, tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
+def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, demo_shards, tmp_path):
+    args = job_args("train", demo_shards[0], tmp_path, "again", "--epochs", "2,1,1", "--num-workers", "1")
     proc = subprocess.Popen(
         args, cwd=REPO_ROOT, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -106,7 +106,7 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, shards_64,
     rerun = ray_head.run([sys.executable, "ray_jobs/train.py", "--name", "again", "--storage", str(tmp_path),
                           "--resume"])  # fmt: skip
     summary = _summary(rerun)
-    assert load_model(summary["checkpoint"])[1].data.shards == str(shards_64)
+    assert load_model(summary["checkpoint"])[1].data.shards == str(demo_shards[0])
     assert summary["finished"] is True and summary["global_epoch"] == 4
     history = load_checkpoint(summary["checkpoint"])["history"]
     assert [h["global_epoch"] for h in history] == [1.0, 2.0, 3.0, 4.0]
