@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +141,25 @@ def small_dataset(shards: Path, num_series: int = 2) -> SeriesDataset:
     full = SeriesDataset(shards)
     order = sorted(range(len(full)), key=full.num_slices)
     return SeriesDataset(shards, [full.series_ids[i] for i in order[:num_series]])
+
+
+@contextlib.contextmanager
+def moto_bucket(bucket: str) -> Iterator[dict[str, str]]:
+    """A moto S3 server on loopback holding an empty ``bucket``, for the ``with`` block; yields the environment
+    (endpoint and a dummy key) that boto3, pyarrow and the jobs use to reach it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)  # fmt: skip
+    try:
+        yield env
+    finally:
+        server.stop()

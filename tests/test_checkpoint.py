@@ -29,6 +29,7 @@ from ichmodel.engine import state_from_checkpoint
 from ichmodel.model import build_model
 from ichmodel.rng_state import capture_rng_state, restore_rng_state
 from ichmodel.stages import TrainState
+from tests.datagen import moto_bucket
 
 
 def _cfg(**model) -> Config:
@@ -289,19 +290,5 @@ def test_rng_states_restore_every_stream_and_survive_a_weights_only_checkpoint(t
 @pytest.fixture(scope="module")
 def s3():
     """``(environment, s3://bucket)`` of a moto S3 server running for this module."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="ich-ckpt")  # fmt: skip
-    try:
+    with moto_bucket("ich-ckpt") as env:
         yield env, "s3://ich-ckpt"
-    finally:
-        server.stop()

@@ -18,6 +18,7 @@ import pytest
 from ichmodel.lease import LEASE_NAME, Holder, LeaseHeld, LeaseLost, acquire, lease_location
 from ichmodel.lease_stores import _ReadBackLease
 from tests.conftest import REPO_ROOT
+from tests.datagen import moto_bucket
 
 BUCKET = "ich-lease"
 
@@ -184,22 +185,8 @@ def test_the_read_back_fallback_refuses_a_second_writer(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def s3():
     """``(environment with a dummy key and the endpoint, s3://bucket)`` of a moto S3 server for this module."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)  # fmt: skip
-    try:
+    with moto_bucket(BUCKET) as env:
         yield env, f"s3://{BUCKET}"
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow
