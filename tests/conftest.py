@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import inspect
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -91,10 +92,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+#: Ports for test clusters: above Ray's worker ports (10002-19999) and below Linux's ephemeral range
+#: (32768-60999), from which the kernel gives every outgoing connection and every ``bind(0)`` its port. A
+#: port picked from that range is free when picked, but one of the many connections Ray opens while it
+#: starts can take it before the process meant to listen on it binds it.
+PORT_RANGE = (20000, 32767)
+_rng = random.Random(os.getpid())
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port in :data:`PORT_RANGE` that nothing listens on now (and that this session has not handed out)."""
+    while True:
+        port = _rng.randint(*PORT_RANGE)
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+
+
+_given: set[int] = set()
 
 
 @dataclass
@@ -140,8 +161,38 @@ def auth_env() -> dict[str, str]:
 
 
 def start_head(
-    env: dict[str, str], temp_dir: Path, num_cpus: int = 2, resources: str | None = None
+    env: dict[str, str], temp_dir: Path, num_cpus: int = 2, resources: str | None = None, tries: int = 3
 ) -> RayHead:
+    """``ray start --head`` on fresh ports; a start that fails is cleaned up and tried again on other ports
+    (up to ``tries`` times), and the last failure is raised with what Ray printed and its error logs."""
+    for attempt in range(1, tries + 1):
+        try:
+            return _start_head_once(env, temp_dir, num_cpus, resources)
+        except subprocess.CalledProcessError as err:
+            stop_cluster(temp_dir)
+            if attempt == tries:
+                raise RuntimeError(
+                    f"ray start --head failed {tries} times; the last:\n{_start_failure(err, temp_dir)}"
+                ) from err
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _start_failure(err: subprocess.CalledProcessError, temp_dir: Path) -> str:
+    """What ``ray start`` printed and the tails of the session's ``*.err`` logs."""
+    parts = [
+        f"exit {err.returncode}",
+        f"stdout: {(err.stdout or '')[-2000:]}",
+        f"stderr: {(err.stderr or '')[-4000:]}",
+    ]
+    for log in sorted(temp_dir.glob("session_*/logs/*.err")):
+        text = log.read_text(errors="replace").strip()
+        if text:
+            parts.append(f"{log.name}: {text[-1500:]}")
+    return "\n".join(parts)
+
+
+def _start_head_once(env: dict[str, str], temp_dir: Path, num_cpus: int, resources: str | None) -> RayHead:
     port, dash = free_port(), free_port()
     cmd = [
         f"{VENV_BIN}/ray",
