@@ -14,16 +14,22 @@ only, then applied to test. Every variant gets the same epoch budget. Variants:
 
 - per_slice: a ResNet18 (ichmodel.model.Backbone) + a linear head on single slices, BCE: no GRU, no tasks;
 - mc_only: the sequence model trained on MC alone, no strategies, one stage of the whole budget;
-- mc_ac: the three stages with MC + AC only, no masking or diversity transfer;
+- mc_ac: the paper's three stages (``train.recipe = "paper"``) with MC + AC only, no masking or diversity
+  transfer;
 - strategies: + masking and diversity transfer (stages 2-3);
-- lp: + LP in the fine-tuning stage;  dc: + DC;  default: + CPC (the default Config);
-- default_mc: the default recipe predicting with the MC head alone (the paper's output) instead of the
+- lp: + LP in the fine-tuning stage;  dc: + DC;  paper: + CPC (the paper's whole recipe);
+- paper_mc: the paper's recipe predicting with the MC head alone (the paper's output) instead of the
   default ``model.prediction = "mc+ac"``;
+- recipe_two_stage: ``train.recipe = "two_stage"``: the backbone's whole budget in the slice stage (shuffled
+  slice batches, BCE), then the paper's stages 2-3 (tasks, masking, diversity transfer) on the frozen
+  backbone for ``--sequence-epochs``;
+- default: the variant of ``Config()``'s recipe (paper or recipe_two_stage), the headline;
 - two_stage: the RSNA winners' design (bench/two_stage.py): the per-slice ResNet18 with BCE on shuffled
   32-slice batches for the whole backbone budget, then a bi-GRU + linear head on its frozen features (BCE,
   30 epochs on cached features, seconds). Its stage 1 alone is reported as slice_cnn (no extra training).
 
-Backbone epochs are equal: every variant's backbone trains for the sum of ``--epochs``.
+Backbone epochs are equal: every variant's backbone trains for the sum of ``--epochs`` (the sequence heads
+of two_stage and recipe_two_stage train on top, on the frozen backbone).
 
 Prints per-seed held-out micro-F2, a markdown table per setting (mean ± sd, per-class F2 and AUC), and last
 a line ``RESULT {json}`` with ``default_test_f2``, ``two_stage_test_f2``, ``per_slice_test_f2``,
@@ -69,23 +75,31 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_STRATEGIES = {"strategy.p1": 0.0, "strategy.p2": 0.0}
 
 
-def variants(epochs: tuple[int, int, int]) -> dict[str, dict | None]:
-    """Config overrides per variant (``None``: the per-slice baseline, built here)."""
-    staged = {"train.max_epochs": list(epochs)}
+def variants(epochs: tuple[int, int, int], sequence_epochs: tuple[int, int]) -> dict[str, dict | None]:
+    """Config overrides per variant (``None``: the per-slice baseline, built here). The paper's ablations
+    (mc_only … dc, paper, paper_mc) run ``train.recipe = "paper"``; ``recipe_two_stage`` runs the project's
+    two-stage recipe (the whole backbone budget in its slice stage, then ``sequence_epochs`` on the frozen
+    backbone); ``default`` is whichever of the two ``Config()`` defaults to."""
+    paper = {"train.max_epochs": list(epochs), "train.recipe": "paper"}
+    two_stage = {"train.max_epochs": [sum(epochs), *sequence_epochs], "train.recipe": "two_stage"}
+    default = two_stage if Config().train.recipe == "two_stage" else paper
     return {
         "per_slice": None,
         "mc_only": {
             "train.max_epochs": [0, 0, sum(epochs)],
+            "train.recipe": "paper",
             **dict.fromkeys(("loss.beta", "loss.gamma", "loss.mu", "loss.nu"), 0.0),
             **NO_STRATEGIES,
             "model.prediction": "mc",  # AC is never trained here
         },
-        "mc_ac": {**staged, "loss.gamma": 0.0, "loss.mu": 0.0, "loss.nu": 0.0, **NO_STRATEGIES},
-        "strategies": {**staged, "loss.gamma": 0.0, "loss.mu": 0.0, "loss.nu": 0.0},
-        "lp": {**staged, "loss.mu": 0.0, "loss.nu": 0.0},
-        "dc": {**staged, "loss.nu": 0.0},
-        "default": staged,
-        "default_mc": {**staged, "model.prediction": "mc"},  # the paper's output: the MC head alone
+        "mc_ac": {**paper, "loss.gamma": 0.0, "loss.mu": 0.0, "loss.nu": 0.0, **NO_STRATEGIES},
+        "strategies": {**paper, "loss.gamma": 0.0, "loss.mu": 0.0, "loss.nu": 0.0},
+        "lp": {**paper, "loss.mu": 0.0, "loss.nu": 0.0},
+        "dc": {**paper, "loss.nu": 0.0},
+        "paper": paper,
+        "paper_mc": {**paper, "model.prediction": "mc"},  # the paper's output: the MC head alone
+        "recipe_two_stage": two_stage,
+        "default": default,
         "two_stage": None,  # built in bench/two_stage.py; also reports its stage 1 as slice_cnn
     }
 
@@ -261,7 +275,9 @@ def json_safe(value):
     return value
 
 
-def run_setting(args: argparse.Namespace, setting: str, epochs: tuple[int, int, int]) -> dict:
+def run_setting(
+    args: argparse.Namespace, setting: str, epochs: tuple[int, int, int], sequence_epochs: tuple[int, int]
+) -> dict:
     """Every selected variant and seed on one generated data world; prints its table, returns its summary."""
     folder = f"ablation_{args.patients}_{args.size}"
     if setting != "default":
@@ -279,7 +295,7 @@ def run_setting(args: argparse.Namespace, setting: str, epochs: tuple[int, int, 
     extra = dict(item.split("=", 1) for item in args.set)
     base = Config().with_overrides({"data.shards": str(shards), "train.max_epochs": list(epochs), **extra})
     results: dict[str, list[dict]] = {}
-    for name, overrides in variants(epochs).items():
+    for name, overrides in variants(epochs, sequence_epochs).items():
         if args.only and name not in args.only:
             continue
         for seed in args.seeds:
@@ -305,6 +321,11 @@ def run_setting(args: argparse.Namespace, setting: str, epochs: tuple[int, int, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", default="4,4,8", help="stage epoch caps; every variant gets their sum")
+    parser.add_argument(
+        "--sequence-epochs",
+        default="4,8",
+        help="recipe_two_stage's caps of stages 2-3 (the frozen backbone's; its stage 1 gets all of --epochs)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--patients", type=int, default=128, help="labelled series generated")
     parser.add_argument("--size", type=int, default=128)
@@ -328,11 +349,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.smoke:
         args.epochs, args.seeds, args.patients, args.size = "1,0,1", [0], 12, 32
+        args.sequence_epochs = "1,1"
     settings = args.setting or (["hard"] if args.smoke else ["easy", "default", "hard"])
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("ichmodel.metrics").setLevel(logging.ERROR)  # scarce-class warnings at every epoch
     epochs = tuple(int(e) for e in args.epochs.split(","))
-    by_setting = {setting: run_setting(args, setting, epochs) for setting in settings}
+    sequence_epochs = tuple(int(e) for e in args.sequence_epochs.split(","))
+    by_setting = {setting: run_setting(args, setting, epochs, sequence_epochs) for setting in settings}
     headline = "hard" if "hard" in by_setting else settings[-1]
     summary = {
         **by_setting[headline],
@@ -340,6 +363,7 @@ def main() -> int:
         "settings": by_setting,
         "epochs": list(epochs),
         "backbone_epochs": sum(epochs),
+        "sequence_epochs": list(sequence_epochs),
         "seeds": args.seeds,
     }
     print("RESULT " + json.dumps(json_safe(summary)))

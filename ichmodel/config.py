@@ -26,7 +26,10 @@ from ichmodel.constants import NUM_CLASSES
 from ichmodel.io import atomic_write_text
 
 #: ``model.prediction`` values: the slice probabilities a model gives (``ichmodel.model.slice_probs``).
-PREDICTIONS = ("mc", "mc+ac")
+PREDICTIONS = ("mc", "mc+ac", "ac")
+
+#: ``train.recipe`` values: how the three stages train (``ichmodel.stages.stage_plan``).
+RECIPES = ("paper", "two_stage")
 
 #: ``train.select_metric`` values: validation metrics that pick the best epoch.
 SELECT_METRICS = ("mc_loss", "f2", "loss")
@@ -79,7 +82,8 @@ class ModelConfig(_Section):
     #: "mc+ac": held-out micro-F2 of the default recipe (bench/ablation.py, epochs 1,1,2, seeds 0-2) 0.550 vs
     #: 0.451 with "mc" on 96 series at 128 px (variants default and default_mc); on the same trained models
     #: 0.526 vs 0.514 on 128 series at 64 px, 0.481 vs 0.430 over six runs on 64 series. A run that never
-    #: trains AC (β = 0 and no pretraining stage) must use "mc".
+    #: trains AC (β = 0 and no pretraining stage) must use "mc"; "ac" (the per-slice head alone) is for a
+    #: run whose only trained stage is the slice stage of ``train.recipe = "two_stage"``.
     prediction: str = "mc+ac"
 
     def validate(self) -> None:
@@ -241,9 +245,20 @@ class TrainConfig(_Section):
     #: held-out micro-F2 0.489 against 0.560 without; ASL's negative focusing already discounts the easy
     #: negatives that a prior bias would silence.
     init_cls_bias: bool = False
+    #: "paper": all three stages train the whole model end to end on batches of series (section 3.3).
+    #: "two_stage": stage 1 trains the backbone and the shared classifier alone, per slice, on shuffled
+    #: batches of ``slice_batch`` slices with BCE (the per-slice CNN of the RSNA 2019 winners); stages 2-3
+    #: then train the bi-GRU and the heads (the paper's tasks, masking, diversity transfer) on the frozen
+    #: backbone, so their epochs cost a forward pass only (``ichmodel.stages.stage_plan``).
+    recipe: str = "paper"
+    slice_batch: int = 32  # slices per step in the slice stage of the "two_stage" recipe
 
     def validate(self) -> None:
-        _check_positive(self, "lr", "lr_patience", "min_lr", "max_nonfinite_steps", "log_every")
+        _check_positive(
+            self, "lr", "lr_patience", "min_lr", "max_nonfinite_steps", "log_every", "slice_batch"
+        )
+        if self.recipe not in RECIPES:
+            raise ValueError(f"{self.dotted('recipe')} must be one of {list(RECIPES)}. Got {self.recipe!r}")
         _check_non_negative(self, "weight_decay", "warmup_epochs")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(

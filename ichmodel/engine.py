@@ -56,6 +56,7 @@ from ichmodel.diagnostics import format_shares, gradient_shares
 from ichmodel.losses import build_loss
 from ichmodel.model import ICHModel, build_model
 from ichmodel.rng_state import capture_rng_state, restore_rng_state
+from ichmodel.slice_batches import SliceBatches
 from ichmodel.stages import (
     Stage,
     TrainState,
@@ -66,7 +67,7 @@ from ichmodel.stages import (
     warmup_epochs,
 )
 from ichmodel.strategies import TransferPoolImages, build_pool_images
-from ichmodel.train_step import StepContext, add_warmup, make_optimizer, train_one_epoch
+from ichmodel.train_step import StepContext, add_warmup, freeze_backbone, make_optimizer, train_one_epoch
 from ichmodel.validation import epoch_metrics, evaluate, selection_score, warn_scarce_classes
 
 logger = logging.getLogger(__name__)
@@ -251,7 +252,12 @@ def run_epoch(
     if run.train_loader is None:  # one loader (and one set of workers) for every epoch of the run
         workers_seed = torch.Generator().manual_seed(cfg.train.seed * 31 + run.rank)  # same after a resume
         run.train_loader = make_loader(run.train_set, batches, cfg.data.num_workers, workers_seed)
-    train = train_one_epoch(ctx, run.train_loader, progress)
+    loader = run.train_loader
+    if ctx.stage.slices:  # the slice stage: shuffled batches of single slices from the series batches
+        cap = cfg.data.max_slices or None
+        num_slices = sum(min(run.train_set.num_slices(i), cap or 10**9) for b in batches for i, _ in b)
+        loader = SliceBatches(loader, cfg.train.slice_batch, ctx.generator, num_slices)
+    train = train_one_epoch(ctx, loader, progress)
     if run.val_loader is None:
         val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
         run.val_loader = make_loader(run.val_set, val_batches, cfg.data.num_workers)
@@ -263,6 +269,7 @@ def run_epoch(
         cfg.train.threshold,
         cfg.train.amp_bf16,
         run.prevalence,
+        prediction="ac" if ctx.stage.slices else None,  # the sequence heads have not trained yet
     )
     return {"train": train, "val": val}
 
@@ -292,7 +299,8 @@ def run_stage(
         stage.strategies,
         warmup,
     )
-    shares = stage_grad_shares(run, loss_fn) if fresh else {}
+    measure = fresh and not (stage.slices or stage.frozen_backbone)  # both: the full model's loss only
+    shares = stage_grad_shares(run, loss_fn) if measure else {}
     done = False
     while not done:
         started = time.perf_counter()
@@ -374,26 +382,39 @@ def fit(
         if plan[state.stage].max_epochs == 0:
             next_stage(state, plan)
             continue
+        freeze_backbone(net, plan[state.stage].frozen_backbone)  # before DDP, which skips frozen weights
         if distributed:
             run.model = wrap_ddp(net, device, plan[state.stage], cfg)
         run_stage(run, plan, resume, on_epoch_end, progress)
         resume = None  # only the first stage run continues the checkpoint's optimizer
+    freeze_backbone(net, False)
     if run.best_model is not None:
         net.load_state_dict(run.best_model)
     return net, state
 
 
 def check_prediction_trained(cfg: Config) -> None:
-    """Refuse ``model.prediction = "mc+ac"`` when no stage trains AC: its head would add noise.
+    """Refuse a ``model.prediction`` that reads a head no stage trains: it would add noise.
+
+    "mc+ac" needs MC and AC, "mc" needs MC, "ac" needs AC among the tasks of the stages with epochs.
 
     Raises:
         ValueError: naming the fields to change.
     """
     trained = [s for s in stage_plan(cfg) if s.max_epochs > 0]
-    if cfg.model.prediction == "mc+ac" and trained and not any(s.weights.get("ac", 0.0) > 0 for s in trained):
+    if not trained:
+        return
+    tasks = {task for s in trained for task, weight in s.weights.items() if weight > 0}
+    if cfg.model.prediction == "mc+ac" and "ac" not in tasks:
         raise ValueError(
             'model.prediction "mc+ac" averages in the AC head, which no stage trains here (loss.beta = 0 '
             "and no pretraining epochs): set model.prediction=mc"
+        )
+    if cfg.model.prediction in ("mc", "mc+ac") and "mc" not in tasks:
+        raise ValueError(
+            f'model.prediction "{cfg.model.prediction}" reads the MC head, which no stage trains here (only '
+            "the slice stage of train.recipe=two_stage has epochs): set model.prediction=ac or give stages "
+            "2-3 epochs"
         )
 
 

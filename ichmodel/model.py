@@ -189,13 +189,25 @@ class ICHModel(nn.Module):
         Raises:
             ValueError: on a bad shape, or lengths outside ``[1, T]``.
 
+        ``images`` of single slices ``[N, C, H, W]`` (the slice stage of ``train.recipe = "two_stage"``) run the
+        backbone and the shared classifier only: ``{"ac_logits": [N, 5]}`` (``lengths`` is not read).
+
         The backbone runs once over the valid slices and the 2U pair images together, so BatchNorm sees
         them as one batch (with ``cfg.transfer_grad`` off, the pairs get a second pass without autograd).
         With ``images`` in channels-last layout (per slice) or a model moved to
         ``memory_format=torch.channels_last``, the backbone input is made channels-last.
         """
+        if images.dim() == 4:  # single slices: through the model's own forward, so DDP syncs the gradients
+            x = (
+                images.contiguous(memory_format=torch.channels_last)
+                if self._wants_channels_last(images)
+                else images
+            )
+            return {"ac_logits": self.cls(self.backbone(x))}
         if images.dim() != 5:
-            raise ValueError(f"images must be [B, T, C, H, W]. Got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [B, T, C, H, W] or [N, C, H, W]. Got shape {tuple(images.shape)}"
+            )
         B, T, C, H, W = images.size()  # batch, slices, channels, height, width
         lengths = _host_lengths(lengths, B, T)
         valid_host = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
@@ -281,7 +293,8 @@ class ICHModel(nn.Module):
             self.backbone.conv1.weight.is_contiguous()
         ):
             return True
-        return images.dim() == 5 and images.stride(2) == 1 and images.size(2) > 1
+        channels = images.dim() - 3  # [B, T, C, H, W] or [N, C, H, W]
+        return images.dim() in (4, 5) and images.stride(channels) == 1 and images.size(channels) > 1
 
 
 def _host_lengths(lengths: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -323,7 +336,10 @@ def _add_pair_differences(
 
 def slice_probs(outputs: dict[str, torch.Tensor], prediction: str) -> torch.Tensor:
     """The slice probabilities ``[B, T, 5]`` of a forward's ``outputs`` as ``prediction`` (``model.prediction``)
-    says: ``sigmoid(mc_logits)``, or with ``"mc+ac"`` its mean with ``sigmoid(ac_logits)``."""
+    says: ``sigmoid(mc_logits)``, with ``"mc+ac"`` its mean with ``sigmoid(ac_logits)``, with ``"ac"`` the
+    latter alone."""
+    if prediction == "ac":
+        return torch.sigmoid(outputs["ac_logits"])
     probs = torch.sigmoid(outputs["mc_logits"])
     if prediction == "mc+ac":
         probs = (probs + torch.sigmoid(outputs["ac_logits"])) / 2

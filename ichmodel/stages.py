@@ -7,6 +7,10 @@ The stage plan follows the paper's section 3.3 (:func:`stage_plan`):
 2. pretraining, same weights, masking + diversity transfer;
 3. fine-tuning with the configured weights (``cfg.loss``; the paper uses all ones), masking + DT.
 
+With ``train.recipe = "two_stage"`` stage 1 is the *slice stage* instead (:attr:`Stage.slices`): the backbone
+and the shared classifier learn single slices (AC alone, BCE, shuffled slice batches; :data:`SLICE_WEIGHTS`),
+and stages 2-3 keep that backbone frozen (:attr:`Stage.frozen_backbone`): they train the bi-GRU and the heads.
+
 A stage ends when the learning rate fell below ``min_lr`` or at its epoch cap (:func:`stage_done`); then
 :func:`next_stage` moves the :class:`TrainState` on. A stage that adds a task's head to weights an earlier
 stage trained (:func:`adds_heads`: stage 3) warms its learning rate up (:func:`warmup_epochs`); a stage whose
@@ -40,6 +44,8 @@ STAGE_NAMES = ("pretrain", "pretrain+strategies", "finetune")
 NUM_STAGES = len(STAGE_NAMES)
 #: The loss weights of both pretraining stages: α = β = 1, γ = μ = ν = 0.
 PRETRAIN_WEIGHTS = {"mc": 1.0, "ac": 1.0, "lp": 0.0, "dc": 0.0, "cpc": 0.0}
+#: The slice stage's task (``train.recipe = "two_stage"``): AC alone, the shared classifier on g.
+SLICE_WEIGHTS = {"mc": 0.0, "ac": 1.0, "lp": 0.0, "dc": 0.0, "cpc": 0.0}
 
 
 @dataclass(frozen=True)
@@ -49,16 +55,24 @@ class Stage:
     weights: dict[str, float]
     strategies: bool
     max_epochs: int
+    #: trains on shuffled batches of single slices (backbone + classifier, BCE): ``ichmodel.slice_batches``
+    slices: bool = False
+    #: the backbone's weights (and its BatchNorm statistics) stay as the earlier stages left them
+    frozen_backbone: bool = False
 
 
 def stage_plan(cfg: Config) -> list[Stage]:
-    """The paper's three stages with the epoch caps of ``cfg.train.max_epochs``."""
+    """The three stages of ``cfg.train.recipe`` with the epoch caps of ``cfg.train.max_epochs``."""
     caps = cfg.train.max_epochs
+    two_stage = cfg.train.recipe == "two_stage"
+    first = ("slices", SLICE_WEIGHTS) if two_stage else (STAGE_NAMES[PRETRAIN], PRETRAIN_WEIGHTS)
     return [
-        Stage(PRETRAIN, STAGE_NAMES[PRETRAIN], dict(PRETRAIN_WEIGHTS), False, int(caps[PRETRAIN])),
-        Stage(STRATEGIES, STAGE_NAMES[STRATEGIES], dict(PRETRAIN_WEIGHTS), True, int(caps[STRATEGIES])),
-        Stage(FINETUNE, STAGE_NAMES[FINETUNE], cfg.loss.weights(), True, int(caps[FINETUNE])),
-    ]
+        Stage(PRETRAIN, first[0], dict(first[1]), False, int(caps[PRETRAIN]), slices=two_stage),
+        Stage(STRATEGIES, STAGE_NAMES[STRATEGIES], dict(PRETRAIN_WEIGHTS), True, int(caps[STRATEGIES]),
+              frozen_backbone=two_stage),
+        Stage(FINETUNE, STAGE_NAMES[FINETUNE], cfg.loss.weights(), True, int(caps[FINETUNE]),
+              frozen_backbone=two_stage),
+    ]  # fmt: skip
 
 
 @dataclass
@@ -182,6 +196,8 @@ FIELD_STAGES: dict[str, tuple[int, bool]] = {
     "train.select_metric": (PRETRAIN, False),  # the best score carried over from the shared stages
     "train.warmup_epochs": (FINETUNE, True),  # warm-up only where a stage adds heads (adds_heads)
     "train.init_cls_bias": (PRETRAIN, False),  # initial weights
+    "train.recipe": (PRETRAIN, False),  # what every stage trains
+    "train.slice_batch": (PRETRAIN, True),
 }
 SHARE_POLICIES = ("auto", "exact", "off")
 

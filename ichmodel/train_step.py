@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from ichmodel.augment import augment_series, normalize, reverse_series, to_float
 from ichmodel.config import Config
 from ichmodel.dataset import prepare_images
-from ichmodel.predict import autocast
+from ichmodel.predict import autocast, unwrap
 from ichmodel.stages import Stage, TrainState
 from ichmodel.strategies import TransferPoolImages, make_transfer_batch, plan_strategies, transfer_labels
 
@@ -46,10 +47,23 @@ class StepContext:
 
 
 def make_optimizer(net: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel, whose ``found_inf`` input skips a step on the device (no host read)."""
-    return torch.optim.AdamW(
-        net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
-    )
+    """AdamW over the parameters that train (not a frozen backbone's), with the fused kernel, whose
+    ``found_inf`` input skips a step on the device (no host read)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+
+
+def freeze_backbone(net: nn.Module, frozen: bool) -> None:
+    """Stop (or restart) the backbone's training: its weights take no gradient while ``frozen``.
+
+    Its BatchNorm statistics stay too: :func:`train_one_epoch` keeps a frozen backbone in eval mode.
+    """
+    for param in unwrap(net).backbone.parameters():
+        param.requires_grad_(not frozen)
+
+
+def backbone_frozen(net: nn.Module) -> bool:
+    return not any(p.requires_grad for p in unwrap(net).backbone.parameters())
 
 
 def _nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
@@ -72,10 +86,24 @@ def _pool_on_device(ctx: StepContext) -> torch.Tensor | None:
     return pool_images.contiguous() if ctx.cfg.train.channels_last else pool_images
 
 
+def slice_step_loss(ctx: StepContext, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The slice stage's loss (``ichmodel.slice_batches``): a batch of single slices ``[n, C, H, W]``, each
+    augmented with its own draw, through the backbone and the shared classifier; BCE on its labels."""
+    images = to_float(batch["images"].to(ctx.device, non_blocking=True))  # [n, C, H, W]
+    images = normalize(augment_series(images[:, None], ctx.cfg.augment, ctx.generator)[:, 0])
+    with autocast(ctx.device, ctx.cfg.train.amp_bf16):
+        logits = ctx.model(images, batch["lengths"])["ac_logits"]  # [n, 5]
+    loss = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].to(ctx.device))
+    return {"loss": loss, "ac": loss.detach()}
+
+
 def step_loss(
     ctx: StepContext, batch: dict[str, Any], pool_images: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
-    """Augment, plan masking / diversity transfer, run the model and return the loss parts of one batch."""
+    """Augment, plan masking / diversity transfer, run the model and return the loss parts of one batch
+    (a slice stage's batch of single slices: :func:`slice_step_loss`)."""
+    if ctx.stage.slices:
+        return slice_step_loss(ctx, batch)
     cfg, device = ctx.cfg, ctx.device
     images = normalize(augment_series(prepare_images(batch, device), cfg.augment, ctx.generator))
     images, labels = reverse_series(
@@ -207,6 +235,8 @@ def train_one_epoch(
             the next read, so up to ``log_every`` steps later).
     """
     ctx.model.train()
+    if backbone_frozen(ctx.model):  # its BatchNorm statistics stay as they were
+        unwrap(ctx.model).backbone.eval()
     pool_images = _pool_on_device(ctx)
     counters = EpochCounters()
     slices = steps = 0

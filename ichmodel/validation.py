@@ -47,6 +47,7 @@ def evaluate(
     threshold: float = 0.5,
     amp_bf16: bool = False,
     prevalence: np.ndarray | None = None,
+    prediction: str | None = None,
 ) -> dict[str, Any]:
     """Validation loss parts, micro-F2 at ``threshold`` and at thresholds tuned on these predictions.
 
@@ -56,7 +57,9 @@ def evaluate(
     (``[N, 5]`` numpy, valid slices only) are in the result too. Thresholds are searched with ties broken
     to the middle and, for a class without a positive here, :func:`ichmodel.metrics.fallback_thresholds` of the training
     ``prevalence`` (``[5]``); :func:`ichmodel.engine.fit` warns once about classes with few positive series.
+    ``prediction`` overrides the model's ``model.prediction`` (the slice stage scores its AC head alone).
     """
+    prediction = prediction or predict.unwrap(model).cfg.prediction
     sums: dict[str, float] = {}
     weight = 0.0
     probs, labels, groups = [], [], []
@@ -68,7 +71,7 @@ def evaluate(
             sums[key] = sums.get(key, 0.0) + float(value) * n
         weight += n
         keep = valid.cpu()
-        probs.append(slice_probs(outputs, predict.unwrap(model).cfg.prediction).cpu()[keep].numpy())
+        probs.append(slice_probs(outputs, prediction).cpu()[keep].numpy())
         labels.append(batch["labels"][keep].numpy())
         groups.extend(sid for sid, n in zip(batch["series_ids"], keep.sum(1).tolist(), strict=True)
                       for _ in range(n))  # fmt: skip

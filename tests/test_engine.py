@@ -414,3 +414,52 @@ def test_mc_plus_ac_prediction_is_refused_when_no_stage_trains_ac(data):
     mc_only = cfg.with_overrides({"train.max_epochs": [0, 0, 1], "loss.beta": 0.0})
     with pytest.raises(ValueError, match="model.prediction=mc"):
         fit(mc_only.with_overrides({"model.prediction": "mc+ac"}), train_set, val_set, CPU)
+
+
+def test_two_stage_recipe_trains_the_backbone_per_slice_then_only_the_sequence_heads(data, two_series):
+    """``train.recipe = "two_stage"``: stage 1 changes the backbone and the classifier but not the GRU, on
+    shuffled batches of ``train.slice_batch`` single slices; stages 2-3 leave the backbone's weights and
+    BatchNorm statistics exactly as stage 1 ended and train the GRU."""
+    cfg, train_set, val_set = data
+    cfg = cfg.with_overrides(
+        {"train.recipe": "two_stage", "train.slice_batch": 8, "train.max_epochs": [1, 1, 1]}
+    )
+    snapshots, steps, batch_sizes = [], [], []
+    real = engine.train_one_epoch
+
+    def watched(ctx, loader, progress=None):
+        batch_sizes.append([int(b["lengths"].sum()) for b in loader] if ctx.stage.slices else None)
+        result = real(ctx, loader, progress)
+        steps.append(result["train_steps"])
+        snapshots.append({k: v.detach().clone() for k, v in predict.unwrap(ctx.model).state_dict().items()})
+        return result
+
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in build_model(cfg.model).state_dict().items()}
+    engine.train_one_epoch = watched
+    try:
+        net, state = fit(cfg, train_set, val_set, CPU)
+    finally:
+        engine.train_one_epoch = real
+    assert state.finished and [h["stage"] for h in state.history] == [0, 1, 2]
+
+    slices = sum(train_set.num_slices(i) for i in range(len(train_set)))
+    assert sum(batch_sizes[0]) == slices and max(batch_sizes[0]) == 8  # every slice once, 8 per step
+    assert steps[0] == len(batch_sizes[0]) > len(train_set)  # more steps than series batches
+
+    def changed(a, b, prefix):
+        return [k for k in a if k.startswith(prefix) and not torch.equal(a[k], b[k])]
+
+    assert changed(start, snapshots[0], "backbone.") and changed(start, snapshots[0], "cls.")
+    assert not changed(start, snapshots[0], "rnn."), "the slice stage must not touch the GRU"
+    for later in snapshots[1:]:
+        assert not changed(snapshots[0], later, "backbone."), "weights or BatchNorm statistics moved"
+    assert changed(snapshots[0], snapshots[1], "rnn.")
+    assert all(p.requires_grad for p in net.parameters())  # nothing stays frozen after the run
+
+
+def test_a_two_stage_run_of_the_slice_stage_alone_must_predict_with_its_own_head(data):
+    cfg = data[0].with_overrides({"train.recipe": "two_stage", "train.max_epochs": [1, 0, 0]})
+    with pytest.raises(ValueError, match="model.prediction=ac"):
+        engine.check_prediction_trained(cfg)
+    engine.check_prediction_trained(cfg.with_overrides({"model.prediction": "ac"}))

@@ -71,9 +71,19 @@ def test_config_and_input_validation() -> None:
         build_model(ModelConfig(feature_dim=64, rnn_hidden=16))
     model = _model()
     with pytest.raises(ValueError, match=r"\[B, T, C, H, W\]"):
-        model(torch.zeros(2, 3, 32, 32), torch.tensor([1, 1]))
+        model(torch.zeros(3, 32, 32), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="lengths"):
         model(_images(B=2), torch.tensor([6, 1]))
+
+
+def test_single_slices_give_the_ac_logits_of_the_same_slices_in_a_series() -> None:
+    """``[N, C, H, W]`` input (the slice stage) runs the backbone and the shared classifier only."""
+    model = _model().eval()  # BatchNorm running statistics: the result does not depend on the batch
+    images = _images(B=1)  # [1, T, C, H, W]
+    series = model(images, torch.tensor([images.shape[1]]))
+    slices = model(images[0], torch.tensor([images.shape[1]]))
+    assert set(slices) == {"ac_logits"}
+    torch.testing.assert_close(slices["ac_logits"], series["ac_logits"][0], rtol=1e-4, atol=1e-5)
 
 
 def test_backbone_runs_once_over_valid_slices_and_pairs() -> None:
@@ -280,5 +290,7 @@ def test_mc_plus_ac_prediction_is_the_mean_of_the_two_heads_probabilities() -> N
     assert not torch.allclose(mc, ac, atol=1e-3)  # the two heads differ, so the mean is a real change
     torch.testing.assert_close(series_probs(mc_model, images, lengths), mc, rtol=0, atol=1e-5)
     torch.testing.assert_close(series_probs(both, images, lengths), (mc + ac) / 2, rtol=0, atol=1e-5)
+    ac_model = _model(seed=3, prediction="ac")  # the slice stage's own head alone
+    torch.testing.assert_close(series_probs(ac_model, images, lengths), ac, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="model.prediction"):
-        ModelConfig(prediction="ac")
+        ModelConfig(prediction="mc+dc")
