@@ -249,7 +249,8 @@ class TrainConfig(_Section):
     #: "two_stage": stage 1 trains the backbone and the shared classifier alone, per slice, on shuffled
     #: batches of ``slice_batch`` slices with BCE (the per-slice CNN of the RSNA 2019 winners); stages 2-3
     #: then train the bi-GRU and the heads (the paper's tasks, masking, diversity transfer) on the frozen
-    #: backbone, so their epochs cost a forward pass only (``ichmodel.stages.stage_plan``).
+    #: backbone's features, computed once without augmentation (``ichmodel.feature_cache``), so their
+    #: epochs cost the GRU and the heads only (``ichmodel.stages.stage_plan``).
     recipe: str = "paper"
     slice_batch: int = 32  # slices per step in the slice stage of the "two_stage" recipe
 

@@ -53,6 +53,7 @@ from ichmodel.dataset import (
     series_labels,
 )
 from ichmodel.diagnostics import format_shares, gradient_shares
+from ichmodel.feature_cache import CachedBatches, FeatureCache, cache_pool, cache_series
 from ichmodel.losses import build_loss
 from ichmodel.model import ICHModel, build_model
 from ichmodel.rng_state import capture_rng_state, restore_rng_state
@@ -92,6 +93,7 @@ class RunContext:
     batches: EpochBatches | None = None  # this rank's training batches, set to each epoch in turn
     train_loader: DataLoader | None = None  # built once per run: persistent workers when data.num_workers > 0
     val_loader: DataLoader | None = None
+    features: FeatureCache | None = None  # the frozen backbone's features, once a stage trains on them
 
 
 def state_from_checkpoint(ckpt: dict[str, Any]) -> TrainState:
@@ -146,6 +148,27 @@ def epoch_batches(run: RunContext) -> EpochBatches:
     return run.batches
 
 
+def feature_cache(run: RunContext) -> FeatureCache:
+    """The backbone features of every training series, this rank's validation series and the transfer
+    pool, computed once (the first time a stage on the frozen backbone asks)."""
+    if run.features is None:
+        cfg, started = run.cfg, time.perf_counter()
+        batch, workers, amp = cfg.data.batch_size, cfg.data.num_workers, cfg.train.amp_bf16
+        train = cache_series(
+            run.net, run.train_set, eval_batches(len(run.train_set), batch), run.device, amp, workers
+        )
+        val_batches = eval_batches(len(run.val_set), batch, run.rank, run.world)
+        val = cache_series(run.net, run.val_set, val_batches, run.device, amp, workers)
+        run.features = FeatureCache(train, val, cache_pool(run.net, run.pool, run.device))
+        logger.info(
+            "frozen backbone: features of %d training and %d validation series cached in %.1f s",
+            len(train.features),
+            len(val.features),
+            time.perf_counter() - started,
+        )
+    return run.features
+
+
 def steps_per_epoch(run: RunContext) -> int:
     """Optimizer steps of one epoch on this rank (every rank takes the same number, in every epoch)."""
     return len(epoch_batches(run))
@@ -156,8 +179,8 @@ def start_stage(
 ) -> tuple[torch.optim.Optimizer, Any, int]:
     """A fresh AdamW + ``ReduceLROnPlateau`` for the current stage, or theirs from ``resume`` mid-stage.
 
-    A stage that starts afresh begins from the best weights so far (with ``select_metric`` "loss" it also
-    forgets the best score: totals of different stages do not compare). Returns the optimizer, the
+    A stage that starts afresh begins from the best weights so far (with ``select_metric`` "loss", or after
+    a slice stage, it also forgets the best score: see below). Returns the optimizer, the
     scheduler (mode "max" on :func:`selection_score`) and the stage's warm-up epochs (0 unless the stage adds
     a task's head to weights an earlier stage trained: :func:`ichmodel.stages.adds_heads`).
     """
@@ -181,7 +204,12 @@ def start_stage(
         if run.best_model is not None:  # the next stage starts from the best weights so far
             run.net.load_state_dict(run.best_model)
         state.stage_started = True
-        if cfg.train.select_metric == "loss":
+        # Forget the best score where the earlier best cannot be the export: totals of different stages do
+        # not compare ("loss"), and a slice stage's weights carry an untrained sequence model (its score
+        # is its AC head's alone), so the first stage after it exports its own best epoch.
+        earlier = [s for s in plan[: state.stage] if s.max_epochs > 0]
+        first_after_slices = bool(earlier) and all(s.slices for s in earlier)
+        if cfg.train.select_metric == "loss" or first_after_slices:
             state.best_score = -math.inf
     if state.epoch < warmup:
         per_epoch = steps_per_epoch(run)
@@ -252,19 +280,25 @@ def run_epoch(
     if run.train_loader is None:  # one loader (and one set of workers) for every epoch of the run
         workers_seed = torch.Generator().manual_seed(cfg.train.seed * 31 + run.rank)  # same after a resume
         run.train_loader = make_loader(run.train_set, batches, cfg.data.num_workers, workers_seed)
-    loader = run.train_loader
+    loader, val_loader = run.train_loader, run.val_loader
+    if ctx.stage.frozen_backbone:  # the cached features of the frozen backbone, in this epoch's batches
+        cache = feature_cache(run)
+        loader = CachedBatches(cache.train, [[i for i, _ in b] for b in batches])
+        val_loader = CachedBatches(
+            cache.val, eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
+        )
     if ctx.stage.slices:  # the slice stage: shuffled batches of single slices from the series batches
         cap = cfg.data.max_slices or None
         num_slices = sum(min(run.train_set.num_slices(i), cap or 10**9) for b in batches for i, _ in b)
         loader = SliceBatches(loader, cfg.train.slice_batch, ctx.generator, num_slices)
     train = train_one_epoch(ctx, loader, progress)
-    if run.val_loader is None:
+    if val_loader is None:
         val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
-        run.val_loader = make_loader(run.val_set, val_batches, cfg.data.num_workers)
+        run.val_loader = val_loader = make_loader(run.val_set, val_batches, cfg.data.num_workers)
     val = evaluate(
         run.model,
         ctx.loss_fn,
-        run.val_loader,
+        val_loader,
         run.device,
         cfg.train.threshold,
         cfg.train.amp_bf16,
@@ -290,6 +324,8 @@ def run_stage(
     ctx = StepContext(
         run.model, loss_fn, optimizer, run.device, cfg, stage, run.pool, torch.Generator(), state
     )
+    if stage.frozen_backbone:  # after start_stage: the cache holds the weights this stage starts from
+        ctx.pool_features = feature_cache(run).pool
     logger.info(
         "stage %d/%d %s: weights %s, strategies %s, lr warm-up %d epoch(s)",
         stage.index + 1,

@@ -191,6 +191,8 @@ class ICHModel(nn.Module):
 
         ``images`` of single slices ``[N, C, H, W]`` (the slice stage of ``train.recipe = "two_stage"``) run the
         backbone and the shared classifier only: ``{"ac_logits": [N, 5]}`` (``lengths`` is not read).
+        ``images`` of backbone features ``[B, T, D]`` (``ichmodel.feature_cache``: a frozen backbone's g, zero
+        at padding) skip the backbone; ``transfer.pair_images`` are then the pairs' features ``[U, 2, D]``.
 
         The backbone runs once over the valid slices and the 2U pair images together, so BatchNorm sees
         them as one batch (with ``cfg.transfer_grad`` off, the pairs get a second pass without autograd).
@@ -204,23 +206,23 @@ class ICHModel(nn.Module):
                 else images
             )
             return {"ac_logits": self.cls(self.backbone(x))}
-        if images.dim() != 5:
+        if images.dim() == 3:  # cached backbone features g (ichmodel.feature_cache), zero at padding
+            g, pair_feats = images, None
+            B, T, _ = g.size()
+            lengths = _host_lengths(lengths, B, T)
+            valid = (torch.arange(T)[None, :] < lengths[:, None]).to(g.device, non_blocking=True)
+            if transfer is not None and transfer.pair_images.numel() > 0:
+                pair_feats = transfer.pair_images.reshape(-1, g.size(2)).to(g.dtype)  # [2U, D]
+        elif images.dim() == 5:
+            g, pair_feats, valid, lengths = self._image_features(images, lengths, transfer)
+            B, T = g.shape[:2]
+        else:
             raise ValueError(
-                f"images must be [B, T, C, H, W] or [N, C, H, W]. Got shape {tuple(images.shape)}"
+                "images must be [B, T, C, H, W], single slices [N, C, H, W] or features [B, T, D]. "
+                f"Got shape {tuple(images.shape)}"
             )
-        B, T, C, H, W = images.size()  # batch, slices, channels, height, width
-        lengths = _host_lengths(lengths, B, T)
-        valid_host = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
-        flat_index = valid_host.reshape(-1).nonzero().squeeze(1)  # [N] indices into B*T, on the host
-        valid = valid_host.to(images.device, non_blocking=True)
-        flat_index = flat_index.to(images.device, non_blocking=True)
-        x = images.reshape(B * T, C, H, W).index_select(0, flat_index)  # [N, C, H, W]
-        N = x.size(0)
-        feats = self._features(x, images, transfer)  # [N + 2U, D]
-        D = feats.size(1)
-        g = feats.new_zeros(B * T, D).index_copy(0, flat_index, feats[:N]).view(B, T, D)  # [B, T, D]
-        if feats.size(0) > N:
-            g = _add_pair_differences(g, feats[N:], transfer.slot, valid)  # type: ignore[union-attr]
+        if pair_feats is not None:
+            g = _add_pair_differences(g, pair_feats, transfer.slot, valid)  # type: ignore[union-attr]
         g_rnn = g
         if mask is not None:
             mask = mask.to(device=g.device, dtype=torch.bool)
@@ -240,6 +242,24 @@ class ICHModel(nn.Module):
             "cpc_targets": g,
             "cpc_predictions": predict_future(context, self.cpc_predictors),
         }
+
+    def _image_features(
+        self, images: torch.Tensor, lengths: torch.Tensor, transfer: TransferBatch | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """g ``[B, T, D]`` (zero at padding) of a padded image batch, the pair images' features ``[2U, D]``
+        (or None), the valid mask ``[B, T]`` on g's device and the checked host lengths."""
+        B, T, C, H, W = images.size()  # batch, slices, channels, height, width
+        lengths = _host_lengths(lengths, B, T)
+        valid_host = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
+        flat_index = valid_host.reshape(-1).nonzero().squeeze(1)  # [N] indices into B*T, on the host
+        valid = valid_host.to(images.device, non_blocking=True)
+        flat_index = flat_index.to(images.device, non_blocking=True)
+        x = images.reshape(B * T, C, H, W).index_select(0, flat_index)  # [N, C, H, W]
+        N = x.size(0)
+        feats = self._features(x, images, transfer)  # [N + 2U, D]
+        D = feats.size(1)
+        g = feats.new_zeros(B * T, D).index_copy(0, flat_index, feats[:N]).view(B, T, D)  # [B, T, D]
+        return g, (feats[N:] if feats.size(0) > N else None), valid, lengths
 
     def _features(
         self, x: torch.Tensor, images: torch.Tensor, transfer: TransferBatch | None

@@ -75,9 +75,13 @@ def eval_outputs(
 def predict_batches(
     model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp_bf16: bool = False
 ) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
-    """Yield ``(batch, outputs)`` of :func:`eval_outputs` for each padded batch of ``loader`` (no augmentation)."""
+    """Yield ``(batch, outputs)`` of :func:`eval_outputs` for each padded batch of ``loader`` (no augmentation);
+    a batch of cached backbone features (``ichmodel.feature_cache``) goes in as its ``features``."""
     for batch in loader:
-        images = normalize(prepare_images(batch, device))  # [B, T, C, H, W]
+        if "features" in batch:
+            images = batch["features"].to(device, non_blocking=True)  # [B, T, D]
+        else:
+            images = normalize(prepare_images(batch, device))  # [B, T, C, H, W]
         yield batch, eval_outputs(model, images, batch["lengths"], amp_bf16)
 
 

@@ -203,15 +203,16 @@ def make_transfer_batch(
 
     Args:
         plan: from :func:`plan_strategies`.
-        pool_images: ``[P, 2, C, H, W]``, (z1, z2) images of each pool pair.
+        pool_images: ``[P, 2, C, H, W]``, (z1, z2) images of each pool pair, or their backbone features
+            ``[P, 2, D]`` (``ichmodel.feature_cache``).
         pair_classes: int64 ``[P]`` on the host, the class each pool pair adds.
 
     Returns:
         a :class:`TransferBatch` whose ``slot`` and ``pair_classes`` stay on the host (the model copies
         ``slot`` to the device) and whose images are on ``pool_images``' device.
     """
-    if pool_images.dim() != 5 or pool_images.size(1) != 2:
-        raise ValueError(f"pool_images must be [P, 2, C, H, W]. Got {tuple(pool_images.shape)}")
+    if pool_images.dim() not in (3, 5) or pool_images.size(1) != 2:
+        raise ValueError(f"pool_images must be [P, 2, C, H, W] or [P, 2, D]. Got {tuple(pool_images.shape)}")
     if pair_classes.shape != (pool_images.size(0),):
         raise ValueError(f"pair_classes must be [P]={pool_images.size(0)}. Got {tuple(pair_classes.shape)}")
     pool_slot = plan.transfer_slot

@@ -44,6 +44,8 @@ class StepContext:
     pool: TransferPoolImages | None
     generator: torch.Generator
     state: TrainState  # its nonfinite_steps counts skipped steps
+    #: the pool's pair features ``[P, 2, D]`` where the stage trains on cached features (a frozen backbone)
+    pool_features: torch.Tensor | None = None
 
 
 def make_optimizer(net: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -82,6 +84,8 @@ def _pool_on_device(ctx: StepContext) -> torch.Tensor | None:
     """Normalised pool images ``[P, 2, C, H, W]`` on the device when the stage uses diversity transfer."""
     if not ctx.stage.strategies or ctx.pool is None:
         return None
+    if ctx.pool_features is not None:
+        return ctx.pool_features
     pool_images = normalize(to_float(ctx.pool.images.to(ctx.device)))
     return pool_images.contiguous() if ctx.cfg.train.channels_last else pool_images
 
@@ -105,7 +109,10 @@ def step_loss(
     if ctx.stage.slices:
         return slice_step_loss(ctx, batch)
     cfg, device = ctx.cfg, ctx.device
-    images = normalize(augment_series(prepare_images(batch, device), cfg.augment, ctx.generator))
+    if "features" in batch:  # a frozen backbone's cached g (ichmodel.feature_cache): nothing to augment
+        images = batch["features"].to(device, non_blocking=True)
+    else:
+        images = normalize(augment_series(prepare_images(batch, device), cfg.augment, ctx.generator))
     images, labels = reverse_series(
         images, batch["labels"].to(device), batch["lengths"], cfg.augment, ctx.generator
     )

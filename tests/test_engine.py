@@ -418,17 +418,18 @@ def test_mc_plus_ac_prediction_is_refused_when_no_stage_trains_ac(data):
 
 def test_two_stage_recipe_trains_the_backbone_per_slice_then_only_the_sequence_heads(data, two_series):
     """``train.recipe = "two_stage"``: stage 1 changes the backbone and the classifier but not the GRU, on
-    shuffled batches of ``train.slice_batch`` single slices; stages 2-3 leave the backbone's weights and
-    BatchNorm statistics exactly as stage 1 ended and train the GRU."""
+    shuffled batches of ``train.slice_batch`` single slices; stages 2-3 train the GRU on the backbone's cached
+    features and leave its weights and BatchNorm statistics exactly as stage 1 ended."""
     cfg, train_set, val_set = data
     cfg = cfg.with_overrides(
         {"train.recipe": "two_stage", "train.slice_batch": 8, "train.max_epochs": [1, 1, 1]}
     )
-    snapshots, steps, batch_sizes = [], [], []
+    snapshots, steps, batch_sizes, kinds = [], [], [], []
     real = engine.train_one_epoch
 
     def watched(ctx, loader, progress=None):
         batch_sizes.append([int(b["lengths"].sum()) for b in loader] if ctx.stage.slices else None)
+        kinds.append({key for b in loader for key in ("images", "features") if key in b})
         result = real(ctx, loader, progress)
         steps.append(result["train_steps"])
         snapshots.append({k: v.detach().clone() for k, v in predict.unwrap(ctx.model).state_dict().items()})
@@ -455,6 +456,9 @@ def test_two_stage_recipe_trains_the_backbone_per_slice_then_only_the_sequence_h
     for later in snapshots[1:]:
         assert not changed(snapshots[0], later, "backbone."), "weights or BatchNorm statistics moved"
     assert changed(snapshots[0], snapshots[1], "rnn.")
+    assert kinds == [{"images"}, {"features"}, {"features"}]  # stages 2-3 read the cached features
+    # the export has a trained sequence model: the best of stages 2-3, even where stage 1 scored higher
+    assert state.best_f2 == max(h["val_f2"] for h in state.history[1:])
     assert all(p.requires_grad for p in net.parameters())  # nothing stays frozen after the run
 
 

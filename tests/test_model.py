@@ -71,7 +71,7 @@ def test_config_and_input_validation() -> None:
         build_model(ModelConfig(feature_dim=64, rnn_hidden=16))
     model = _model()
     with pytest.raises(ValueError, match=r"\[B, T, C, H, W\]"):
-        model(torch.zeros(3, 32, 32), torch.tensor([1, 1]))
+        model(torch.zeros(32, 32), torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="lengths"):
         model(_images(B=2), torch.tensor([6, 1]))
 
@@ -84,6 +84,32 @@ def test_single_slices_give_the_ac_logits_of_the_same_slices_in_a_series() -> No
     slices = model(images[0], torch.tensor([images.shape[1]]))
     assert set(slices) == {"ac_logits"}
     torch.testing.assert_close(slices["ac_logits"], series["ac_logits"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_features_give_the_outputs_of_the_images_they_came_from() -> None:
+    """``[B, T, D]`` input (a frozen backbone's cached g) skips the backbone; with diversity transfer the
+    pairs come as features ``[U, 2, D]``."""
+    model = _model().eval()
+    images, lengths = _images(B=2, T=4), torch.tensor([4, 2])
+    transfer = TransferBatch(
+        pair_images=torch.randn(1, 2, 3, 32, 32),
+        slot=torch.tensor([[-1, 0, -1, -1], [0, -1, -1, -1]]),
+        pair_classes=torch.tensor([2]),
+    )
+    seen: list[int] = []
+    model.backbone.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    plain = model(images, lengths)
+    with_pairs = model(images, lengths, transfer=transfer)
+    pair_feats = model.backbone(transfer.pair_images[0]).view(1, 2, -1)
+    seen.clear()
+    from_features = model(plain["g"], lengths)
+    from_pair_features = model(
+        plain["g"], lengths, transfer=TransferBatch(pair_feats, transfer.slot, transfer.pair_classes)
+    )
+    assert seen == []  # the backbone did not run
+    for key in ("mc_logits", "ac_logits", "lp_logits", "dc_logits", "h"):
+        torch.testing.assert_close(from_features[key], plain[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(from_pair_features[key], with_pairs[key], rtol=1e-4, atol=1e-5)
 
 
 def test_backbone_runs_once_over_valid_slices_and_pairs() -> None:
