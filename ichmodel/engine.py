@@ -61,6 +61,7 @@ from ichmodel.slice_batches import SliceBatches
 from ichmodel.stages import (
     Stage,
     TrainState,
+    check_prediction_trained,
     every_head_trains,
     next_stage,
     stage_done,
@@ -427,31 +428,6 @@ def fit(
     if run.best_model is not None:
         net.load_state_dict(run.best_model)
     return net, state
-
-
-def check_prediction_trained(cfg: Config) -> None:
-    """Refuse a ``model.prediction`` that reads a head no stage trains: it would add noise.
-
-    "mc+ac" needs MC and AC, "mc" needs MC, "ac" needs AC among the tasks of the stages with epochs.
-
-    Raises:
-        ValueError: naming the fields to change.
-    """
-    trained = [s for s in stage_plan(cfg) if s.max_epochs > 0]
-    if not trained:
-        return
-    tasks = {task for s in trained for task, weight in s.weights.items() if weight > 0}
-    if cfg.model.prediction == "mc+ac" and "ac" not in tasks:
-        raise ValueError(
-            'model.prediction "mc+ac" averages in the AC head, which no stage trains here (loss.beta = 0 '
-            "and no pretraining epochs): set model.prediction=mc"
-        )
-    if cfg.model.prediction in ("mc", "mc+ac") and "mc" not in tasks:
-        raise ValueError(
-            f'model.prediction "{cfg.model.prediction}" reads the MC head, which no stage trains here (only '
-            "the slice stage of train.recipe=two_stage has epochs): set model.prediction=ac or give stages "
-            "2-3 epochs"
-        )
 
 
 def wrap_ddp(net: ICHModel, device: torch.device, stage: Stage, cfg: Config) -> nn.Module:

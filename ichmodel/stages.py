@@ -122,6 +122,31 @@ def every_head_trains(stage: Stage, cfg: Config) -> bool:
     return all(terms.get(task, 0.0) > 0 for task in PRETRAIN_WEIGHTS)
 
 
+def check_prediction_trained(cfg: Config) -> None:
+    """Refuse a ``model.prediction`` that reads a head no stage trains: it would add noise.
+
+    "mc+ac" needs MC and AC, "mc" needs MC, "ac" needs AC among the tasks of the stages with epochs.
+
+    Raises:
+        ValueError: naming the fields to change.
+    """
+    trained = [s for s in stage_plan(cfg) if s.max_epochs > 0]
+    if not trained:
+        return
+    tasks = {task for s in trained for task, weight in s.weights.items() if weight > 0}
+    if cfg.model.prediction == "mc+ac" and "ac" not in tasks:
+        raise ValueError(
+            'model.prediction "mc+ac" averages in the AC head, which no stage trains here (loss.beta = 0 '
+            "and no pretraining epochs): set model.prediction=mc"
+        )
+    if cfg.model.prediction in ("mc", "mc+ac") and "mc" not in tasks:
+        raise ValueError(
+            f'model.prediction "{cfg.model.prediction}" reads the MC head, which no stage trains here (only '
+            "the slice stage of train.recipe=two_stage has epochs): set model.prediction=ac or give stages "
+            "2-3 epochs"
+        )
+
+
 def stage_done(cfg: Config, stage: Stage, state: TrainState, lr: float) -> bool:
     """A stage ends when the learning rate fell below ``min_lr`` or at its epoch cap."""
     return lr < cfg.train.min_lr or state.epoch >= stage.max_epochs

@@ -20,7 +20,14 @@ from ichmodel.losses import build_loss
 from ichmodel.metrics import fallback_thresholds
 from ichmodel.model import build_model
 from ichmodel.splits import split_series
-from ichmodel.stages import PRETRAIN_WEIGHTS, TrainState, adds_heads, every_head_trains, stage_plan
+from ichmodel.stages import (
+    PRETRAIN_WEIGHTS,
+    TrainState,
+    adds_heads,
+    check_prediction_trained,
+    every_head_trains,
+    stage_plan,
+)
 from ichmodel.train_step import StepContext, add_warmup, train_one_epoch
 from ichmodel.validation import evaluate
 
@@ -465,5 +472,5 @@ def test_two_stage_recipe_trains_the_backbone_per_slice_then_only_the_sequence_h
 def test_a_two_stage_run_of_the_slice_stage_alone_must_predict_with_its_own_head(data):
     cfg = data[0].with_overrides({"train.recipe": "two_stage", "train.max_epochs": [1, 0, 0]})
     with pytest.raises(ValueError, match="model.prediction=ac"):
-        engine.check_prediction_trained(cfg)
-    engine.check_prediction_trained(cfg.with_overrides({"model.prediction": "ac"}))
+        check_prediction_trained(cfg)
+    check_prediction_trained(cfg.with_overrides({"model.prediction": "ac"}))
