@@ -55,7 +55,7 @@ from ichmodel.dataset import (
 from ichmodel.diagnostics import format_shares, gradient_shares
 from ichmodel.feature_cache import CachedBatches, FeatureCache, cache_pool, cache_series
 from ichmodel.losses import build_loss
-from ichmodel.model import ICHModel, build_model
+from ichmodel.model import ICHModel, build_model, init_class_bias
 from ichmodel.rng_state import capture_rng_state, restore_rng_state
 from ichmodel.slice_batches import SliceBatches
 from ichmodel.stages import (
@@ -126,17 +126,6 @@ def resume_state(net: nn.Module, resume: dict[str, Any] | None) -> tuple[TrainSt
     return state, resume["best_model"]
 
 
-def init_class_bias(net: ICHModel, prevalence: np.ndarray) -> None:
-    """Set ``cls``'s bias to the log-odds of ``prevalence`` (``train.init_cls_bias``).
-
-    With a zero bias every class starts at probability 0.5, and ASL spends the first epochs pushing the
-    many negatives down before any class is told apart (see ``TrainConfig.init_cls_bias``).
-    """
-    p = np.clip(np.asarray(prevalence, dtype=np.float64), 1e-3, 1 - 1e-3)
-    with torch.no_grad():
-        net.cls.bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=net.cls.bias.dtype))
-
-
 def epoch_batches(run: RunContext) -> EpochBatches:
     """This rank's training batches (:class:`ichmodel.dataset.EpochBatches`, one for the run) set to the
     current epoch: its order and the series' random crops."""
@@ -168,6 +157,17 @@ def feature_cache(run: RunContext) -> FeatureCache:
             time.perf_counter() - started,
         )
     return run.features
+
+
+def rank_slice_counts(run: RunContext) -> list[int]:
+    """The slices each rank's training batches hold this epoch (after ``data.max_slices`` crops)."""
+    cfg, cap = run.cfg, run.cfg.data.max_slices or None
+    counts = []
+    for rank in range(run.world):
+        batches = EpochBatches(len(run.train_set), cfg.data.batch_size, cfg.train.seed, rank, run.world)
+        batches.set_epoch(run.state.global_epoch)
+        counts.append(sum(min(run.train_set.num_slices(i), cap or 10**9) for b in batches for i, _ in b))
+    return counts
 
 
 def steps_per_epoch(run: RunContext) -> int:
@@ -289,9 +289,13 @@ def run_epoch(
             cache.val, eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)
         )
     if ctx.stage.slices:  # the slice stage: shuffled batches of single slices from the series batches
-        cap = cfg.data.max_slices or None
-        num_slices = sum(min(run.train_set.num_slices(i), cap or 10**9) for b in batches for i, _ in b)
-        loader = SliceBatches(loader, cfg.train.slice_batch, ctx.generator, num_slices)
+        counts = rank_slice_counts(run)
+        steps = (
+            max(1, min(counts) // cfg.train.slice_batch) if run.world > 1 else None
+        )  # equal steps on every rank
+        loader = SliceBatches(
+            loader, cfg.train.slice_batch, ctx.generator, counts[run.rank], max_batches=steps
+        )
     train = train_one_epoch(ctx, loader, progress)
     if val_loader is None:
         val_batches = eval_batches(len(run.val_set), cfg.data.batch_size, run.rank, run.world)

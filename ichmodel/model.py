@@ -20,6 +20,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -374,6 +375,17 @@ def predict_future(context: torch.Tensor, predictors: nn.ModuleList | list[nn.Li
     weight = torch.stack([p.weight for p in predictors])  # [K, D, Dc]
     bias = torch.stack([p.bias for p in predictors])  # [K, D]
     return torch.einsum("btc,kdc->btkd", context, weight.to(context.dtype)) + bias.to(context.dtype)
+
+
+def init_class_bias(net: ICHModel, prevalence: np.ndarray) -> None:
+    """Set ``cls``'s bias to the log-odds of ``prevalence`` (``train.init_cls_bias``).
+
+    With a zero bias every class starts at probability 0.5, and ASL spends the first epochs pushing the
+    many negatives down before any class is told apart (see ``TrainConfig.init_cls_bias``).
+    """
+    p = np.clip(np.asarray(prevalence, dtype=np.float64), 1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        net.cls.bias.copy_(torch.as_tensor(np.log(p / (1 - p)), dtype=net.cls.bias.dtype))
 
 
 def build_model(cfg: ModelConfig) -> ICHModel:

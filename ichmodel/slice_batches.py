@@ -25,6 +25,10 @@ class SliceBatches:
         generator: a CPU generator: the draws from the buffer.
         num_slices: the epoch's slice count, for :meth:`__len__` (progress only).
         buffer: slices pooled before drawing (default 8 batches).
+        max_batches: stop after this many batches. Under DDP every rank must take the same number of steps
+            while ranks hold different numbers of slices: :func:`ichmodel.engine` passes the fewest full
+            batches any rank has (a rank drops at most its last ``batch_slices`` slices of the epoch, and the
+            next epoch's draw differs).
     """
 
     def __init__(
@@ -34,17 +38,29 @@ class SliceBatches:
         generator: torch.Generator,
         num_slices: int,
         buffer: int | None = None,
+        max_batches: int | None = None,
     ) -> None:
         self.series_batches = series_batches
         self.batch_slices = batch_slices
         self.generator = generator
         self.num_slices = num_slices
         self.buffer = buffer or 8 * batch_slices
+        self.max_batches = max_batches
 
     def __len__(self) -> int:
-        return max(1, -(-self.num_slices // self.batch_slices))
+        batches = max(1, -(-self.num_slices // self.batch_slices))
+        return batches if self.max_batches is None else min(batches, self.max_batches)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.max_batches is None:
+            yield from self._batches()
+            return
+        for taken, batch in enumerate(self._batches()):
+            if taken == self.max_batches:
+                return
+            yield batch
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         images: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
         held = 0

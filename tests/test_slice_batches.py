@@ -3,6 +3,7 @@ frozen backbone's cached features (ichmodel.feature_cache)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ichmodel.augment import normalize, to_float
@@ -71,3 +72,76 @@ def test_cached_features_are_the_backbones_in_eval_mode_and_batch_like_the_loade
     assert bool((batch["labels"][~batch["valid"]] == -1).all()) and bool(
         (batch["features"][~batch["valid"]] == 0).all()
     )
+
+
+def _ddp_worker(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    """One rank of a two_stage run under DDP (gloo, CPU): its steps per stage and its history."""
+    import json
+
+    import torch.distributed as dist
+
+    from ichmodel.config import Config
+    from ichmodel.engine import fit
+    from ichmodel.splits import split_series
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train_ids, val_ids = split_series(shards, 0.25, 0)
+        cfg = Config().with_overrides(
+            {"data.shards": shards, "train.recipe": "two_stage", "train.slice_batch": 8,
+             "train.max_epochs": [1, 1, 1], "model.feature_dim": 32, "model.rnn_hidden": 16}
+        )  # fmt: skip
+        net, state = fit(
+            cfg, SeriesDataset(shards, train_ids), SeriesDataset(shards, val_ids), torch.device("cpu")
+        )
+        weights = {k: float(v.float().sum()) for k, v in net.state_dict().items()}
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"history": state.history, "weights": weights}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_stage_recipe_under_ddp_takes_equal_steps_on_ranks_holding_different_slice_counts(
+    demo_shards, tmp_path
+):
+    """Two gloo ranks: the slice stage's ranks hold different numbers of slices but must take the same number
+    of steps (else DDP waits forever); both ranks end with the same weights and the same history."""
+    import json
+    import multiprocessing as mp
+    import socket
+
+    from ichmodel.dataset import EpochBatches
+    from ichmodel.splits import split_series
+
+    shards = str(demo_shards[0])
+    train_ids, _ = split_series(shards, 0.25, 0)
+    dataset = SeriesDataset(shards, train_ids)
+    counts = []
+    for rank in range(2):
+        batches = EpochBatches(len(dataset), 4, 0, rank, 2)
+        batches.set_epoch(0)
+        counts.append(sum(dataset.num_slices(i) for b in batches for i, _ in b))
+    assert counts[0] != counts[1]  # the case the test is about
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, shards, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not alive, "a rank still runs after 300 s: the ranks took different numbers of steps"
+    assert [p.exitcode for p in procs] == [0, 0]
+    runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    steps = [[h["train_steps"] for h in run["history"]] for run in runs]
+    assert steps[0] == steps[1] and steps[0][0] == min(counts) // 8
+    assert [h["stage"] for h in runs[0]["history"]] == [0, 1, 2]
+    assert runs[0]["weights"].keys() == runs[1]["weights"].keys()
+    for key, value in runs[0]["weights"].items():
+        assert abs(value - runs[1]["weights"][key]) <= 1e-4 * max(1.0, abs(value)), key
