@@ -275,6 +275,21 @@ def json_safe(value):
     return value
 
 
+def _recorded(path: str | None, world: dict) -> dict[tuple[str, int], dict]:
+    """``{(variant, seed): result}`` of the runs ``path`` (JSON lines, ``--results``) holds for this data world
+    and budget: a run recorded there (by this or another process) is not run again, and enters the table."""
+    done: dict[tuple[str, int], dict] = {}
+    if path and Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            if all(row.get(k) == v for k, v in world.items()):
+                result = {k: (float("nan") if v is None else v) for k, v in row["result"].items()}
+                for part in ("per_class", "auc"):
+                    result[part] = {c: (float("nan") if v is None else v) for c, v in result[part].items()}
+                done[(row["variant"], row["seed"])] = result
+    return done
+
+
 def run_setting(
     args: argparse.Namespace, setting: str, epochs: tuple[int, int, int], sequence_epochs: tuple[int, int]
 ) -> dict:
@@ -294,11 +309,16 @@ def run_setting(
     )
     extra = dict(item.split("=", 1) for item in args.set)
     base = Config().with_overrides({"data.shards": str(shards), "train.max_epochs": list(epochs), **extra})
+    world = {"setting": setting, "patients": args.patients, "size": args.size, "epochs": list(epochs),
+             "sequence_epochs": list(sequence_epochs), "set": sorted(args.set)}  # fmt: skip
+    done = _recorded(args.results, world)
     results: dict[str, list[dict]] = {}
     for name, overrides in variants(epochs, sequence_epochs).items():
         if args.only and name not in args.only:
             continue
         for seed in args.seeds:
+            if (name, seed) in done:
+                continue
             sets = (
                 SeriesDataset(shards, train_ids, seed=seed),
                 SeriesDataset(shards, val_ids),
@@ -306,12 +326,20 @@ def run_setting(
             )
             started = time.perf_counter()
             for key, result in run_variant(name, overrides, base, seed, sets).items():
-                results.setdefault(key, []).append(result)
+                done[(key, seed)] = result
+                if args.results:
+                    with open(args.results, "a") as f:
+                        f.write(
+                            json.dumps(json_safe({**world, "variant": key, "seed": seed, "result": result}))
+                            + "\n"
+                        )
                 print(
                     f"{setting:8s} {key:11s} seed {seed}: held-out micro-F2 {result['test_f2']:.4f} "
                     f"(val {result['val_f2']:.4f}, {time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
+    for (key, _seed), result in sorted(done.items(), key=lambda item: item[0][1]):
+        results.setdefault(key, []).append(result)
     print(f"\nsetting {setting}\n" + table(results, "+".join(map(str, epochs))) + "\n")
     summary = summarize(results)
     summary["series"] = {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)}
@@ -344,6 +372,13 @@ def main() -> int:
         default=[],
         metavar="KEY=VALUE",
         help="config overrides for every sequence variant, e.g. train.select_metric=f2 train.warmup_epochs=0",
+    )
+    parser.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="JSON lines: each finished run is appended; runs already there (same setting, size, budget) are "
+        "not run again and join the tables, so an ablation can be split over processes and resumed",
     )
     parser.add_argument("--smoke", action="store_true", help="12 series at 32 px, 1+0+1 epochs, seed 0")
     args = parser.parse_args()
