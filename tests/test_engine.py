@@ -109,10 +109,27 @@ def four_epoch_run(data) -> FourEpochRun:
 
 
 def test_stage_plan_follows_the_paper():
-    cfg = Config().with_overrides({"loss.nu": 0.25, "train.max_epochs": [3, 4, 5]})
+    cfg = Config().with_overrides({"loss.nu": 0.25, "train.max_epochs": [3, 4, 5], "train.recipe": "paper"})
     plan = stage_plan(cfg)
     assert [s.strategies for s in plan] == [False, True, True]
     assert plan[0].weights == plan[1].weights == {"mc": 1.0, "ac": 1.0, "lp": 0.0, "dc": 0.0, "cpc": 0.0}
+    assert plan[2].weights == {"mc": 1.0, "ac": 1.0, "lp": 1.0, "dc": 1.0, "cpc": 0.25}
+    assert [s.max_epochs for s in plan] == [3, 4, 5]
+    assert not any(s.slices or s.frozen_backbone for s in plan)
+
+
+def test_two_stage_plan_trains_slices_first_then_the_paper_stages_on_the_frozen_backbone():
+    cfg = Config().with_overrides(
+        {"loss.nu": 0.25, "train.max_epochs": [3, 4, 5], "train.recipe": "two_stage"}
+    )
+    plan = stage_plan(cfg)
+    assert [(s.slices, s.frozen_backbone, s.strategies) for s in plan] == [
+        (True, False, False),
+        (False, True, True),
+        (False, True, True),
+    ]
+    assert plan[0].weights == {"mc": 0.0, "ac": 1.0, "lp": 0.0, "dc": 0.0, "cpc": 0.0}
+    assert plan[1].weights == PRETRAIN_WEIGHTS
     assert plan[2].weights == {"mc": 1.0, "ac": 1.0, "lp": 1.0, "dc": 1.0, "cpc": 0.25}
     assert [s.max_epochs for s in plan] == [3, 4, 5]
 
@@ -410,10 +427,16 @@ def test_ddp_looks_for_unused_parameters_only_in_stages_that_leave_a_head_out():
 
 
 def test_only_a_stage_that_adds_a_task_to_trained_weights_adds_heads():
-    plan = stage_plan(Config().with_overrides({"train.max_epochs": [1, 1, 1]}))
+    paper = {"train.recipe": "paper"}
+    plan = stage_plan(Config().with_overrides({"train.max_epochs": [1, 1, 1], **paper}))
     assert [adds_heads(plan, TrainState(stage=i)) for i in range(3)] == [False, False, True]
-    mc_only = stage_plan(Config().with_overrides({"train.max_epochs": [0, 0, 4]}))
+    mc_only = stage_plan(Config().with_overrides({"train.max_epochs": [0, 0, 4], **paper}))
     assert not adds_heads(mc_only, TrainState(stage=2))  # nothing trained before: no hand-over
+    # two_stage: the slice stage trains AC alone, so the GRU's MC joins in stage 2 (warmed up there)
+    two_stage = stage_plan(
+        Config().with_overrides({"train.max_epochs": [1, 1, 1], "train.recipe": "two_stage"})
+    )
+    assert [adds_heads(two_stage, TrainState(stage=i)) for i in range(3)] == [False, True, True]
 
 
 def test_mc_plus_ac_prediction_is_refused_when_no_stage_trains_ac(data):

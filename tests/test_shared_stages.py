@@ -51,11 +51,14 @@ def test_every_row_names_a_config_field_and_agrees_with_the_engines_stage_plan()
     fields = {f"{s}.{n}" for s, section in Config().to_dict().items() for n in section}
     assert set(SP.FIELD_STAGES) <= fields, set(SP.FIELD_STAGES) - fields
     assert SP.field_stage("model.no_such_field") == (SP.PRETRAIN, False)  # unlisted: the safe reading
-    plan = stage_plan(Config().with_overrides({"loss.alpha": 3.0, "loss.nu": 0.0}))
-    # The pretraining stages run fixed weights: every weight's row says it acts from fine-tuning.
-    assert plan[SP.PRETRAIN].weights == plan[SP.STRATEGIES].weights == PRETRAIN_WEIGHTS
+    for recipe, first in (("paper", PRETRAIN_WEIGHTS), ("two_stage", SP.SLICE_WEIGHTS)):
+        plan = stage_plan(
+            Config().with_overrides({"loss.alpha": 3.0, "loss.nu": 0.0, "train.recipe": recipe})
+        )
+        # The first two stages run fixed weights: every weight's row says it acts from fine-tuning.
+        assert plan[SP.PRETRAIN].weights == first and plan[SP.STRATEGIES].weights == PRETRAIN_WEIGHTS
+        assert [s.strategies for s in plan] == [False, True, True]  # strategy.* rows: from stage 2
     assert {SP.field_stage(f"loss.{w}")[0] for w in ("alpha", "beta", "gamma", "mu", "nu")} == {SP.FINETUNE}
-    assert [s.strategies for s in plan] == [False, True, True]  # strategy.* rows: from stage 2
     assert {n for n, (stage, _) in SP.FIELD_STAGES.items() if stage > SP.PRETRAIN} == set(LATER_VALUES)
 
 
