@@ -1,21 +1,28 @@
 """Loader-only throughput from local disk vs. from S3 with real request latency, and GETs per epoch.
 
-    python bench/remote_loader.py [--patients 48] [--delay-ms 30] [--num-workers 2] [--compare-fsspec] [--smoke]
+    python bench/remote_loader.py [--patients 48] [--delay-ms 30] [--num-workers 2] [--compare-fsspec]
+                                  [--server-in-process] [--smoke]
 
 The same 256 px shards (synthetic, ``series_per_shard`` 4) are served (a) from local disk and (b) from moto's
 S3 server (``ThreadedMotoServer`` on 127.0.0.1) behind :class:`DelayProxy`, a loopback TCP proxy that holds
 every HTTP request for ``--delay-ms`` before passing it on (what a real bucket's time to first byte costs;
-moto answers in microseconds) and counts the requests. Each source is read for two epochs through
-``SeriesDataset`` + ``make_loader`` over ``EpochBatches`` (the engine's training loader: decode, collate,
-pinned memory on a GPU; persistent workers, so epoch 1 includes their start), no model. The S3 source goes
-through the node-local shard cache (``ichmodel.shard_cache``), cold at epoch 1. Rounds alternate the
-sources, in turn first; figures are medians.
+moto answers in microseconds) and counts the requests. Moto and the proxy run in a process of their own
+(:class:`S3Server`, this script with ``--serve``), as a bucket is not inside the training process: in this
+process their Python threads would hold the GIL the loader's main thread needs to take each batch
+(``--server-in-process`` measures that way). Their CPU time is reported (``server_cpu_s_epoch1``): on a
+2-core machine it comes out of the loader's share, which no real bucket takes.
 
-Printed: slices/s per epoch and source, object GETs of shard files per epoch, and the loader-only rate of
-one core (``num_workers = 0``, one torch thread) from the warm cache. ``--compare-fsspec`` also reads the
-S3 source through fsspec's ``simplecache`` and ``filecache`` (``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``)
-for the library choice in ``ichmodel/shard_cache.py``. Ends with ``RESULT {json}``: ``remote_epoch2_over_local``,
-``remote_epoch1_over_local``, ``gets_epoch2``, ``local_slices_per_s_per_core`` and the rest.
+Each source is read for two epochs through ``SeriesDataset`` + ``make_loader`` over ``EpochBatches`` (the
+engine's training loader: decode, collate, pinned memory on a GPU; persistent workers, so epoch 1 includes
+their start), no model. The S3 source goes through the node-local shard cache (``ichmodel.shard_cache``),
+cold at epoch 1. Rounds alternate the sources, in turn first; figures are medians.
+
+Printed: slices/s per epoch and source, time to the first batch, object GETs of shard files per epoch, the
+server's CPU seconds, and the loader-only rate of one core (``num_workers = 0``, one torch thread) from the
+warm cache. ``--compare-fsspec`` also reads the S3 source through fsspec's ``simplecache`` and ``filecache``
+(``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``) for the library choice in ``ichmodel/shard_cache.py``. Ends
+with ``RESULT {json}``: ``remote_epoch2_over_local``, ``remote_epoch1_over_local``, ``gets_epoch2``,
+``local_slices_per_s_per_core`` and the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import re
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -96,6 +105,11 @@ class DelayProxy:
     def count(self, method: str = "GET", kind: str = "shard") -> int:
         with self._lock:
             return self.requests[(method, kind)]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """A copy of :attr:`requests`."""
+        with self._lock:
+            return dict(self.requests)
 
     def reset(self) -> None:
         with self._lock:
@@ -160,6 +174,85 @@ def start_moto() -> tuple[Any, tuple[str, int]]:
     return server, (host, port)
 
 
+class S3Server:
+    """Moto's S3 server behind a :class:`DelayProxy`, in a child process (this script with ``--serve``).
+
+    ``direct``: moto's ``host:port``; ``endpoint``: the proxy's. :meth:`count`, :meth:`reset` ask the child's
+    proxy; :meth:`cpu_seconds` is the child's CPU time so far (moto and the proxy together). The child stops
+    at :meth:`stop`, when this process's end closes its stdin, or after ``lifetime`` seconds.
+    ``in_process``: moto and the proxy in this process instead (``cpu_seconds`` is then None).
+    """
+
+    def __init__(self, delay: float, lifetime: float = DEFAULT_LIFETIME_S, in_process: bool = False) -> None:
+        self._proc: subprocess.Popen | None = None
+        if in_process:
+            self._server, target = start_moto()
+            self._proxy: DelayProxy | None = DelayProxy(target, delay, lifetime)
+            self.direct, self.endpoint = f"{target[0]}:{target[1]}", self._proxy.endpoint
+            return
+        self._proxy = None
+        script = str(Path(__file__).resolve())
+        command = [sys.executable, script, "--serve", f"--delay-ms={delay * 1000}", f"--lifetime={lifetime}"]
+        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"The S3 server process exited with {self._proc.wait()} before it started")
+        info = json.loads(line)
+        self.direct, self.endpoint = info["direct"], info["proxy"]
+
+    def _ask(self, command: str) -> dict[str, Any]:
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._proc.stdout.readline())
+
+    def count(self, method: str = "GET", kind: str = "shard") -> int:
+        if self._proxy is not None:
+            return self._proxy.count(method, kind)
+        return self._ask("stats")["requests"].get(f"{method} {kind}", 0)
+
+    def reset(self) -> None:
+        if self._proxy is not None:
+            self._proxy.reset()
+        else:
+            self._ask("reset")
+
+    def cpu_seconds(self) -> float | None:
+        return None if self._proc is None else self._ask("stats")["cpu_s"]
+
+    def stop(self) -> None:
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._server.stop()
+        elif self._proc.poll() is None:
+            self._proc.stdin.close()  # the child's loop ends and it stops moto and the proxy
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+
+def serve(delay: float, lifetime: float) -> None:
+    """The child of :class:`S3Server`: prints ``{"direct", "proxy"}``, then answers ``stats`` and ``reset``
+    lines on stdin with one JSON line each until stdin ends; exits after ``lifetime`` seconds regardless."""
+    timer = threading.Timer(lifetime, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+    server, target = start_moto()
+    proxy = DelayProxy(target, delay, lifetime)
+    print(json.dumps({"direct": f"{target[0]}:{target[1]}", "proxy": proxy.endpoint}), flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() == "reset":
+                proxy.reset()
+                print("{}", flush=True)
+            elif line.strip() == "stats":
+                requests = {f"{method} {kind}": n for (method, kind), n in proxy.counts().items()}
+                print(json.dumps({"requests": requests, "cpu_s": time.process_time()}), flush=True)
+    finally:
+        proxy.stop()
+        server.stop()
+
+
 def s3_uri(bucket_path: str, endpoint: str) -> str:
     """``s3://bucket/path`` naming a server at ``endpoint`` (``host:port``) in the URI's query."""
     return f"s3://{bucket_path}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
@@ -180,8 +273,10 @@ def make_shards(root: Path, patients: int, size: int, series_per_shard: int) -> 
     return out
 
 
-def read_epochs(dataset, batch: int, num_workers: int, epochs: int, proxy: DelayProxy | None) -> list[dict]:
-    """Read ``epochs`` epochs of ``dataset`` through one persistent ``make_loader`` (the engine's)."""
+def read_epochs(dataset, batch: int, num_workers: int, epochs: int, server: Any = None) -> list[dict]:
+    """Read ``epochs`` epochs of ``dataset`` through one persistent ``make_loader`` (the engine's); per epoch:
+    slices/s, seconds, seconds to the first batch, and, with a ``server`` (:class:`S3Server` or
+    :class:`DelayProxy`), its GETs of shard files and its CPU seconds (None where unknown)."""
     from ichmodel.dataset import EpochBatches, make_loader
 
     batches = EpochBatches(len(dataset), batch, seed=0)
@@ -190,14 +285,19 @@ def read_epochs(dataset, batch: int, num_workers: int, epochs: int, proxy: Delay
     try:
         for epoch in range(epochs):
             batches.set_epoch(epoch)
-            if proxy is not None:
-                proxy.reset()
-            start, slices = time.perf_counter(), 0
+            if server is not None:
+                server.reset()
+            cpu = getattr(server, "cpu_seconds", lambda: None)()
+            start, slices, first = time.perf_counter(), 0, None
             for item in loader:
                 slices += int(item["lengths"].sum())
+                first = time.perf_counter() - start if first is None else first
             seconds = time.perf_counter() - start
-            gets = proxy.count("GET", "shard") if proxy is not None else 0
-            out.append({"slices_per_s": slices / seconds, "seconds": seconds, "shard_gets": gets})
+            gets = server.count("GET", "shard") if server is not None else 0
+            if cpu is not None:
+                cpu = server.cpu_seconds() - cpu
+            out.append({"slices_per_s": slices / seconds, "seconds": seconds, "first_batch_s": first,
+                        "shard_gets": gets, "server_cpu_s": cpu})  # fmt: skip
     finally:
         del loader
         gc.collect()  # end this loader's workers before the next loader forks its own
@@ -263,9 +363,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=4, help="series per batch")
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers of the epoch runs")
     parser.add_argument("--delay-ms", type=float, default=30.0, help="added per HTTP request (max 1000)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; each reads every source cold")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each reads every source cold")
     parser.add_argument("--compare-fsspec", action="store_true", help="also read through fsspec's caches")
+    parser.add_argument("--server-in-process", action="store_true",
+                        help="moto and the proxy in this process (threads), as before: they share its GIL")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="12 series, 1 round: under a minute")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # S3Server's child
+    parser.add_argument("--lifetime", type=float, default=DEFAULT_LIFETIME_S, help=argparse.SUPPRESS)
     return parser
 
 
@@ -279,24 +383,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from ichmodel.shard_cache import ShardCache
 
     root = Path(tempfile.mkdtemp(prefix="bench-remote-loader-"))
-    server, (host, port) = start_moto()
-    proxy = DelayProxy((host, port), delay=args.delay_ms / 1000.0)
+    load_before = os.getloadavg()[0]
+    server = S3Server(args.delay_ms / 1000.0, in_process=args.server_in_process)
     try:
         start = time.perf_counter()
         local = make_shards(root, args.patients, args.size, args.series_per_shard)
         print(f"shards {local} ({args.size} px) ready in {time.perf_counter() - start:.1f} s")
         import pyarrow.fs as pafs
 
-        direct = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+        direct = pafs.S3FileSystem(endpoint_override=server.direct, scheme="http", region="us-east-1",
                                    allow_bucket_creation=True)  # fmt: skip
         direct.create_dir("bench")
-        io.copy_folder(local, s3_uri("bench/shards", f"{host}:{port}"))
-        remote = s3_uri("bench/shards", proxy.endpoint)
+        io.copy_folder(local, s3_uri("bench/shards", server.direct))
+        remote = s3_uri("bench/shards", server.endpoint)
         manifest = json.loads((local / "manifest.json").read_text())
         files = len(manifest["shards"])
         size_mb = sum(p.stat().st_size for p in local.glob("*.parquet")) / 2**20
         print(f"{manifest['num_series']} series, {manifest['num_slices']} slices in {files} shard files "
-              f"({size_mb:.1f} MiB); proxy delay {args.delay_ms:.0f} ms per request")  # fmt: skip
+              f"({size_mb:.1f} MiB); proxy delay {args.delay_ms:.0f} ms per request; moto and the proxy "
+              f"{'in this process' if args.server_in_process else 'in a process of their own'}")  # fmt: skip
 
         sources: dict[str, Any] = {
             "local": lambda r: SeriesDataset(local),
@@ -305,7 +410,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.compare_fsspec:
             for protocol in ("simplecache", "filecache"):
                 sources[f"fsspec_{protocol}"] = lambda r, p=protocol: fsspec_dataset(
-                    remote, FsspecOpener(p, proxy.endpoint, root / f"{p}-{r}"), "bench/shards"
+                    remote, FsspecOpener(p, server.endpoint, root / f"{p}-{r}"), "bench/shards"
                 )
         runs: dict[str, list[list[dict]]] = {name: [] for name in sources}
         errors: dict[str, str] = {}
@@ -316,7 +421,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if name in errors:
                     continue
                 try:
-                    runs[name].append(read_epochs(build(r), args.batch, args.num_workers, 2, proxy))
+                    runs[name].append(read_epochs(build(r), args.batch, args.num_workers, 2, server))
                 except Exception as exc:  # fsspec's caches: two workers may read each other's partial file
                     if not name.startswith("fsspec"):
                         raise
@@ -325,18 +430,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"{name} failed in {errors[name]}")
         core, core_cpu = per_core_rate(SeriesDataset(remote, cache=ShardCache(root / "cache-0")), args.batch)
     finally:
-        proxy.stop()
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+    load_after = os.getloadavg()[0]
 
-    def med(name: str, epoch: int, key: str) -> float:
-        return statistics.median(run[epoch][key] for run in runs[name])
+    def med(name: str, epoch: int, key: str) -> float | None:
+        values = [run[epoch][key] for run in runs[name]]
+        return None if None in values else statistics.median(values)
 
-    print(f"{args.num_workers} loader workers, batch {args.batch}, medians of {args.rounds} round(s)")
-    print(f"{'source':>22}{'epoch 1 sl/s':>14}{'GETs':>6}{'epoch 2 sl/s':>14}{'GETs':>6}")
+    print(f"{args.num_workers} loader workers, batch {args.batch}, medians of {args.rounds} round(s); "
+          f"load average {load_before:.1f} at the start, {load_after:.1f} at the end")  # fmt: skip
+    print(f"{'source':>22}{'epoch 1 sl/s':>14}{'1st batch s':>12}{'GETs':>6}{'epoch 2 sl/s':>14}{'GETs':>6}")
     for name in [n for n in runs if runs[n]]:
-        print(f"{name:>22}{med(name, 0, 'slices_per_s'):>14.0f}{med(name, 0, 'shard_gets'):>6.0f}"
-              f"{med(name, 1, 'slices_per_s'):>14.0f}{med(name, 1, 'shard_gets'):>6.0f}")  # fmt: skip
+        print(f"{name:>22}{med(name, 0, 'slices_per_s'):>14.0f}{med(name, 0, 'first_batch_s'):>12.3f}"
+              f"{med(name, 0, 'shard_gets'):>6.0f}{med(name, 1, 'slices_per_s'):>14.0f}"
+              f"{med(name, 1, 'shard_gets'):>6.0f}")  # fmt: skip
+    server_cpu = med("remote", 0, "server_cpu_s")
+    if server_cpu is not None:
+        print(f"moto + proxy CPU in the remote source's epoch 1: {server_cpu:.2f} s "
+              f"(the epoch took {med('remote', 0, 'seconds'):.2f} s on {os.cpu_count()} cores)")  # fmt: skip
     print(f"one core (0 workers, 1 torch thread) from the local cache: {core:.0f} slices/s "
           f"({core_cpu:.0f} per CPU-second)")  # fmt: skip
     local1, local2 = med("local", 0, "slices_per_s"), med("local", 1, "slices_per_s")
@@ -349,6 +461,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "remote_epoch2_over_local": med("remote", 1, "slices_per_s") / local2,
         "gets_epoch1": med("remote", 0, "shard_gets"),
         "gets_epoch2": med("remote", 1, "shard_gets"),
+        "local_first_batch_s": med("local", 0, "first_batch_s"),
+        "remote_first_batch_s": med("remote", 0, "first_batch_s"),
+        "server_cpu_s_epoch1": server_cpu,
+        "server_in_process": args.server_in_process,
+        "load_average": [load_before, load_after],
         "local_slices_per_s": local2,
         "local_slices_per_s_per_core": core,
         "local_slices_per_cpu_s": core_cpu,
@@ -366,4 +483,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    arguments = get_args_parser().parse_args()
+    if arguments.serve:
+        serve(arguments.delay_ms / 1000.0, arguments.lifetime)
+    else:
+        main(arguments)

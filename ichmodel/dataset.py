@@ -95,6 +95,7 @@ class SeriesDataset(Dataset):
             self.remote = list_remote_shards(self.shard_dir, self.manifest)
         self._files: dict[str, pq.ParquetFile] = {}
         self._prefetch_order: list[str] = []  # set by make_loader for its worker processes
+        self._prefetch_threads = 1
 
     def __len__(self) -> int:
         return len(self.series_ids)
@@ -112,14 +113,14 @@ class SeriesDataset(Dataset):
         indices = range(len(self)) if indices is None else indices
         return list(dict.fromkeys(self._index[self.series_ids[i]][0] for i in indices))
 
-    def prefetch(self, files: Sequence[str] | None = None) -> Prefetch | None:
-        """Start downloading ``files`` (default: all of this dataset's) into the node's cache in background
-        threads; returns the :class:`~ichmodel.shard_cache.Prefetch` (``.wait()`` blocks until done), or
-        None for a local folder."""
+    def prefetch(self, files: Sequence[str] | None = None, threads: int | None = None) -> Prefetch | None:
+        """Start downloading ``files`` (default: all of this dataset's) into the node's cache in ``threads``
+        (default: the cache's) background threads; returns the :class:`~ichmodel.shard_cache.Prefetch`
+        (``.wait()`` blocks until done), or None for a local folder."""
         if self.remote is None or self.cache is None:
             return None
         files = self.shard_files() if files is None else files
-        return self.cache.prefetch([self.remote[f] for f in files])
+        return self.cache.prefetch([self.remote[f] for f in files], threads)
 
     def open_file(self, name: str) -> pq.ParquetFile:
         """Shard ``name`` opened for reading row groups (from the node's cache for a storage folder)."""
@@ -347,10 +348,11 @@ def make_loader(
     """A DataLoader over ``batches`` (lists of series indices) that pads each with :func:`collate_series`.
 
     For a shard folder in object storage, the shard files the batches need start downloading into the
-    node's cache at once, in background threads (:meth:`SeriesDataset.prefetch`): in each worker process,
-    first the files of the batches that worker will get, then the rest (the files later epochs of an
-    :class:`EpochBatches` need); with ``num_workers == 0``, in this process. Workers are not forked while
-    this process downloads for the same dataset (an earlier 0-worker loader's downloads finish first).
+    node's cache at once, in background threads (:meth:`SeriesDataset.prefetch`), in the order the batches
+    need them, then the rest (the files later epochs of an :class:`EpochBatches` need): in the worker
+    processes, which share the list through the files' locks and split the cache's ``threads`` among them,
+    or with ``num_workers == 0`` in this process. Workers are not forked while this process downloads for
+    the same dataset (an earlier 0-worker loader's downloads finish first).
     ``generator``: draws the workers' base seed (else torch's global generator does), so a run resumed
     from a checkpoint starts workers seeded as the uninterrupted run's were.
     """
@@ -359,11 +361,12 @@ def make_loader(
         main_prefetch = dataset.__dict__.pop("_main_prefetch", None)
         if main_prefetch is not None:
             main_prefetch.join()
-        orders = _prefetch_orders(dataset, batches, max(1, num_workers))
+        order = _prefetch_order(dataset, batches)
         if num_workers == 0:
-            dataset._main_prefetch = dataset.prefetch(orders[0])
+            dataset._main_prefetch = dataset.prefetch(order)
         else:
-            dataset._prefetch_order = orders
+            dataset._prefetch_order = order
+            dataset._prefetch_threads = math.ceil(dataset.cache.threads / num_workers)
             worker_init_fn = _prefetch_in_worker
     return DataLoader(
         dataset,
@@ -378,30 +381,25 @@ def make_loader(
     )
 
 
-def _prefetch_orders(dataset: SeriesDataset, batches: Iterable[Any], workers: int) -> list[list[str]]:
-    """For each loader worker, the shard files in the order it will need them: those of its own batches
-    (a DataLoader hands batch ``j`` to worker ``j % workers``), then every other file of the dataset.
+def _prefetch_order(dataset: SeriesDataset, batches: Iterable[Any]) -> list[str]:
+    """The shard files in the order the loader's batches first need them (a DataLoader hands the batches
+    out in order, round robin over its workers), then every other file of the dataset.
 
-    One-shot iterables (generators) are not looked into: every worker then gets all files in index order.
+    One-shot iterables (generators) are not looked into: then all files in index order.
     """
     everything = dataset.shard_files()
     if not isinstance(batches, (Sequence, EpochBatches)):
-        return [everything] * workers
-    listed = list(batches)
-    orders = []
-    for k in range(workers):
-        mine = [i if isinstance(i, int) else i[0] for batch in listed[k::workers] for i in batch]
-        first = dataset.shard_files(mine)
-        seen = set(first)
-        orders.append(first + [f for f in everything if f not in seen])
-    return orders
+        return everything
+    needed = [i if isinstance(i, int) else i[0] for batch in batches for i in batch]
+    first = dataset.shard_files(needed)
+    seen = set(first)
+    return first + [f for f in everything if f not in seen]
 
 
 def _prefetch_in_worker(worker_id: int) -> None:
     """``worker_init_fn`` of :func:`make_loader`: start this worker's downloads (its own threads)."""
     dataset = get_worker_info().dataset
-    orders = dataset._prefetch_order
-    dataset._worker_prefetch = dataset.prefetch(orders[worker_id % len(orders)])
+    dataset._worker_prefetch = dataset.prefetch(dataset._prefetch_order, dataset._prefetch_threads)
 
 
 def prepare_images(batch: dict[str, Any], device: torch.device) -> torch.Tensor:

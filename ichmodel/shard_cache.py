@@ -6,6 +6,13 @@ read from there with ``read_row_group``; :class:`ichmodel.dataset.SeriesDataset`
 URI shard folder, and :func:`ichmodel.dataset.make_loader` starts downloading the files a loader will need,
 in background threads, while the first batches are read.
 
+Prefetch (:meth:`ShardCache.prefetch`) takes the files in the order the batches need them, a bounded number at
+once; a file another thread or process of the node is downloading already is skipped (a non-blocking try of
+its lock) and waited for only at the end, so the loader workers of one node share one list instead of
+queueing behind each other's downloads, and a reader opens each file as soon as its download is renamed into
+place. A file larger than ``part_bytes`` is fetched as parallel ranged GETs (one S3 stream tops out near
+100 MB/s). Each process opens its filesystem (S3 client) once per bucket and endpoint, not per file.
+
 Guarantees:
 
 * **Whole files only.** A download goes to a temporary name (``<name>.<pid>.<thread>.tmp``) and is renamed
@@ -13,7 +20,8 @@ Guarantees:
   download that is killed or fails leaves at most a ``.tmp`` file, which no reader opens and the next
   download of that file removes.
 * **One download per node.** Every process on the node takes an exclusive ``flock`` on the file's sidecar
-  ``<name>.lock`` before downloading; one that waited finds the finished file and reads it.
+  ``<name>.lock`` before downloading; one that waited finds the finished file and reads it. Parts of one
+  file are written by the lock holder's threads into its own temporary file.
 * **Never stale.** A file's cache name is a digest of its location, its size and modification time from the
   listing, and its entry in ``manifest.json``; a shard rewritten in the bucket or listed differently by a new
   manifest gets a new name (the old copy ages out). pyarrow does not expose S3's ETag; an object rewritten
@@ -41,10 +49,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -59,9 +69,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_FOLDER_NAME = "ichmodel-shard-cache"
 #: Size bound when none is configured (``data.cache_max_gib``).
 DEFAULT_MAX_BYTES = 100 * 2**30
-#: Background download threads per process (:meth:`ShardCache.prefetch`).
-PREFETCH_THREADS = 8
-#: Bytes per ranged read of a download (one GET each); a shard below this is one GET.
+#: Downloads at once of one :meth:`ShardCache.prefetch` (a loader splits them among its workers).
+PREFETCH_THREADS = 4
+#: A file larger than this is downloaded as parallel ranged GETs of this size; a smaller one is one GET.
+PART_BYTES = 16 * 2**20
+#: Ranged GETs at once within one file's download.
+PART_THREADS = 4
+#: Bytes per read of a one-part download (one GET each).
 READ_CHUNK = 64 * 2**20
 PARQUET_MAGIC = b"PAR1"
 SUFFIX = ".parquet"
@@ -124,10 +138,12 @@ class ShardCache:
         folder: the cache folder (created on first use); ``None`` or ``""``: :func:`default_cache_dir`.
             On a cluster, a local NVMe or the instance's EBS volume.
         max_bytes: the size bound; least recently used files are deleted above it.
-        threads: background download threads of :meth:`prefetch`.
+        threads: downloads at once of :meth:`prefetch` (:func:`ichmodel.dataset.make_loader` splits them
+            among its worker processes).
+        part_bytes: files larger than this are downloaded as parallel ranged GETs of this size.
 
     Raises:
-        ValueError: when ``max_bytes`` or ``threads`` is < 1.
+        ValueError: when ``max_bytes``, ``threads`` or ``part_bytes`` is < 1.
     """
 
     def __init__(
@@ -135,14 +151,15 @@ class ShardCache:
         folder: str | Path | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         threads: int = PREFETCH_THREADS,
+        part_bytes: int = PART_BYTES,
     ) -> None:
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1. Got {max_bytes}")
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1. Got {threads}")
+        for name, value in (("max_bytes", max_bytes), ("threads", threads), ("part_bytes", part_bytes)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1. Got {value}")
         self.folder = Path(folder) if folder else default_cache_dir()
         self.max_bytes = int(max_bytes)
         self.threads = threads
+        self.part_bytes = int(part_bytes)
 
     @classmethod
     def from_config(cls, data: DataConfig) -> ShardCache:
@@ -165,26 +182,40 @@ class ShardCache:
             OSError: naming the location when the download fails (nothing is left under the final name).
             ValueError: when the downloaded bytes do not match the listing (size or Parquet footer).
         """
+        path = self._fetch(remote, wait=True)
+        assert path is not None  # a blocking fetch always ends with the file or raises
+        return path
+
+    def try_fetch(self, remote: RemoteFile) -> Path | None:
+        """Like :meth:`fetch`, but None at once when another thread or process holds the file's lock (it is
+        downloading it)."""
+        return self._fetch(remote, wait=False)
+
+    def _fetch(self, remote: RemoteFile, wait: bool) -> Path | None:
         path = self.path(remote)
         if _is_complete(path, remote.size):
             _touch(path)
             return path
         self.folder.mkdir(parents=True, exist_ok=True)
-        with _locked(path.with_name(path.name + ".lock")):
+        with _locked(path.with_name(path.name + ".lock"), wait) as got:
+            if not got:
+                return None
             if _is_complete(path, remote.size):  # another process finished it while this one waited
                 _touch(path)
                 return path
-            _download(remote, path)
+            _download(remote, path, self.part_bytes)
         self.evict(keep=path)
         return path
 
-    def prefetch(self, remotes: Sequence[RemoteFile]) -> Prefetch:
-        """Start downloading ``remotes`` (in this order) in :attr:`threads` daemon threads; returns at once.
+    def prefetch(self, remotes: Sequence[RemoteFile], threads: int | None = None) -> Prefetch:
+        """Start downloading ``remotes`` (in this order) in ``threads`` (default :attr:`threads`) daemon
+        threads; returns at once.
 
-        Files already cached cost one ``stat``. A failed download is logged; a reader's own :meth:`fetch`
-        then tries again and raises.
+        Files already cached cost one ``stat``; a file another thread or process is downloading is skipped
+        and waited for after the rest. A failed download is logged; a reader's own :meth:`fetch` then tries
+        again and raises.
         """
-        return Prefetch(self, remotes, self.threads)
+        return Prefetch(self, remotes, threads or self.threads)
 
     def usage(self) -> int:
         """Bytes of finished files in the cache folder."""
@@ -233,17 +264,18 @@ class ShardCache:
 
 
 class Prefetch:
-    """Background downloads of :meth:`ShardCache.prefetch`: daemon threads that take files from a queue."""
+    """Background downloads of :meth:`ShardCache.prefetch`: daemon threads that take files from a queue in
+    order. A file whose lock is held elsewhere (being downloaded) is put aside; once the queue is empty each
+    thread waits for the files put aside, so :meth:`wait` still means "all of them are in the cache"."""
 
     def __init__(self, cache: ShardCache, remotes: Sequence[RemoteFile], threads: int) -> None:
         self.cache = cache
         self.errors: list[BaseException] = []
-        self._queue: queue.SimpleQueue[RemoteFile | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[RemoteFile] = queue.SimpleQueue()
+        self._busy: queue.SimpleQueue[RemoteFile] = queue.SimpleQueue()  # downloading elsewhere
         for remote in remotes:
             self._queue.put(remote)
         count = min(threads, len(remotes))
-        for _ in range(count):
-            self._queue.put(None)  # one stop mark per thread
         self._threads = [
             threading.Thread(target=self._run, name=f"shard-prefetch-{i}", daemon=True) for i in range(count)
         ]
@@ -251,12 +283,18 @@ class Prefetch:
             thread.start()
 
     def _run(self) -> None:
-        while (remote := self._queue.get()) is not None:
-            try:
-                self.cache.fetch(remote)
-            except Exception as exc:  # the reader's own fetch raises it again
-                logger.warning("prefetch of %s failed: %s", remote.location, exc)
-                self.errors.append(exc)
+        for source, fetch in ((self._queue, self.cache.try_fetch), (self._busy, self.cache.fetch)):
+            while True:
+                try:
+                    remote = source.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    if fetch(remote) is None:
+                        self._busy.put(remote)
+                except Exception as exc:  # the reader's own fetch raises it again
+                    logger.warning("prefetch of %s failed: %s", remote.location, exc)
+                    self.errors.append(exc)
 
     def join(self) -> None:
         """Block until the threads are done (errors stay in :attr:`errors`)."""
@@ -288,34 +326,75 @@ def _touch(path: Path) -> None:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def _locked(lock_path: Path, wait: bool = True) -> Iterator[bool]:
     """An exclusive ``flock`` on ``lock_path`` (never deleted: a deleted lock file would let two holders in).
-    The kernel releases it when the holder dies, so a killed download never blocks the node."""
+    The kernel releases it when the holder dies, so a killed download never blocks the node.
+
+    Yields True once held; with ``wait=False``, False at once when another descriptor holds it."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
+            except BlockingIOError:  # held elsewhere (only without wait)
+                yield False
+                return
             except OSError as exc:  # EINTR from a signal handler (DataLoader workers install some)
                 if exc.errno != errno.EINTR:
                     raise
-        yield
+        yield True
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
 
 
-def _download(remote: RemoteFile, path: Path) -> None:
-    """Copy ``remote`` to ``path`` through a temporary file; the caller holds the file's lock."""
+_filesystems: dict[str, pafs.FileSystem] = {}
+_filesystems_lock = threading.Lock()
+
+
+def _forget_filesystems() -> None:
+    """In a forked child (a loader worker): its own S3 clients, and a lock no parent thread can hold."""
+    global _filesystems_lock
+    _filesystems.clear()
+    _filesystems_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_filesystems)
+
+
+def _open_source(location: str) -> tuple[pafs.FileSystem, str]:
+    """``io.resolve(location)`` with one filesystem per process and scheme + bucket + query: building an S3
+    client costs 10-200 ms (more with several threads at once), and Arrow's filesystems are safe to share
+    between threads."""
+    parts = urlsplit(location)
+    key = f"{parts.scheme}://{parts.netloc}?{parts.query}"
+    with _filesystems_lock:
+        fs = _filesystems.get(key)
+    if fs is not None:
+        return fs, unquote(f"{parts.netloc}{parts.path}")  # what FileSystem.from_uri gives for a bucket
+    fs, path = io.resolve(location)
+    with _filesystems_lock:
+        _filesystems[key] = fs
+    return fs, path
+
+
+def _download(remote: RemoteFile, path: Path, part_bytes: int = PART_BYTES) -> None:
+    """Copy ``remote`` to ``path`` through a temporary file; the caller holds the file's lock.
+
+    One GET (the file opens with one HEAD) when it is at most ``part_bytes``, else ranged GETs of
+    ``part_bytes``, :data:`PART_THREADS` at once, each written at its offset."""
     for stale in path.parent.glob(f"{path.name}.*.tmp"):  # killed earlier: nobody else can write it now
         stale.unlink(missing_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = time.perf_counter()
     try:
-        fs, source_path = io.resolve(remote.location)
+        fs, source_path = _open_source(remote.location)
         with fs.open_input_file(source_path) as source, open(tmp, "wb") as target:
-            while chunk := source.read(READ_CHUNK):  # one ranged GET per chunk
-                target.write(chunk)
+            if remote.size <= part_bytes:
+                while chunk := source.read(READ_CHUNK):  # one ranged GET per chunk
+                    target.write(chunk)
+            else:
+                _copy_parts(source, target.fileno(), remote.size, part_bytes)
         got = tmp.stat().st_size
         if got != remote.size:
             raise ValueError(f"{remote.location}: downloaded {got} bytes, the listing says {remote.size}")
@@ -332,3 +411,22 @@ def _download(remote: RemoteFile, path: Path) -> None:
     logger.debug(
         "shard cache: downloaded %s (%.1f MiB) in %.2f s", remote.location, remote.size / 2**20, seconds
     )
+
+
+def _copy_parts(source: pafs.NativeFile, target_fd: int, size: int, part_bytes: int) -> None:
+    """Ranged reads of ``part_bytes`` from ``source`` (``read_at`` is safe from several threads), written
+    at their offsets in ``target_fd``, :data:`PART_THREADS` at once."""
+
+    def copy(offset: int) -> None:
+        want = min(part_bytes, size - offset)
+        view = memoryview(source.read_at(want, offset))
+        if len(view) != want:  # a short part would leave a hole that the size check cannot see
+            raise OSError(f"got {len(view)} bytes at offset {offset}, asked for {want}")
+        while view:
+            written = os.pwrite(target_fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    offsets = range(0, size, part_bytes)
+    with ThreadPoolExecutor(min(PART_THREADS, len(offsets)), thread_name_prefix="shard-part") as pool:
+        for _ in pool.map(copy, offsets):  # re-raises the first failed part
+            pass

@@ -7,8 +7,10 @@ engine's own (``make_loader`` over ``EpochBatches``) with two real worker proces
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -22,10 +24,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from ichmodel import io, readers
+from ichmodel import io, readers, shard_cache
 from ichmodel import preprocess as pp
 from ichmodel.config import Config
-from ichmodel.dataset import EpochBatches, SeriesDataset, make_loader, series_labels
+from ichmodel.dataset import EpochBatches, SeriesDataset, _prefetch_order, make_loader, series_labels
 from ichmodel.shard_cache import RemoteFile, ShardCache, list_remote_shards
 from ichmodel.shards import load_manifest
 from tests import datagen
@@ -172,6 +174,79 @@ def test_a_loader_with_two_workers_downloads_each_file_once(s3, local_shards, tm
     finally:
         proxy.delay = old_delay
     assert proxy.count("GET", "shard") == files
+
+
+def test_a_file_larger_than_a_part_downloads_as_parallel_ranged_gets(s3, local_shards, tmp_path):
+    _, proxy = s3
+    uri = upload(local_shards, s3, "parts")
+    remotes = list(list_remote_shards(uri, load_manifest(uri)).values())
+    part = min(r.size for r in remotes) // 3  # every file in 3 parts or more
+    proxy.reset()
+    cache = ShardCache(tmp_path / "cache", part_bytes=part)
+    for remote in remotes:
+        assert cache.fetch(remote).read_bytes() == (local_shards / remote.name).read_bytes()
+    assert proxy.count("GET", "shard") == sum(math.ceil(r.size / part) for r in remotes)
+    assert proxy.count("HEAD", "shard") == len(remotes)  # one open per file
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_prefetch_skips_a_file_downloading_elsewhere_and_waits_for_it_last(s3, local_shards, tmp_path):
+    """A file whose lock another process holds is put aside: the files after it are downloaded meanwhile,
+    and ``wait`` returns only once the put-aside file is in the cache too."""
+    uri = upload(local_shards, s3, "busy")
+    remotes = list(list_remote_shards(uri, load_manifest(uri)).values())
+    cache = ShardCache(tmp_path / "cache", threads=1)
+    busy = cache.path(remotes[0])
+    busy.parent.mkdir(parents=True)
+    fd = os.open(busy.with_name(busy.name + ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another process downloading it would
+    try:
+        assert cache.try_fetch(remotes[0]) is None
+        prefetch = cache.prefetch(remotes)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(cache.path(r).exists() for r in remotes[1:]):
+            time.sleep(0.02)
+        assert all(cache.path(r).exists() for r in remotes[1:]) and not busy.exists()
+        assert prefetch._threads[0].is_alive()  # waiting for the busy file
+    finally:
+        os.close(fd)  # the "other process" stops (without the file): the prefetch downloads it itself
+    prefetch.wait()
+    assert busy.read_bytes() == (local_shards / remotes[0].name).read_bytes()
+
+
+def test_the_prefetch_order_follows_the_batches_and_the_workers_split_the_threads(s3, local_shards, tmp_path):
+    uri = upload(local_shards, s3, "order")
+    dataset = SeriesDataset(uri, cache=ShardCache(tmp_path / "cache", threads=5))
+    batches = EpochBatches(len(dataset), batch_size=3, seed=0)
+    first_use = []
+    for batch in batches:
+        for i, _ in batch:
+            file = dataset._index[dataset.series_ids[i]][0]
+            if file not in first_use:
+                first_use.append(file)
+    assert _prefetch_order(dataset, batches) == first_use  # every file is in epoch 0's batches here
+    assert _prefetch_order(dataset, [[len(dataset) - 1]])[0] == dataset.shard_files([len(dataset) - 1])[0]
+    assert sorted(_prefetch_order(dataset, iter([[0]]))) == sorted(dataset.shard_files())
+    make_loader(dataset, batches, num_workers=2)
+    assert dataset._prefetch_threads == 3  # ceil(5 / 2) per worker
+
+
+def filesystems_in_child(out) -> None:
+    out.put(len(shard_cache._filesystems))
+
+
+def test_one_filesystem_per_process_and_bucket(s3, local_shards):
+    uri = upload(local_shards, s3, "clients")
+    remotes = list(list_remote_shards(uri, load_manifest(uri)).values())
+    opened = [shard_cache._open_source(r.location) for r in remotes]
+    assert all(fs is opened[0][0] for fs, _ in opened)  # the S3 client is built once
+    assert [path for _, path in opened] == [io.resolve(r.location)[1] for r in remotes]
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=filesystems_in_child, args=(out,))
+    child.start()
+    assert out.get(timeout=60) == 0  # a forked loader worker builds its own client
+    child.join(timeout=60)
 
 
 def test_a_shard_changed_in_the_bucket_is_not_served_from_the_stale_cache(s3, local_shards, tmp_path):
