@@ -140,23 +140,31 @@ def epoch_batches(run: RunContext) -> EpochBatches:
 
 def feature_cache(run: RunContext) -> FeatureCache:
     """The backbone features of every training series, this rank's validation series and the transfer
-    pool, computed once (the first time a stage on the frozen backbone asks)."""
+    pool, computed once (the first time a stage on the frozen backbone asks). Computing them leaves the
+    random state as it was (their loaders draw worker seeds), so a run resumed on a frozen-backbone stage,
+    which computes them again, draws what the uninterrupted run drew."""
     if run.features is None:
-        cfg, started = run.cfg, time.perf_counter()
-        batch, workers, amp = cfg.data.batch_size, cfg.data.num_workers, cfg.train.amp_bf16
-        train = cache_series(
-            run.net, run.train_set, eval_batches(len(run.train_set), batch), run.device, amp, workers
-        )
-        val_batches = eval_batches(len(run.val_set), batch, run.rank, run.world)
-        val = cache_series(run.net, run.val_set, val_batches, run.device, amp, workers)
-        run.features = FeatureCache(train, val, cache_pool(run.net, run.pool, run.device))
-        logger.info(
-            "frozen backbone: features of %d training and %d validation series cached in %.1f s",
-            len(train.features),
-            len(val.features),
-            time.perf_counter() - started,
-        )
+        with torch.random.fork_rng(devices=[]):
+            run.features = _compute_features(run)
     return run.features
+
+
+def _compute_features(run: RunContext) -> FeatureCache:
+    cfg, started = run.cfg, time.perf_counter()
+    batch, workers, amp = cfg.data.batch_size, cfg.data.num_workers, cfg.train.amp_bf16
+    train = cache_series(
+        run.net, run.train_set, eval_batches(len(run.train_set), batch), run.device, amp, workers
+    )
+    val_batches = eval_batches(len(run.val_set), batch, run.rank, run.world)
+    val = cache_series(run.net, run.val_set, val_batches, run.device, amp, workers)
+    features = FeatureCache(train, val, cache_pool(run.net, run.pool, run.device))
+    logger.info(
+        "frozen backbone: features of %d training and %d validation series cached in %.1f s",
+        len(train.features),
+        len(val.features),
+        time.perf_counter() - started,
+    )
+    return features
 
 
 def rank_slice_counts(run: RunContext) -> list[int]:
