@@ -219,7 +219,8 @@ FIELD_STAGES: dict[str, tuple[int, bool]] = {
     "train.channels_last": (PRETRAIN, True),
     "train.threshold": (PRETRAIN, True),
     "train.select_metric": (PRETRAIN, False),  # the best score carried over from the shared stages
-    "train.warmup_epochs": (FINETUNE, True),  # warm-up only where a stage adds heads (adds_heads)
+    # warm-up only where a stage adds heads (adds_heads): stage 3 of "paper", stage 2 of "two_stage" (the GRU)
+    "train.warmup_epochs": (STRATEGIES, True),
     "train.init_cls_bias": (PRETRAIN, False),  # initial weights
     "train.recipe": (PRETRAIN, False),  # what every stage trains
     "train.slice_batch": (PRETRAIN, True),

@@ -108,12 +108,13 @@ test_hu.__test__ = False  # not a pytest test
 
 
 def write_checkpoint(path: Path, shards: Path, seed: int = 0, train: bool = False) -> Path:
-    """A real checkpoint for ``shards`` (validation fraction 0.25): one trained epoch, or a fresh model."""
+    """A real checkpoint for ``shards`` (validation fraction 0.25): one trained epoch (stage 3, the sequence
+    model on the frozen backbone), or a fresh model."""
     cfg = Config().with_overrides(
         {
             "data.shards": str(shards),
             "data.val_fraction": 0.25,
-            "train.max_epochs": [1, 0, 0],
+            "train.max_epochs": [0, 0, 1],
             "train.seed": seed,
         }
     )

@@ -36,11 +36,14 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data(demo_shards):
+    """The config of the engine's stage-flow tests: the paper's recipe, where every stage trains the whole
+    model on series batches (the two_stage recipe's own flow has its tests below)."""
     shards = demo_shards[0]
     train_ids, val_ids = split_series(shards, 0.25, 0)
     cfg = Config().with_overrides(
-        {"data.shards": str(shards), "data.val_fraction": 0.25, "train.max_epochs": [1, 1, 1]}
-    )
+        {"data.shards": str(shards), "data.val_fraction": 0.25, "train.max_epochs": [1, 1, 1],
+         "train.recipe": "paper"}
+    )  # fmt: skip
     return cfg, SeriesDataset(shards, train_ids), SeriesDataset(shards, val_ids)
 
 

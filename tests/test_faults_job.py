@@ -65,7 +65,9 @@ def raced_run(ray_head, demo_shards, tmp_path_factory):
     """Two ``train.py --name twice`` started together (2 epochs of stage 1): the winner's summary, the refused
     job and its stderr, the run folder."""
     storage = tmp_path_factory.mktemp("raced")
-    args = job_args("train", demo_shards[0], storage, "twice", "--epochs", "2,0,0", "--num-workers", "1")
+    # The paper's recipe: its stage 1 trains the whole model, so the optimizer state is the checkpoint's bulk.
+    args = job_args("train", demo_shards[0], storage, "twice", "--epochs", "2,0,0", "--num-workers", "1",
+                    "--set", "train.recipe=paper")  # fmt: skip
     winner, refused, stderr = _race(ray_head, args)
     return winner, refused, stderr, _finish(winner)[0], storage / "twice"
 
@@ -111,7 +113,7 @@ def test_two_searches_on_one_s3_experiment_one_runs_and_the_other_is_refused(
         monkeypatch.setenv(key, value)
     experiment = f"{bucket}/runs/twice"
     args = job_args(
-        "tune", demo_shards[0], f"{bucket}/runs", "twice", "--num-samples", "1", "--epochs", "1,0,0"
+        "tune", demo_shards[0], f"{bucket}/runs", "twice", "--num-samples", "1", "--epochs", "0,0,1"
     )
     winner, refused, stderr = _race(ray_head, args, env)
     try:
@@ -145,8 +147,9 @@ def test_storage_made_read_only_mid_run_ends_with_one_line_and_keeps_the_checkpo
             "cannot mount here (needs root with CAP_SYS_ADMIN): no way to make a folder read-only for root"
         )
     subprocess.run(["umount", str(storage)], check=True)
+    # The paper's recipe: 8 epochs of whole-model training, long enough to make the folder read-only mid-run.
     args = job_args("train", demo_shards[0], storage, "ro", "--epochs", "8,0,0", "--num-workers", "1",
-                    "--max-failures", "0")  # fmt: skip
+                    "--max-failures", "0", "--set", "train.recipe=paper")  # fmt: skip
     proc = _start(ray_head, args)
     try:
         deadline = time.monotonic() + 300

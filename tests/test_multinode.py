@@ -152,7 +152,7 @@ def test_trials_train_on_both_nodes_and_their_drivers_stay_on_the_head(two_nodes
         [f"{VENV_BIN}/ray", "job", "submit", "--address", two_nodes.head.dashboard, "--working-dir", ".", "--",
          "python", "ray_jobs/tune.py", "--smoke-test", "--data", str(shards), "--set", "data.val_fraction=0.25",
          "--num-samples", "2", "--max-concurrent", "2", "--workers-per-trial", "1", "--driver-resource", "driver",
-         "--epochs", "1,0,0", "--share-stages", "off", "--storage", str(tmp_path), "--name", "mn"],
+         "--epochs", "0,0,1", "--share-stages", "off", "--storage", str(tmp_path), "--name", "mn"],
         cwd=REPO_ROOT, env=two_nodes.client_env, capture_output=True, text=True, timeout=420,
     )  # fmt: skip
     assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), (

@@ -37,7 +37,7 @@ LATER_VALUES = {
     "train.warmup_epochs": 2,
 }
 DEFAULT_DEFERRED = ("loss.gamma_neg", "loss.gamma_pos", "loss.soft_f2", "strategy.epsilon", "strategy.p1",
-                    "strategy.p2")  # fmt: skip
+                    "strategy.p2", "train.warmup_epochs")  # fmt: skip
 
 
 def _searched(space: str) -> list[str]:
@@ -62,9 +62,11 @@ def test_every_row_names_a_config_field_and_agrees_with_the_engines_stage_plan()
     assert {n for n, (stage, _) in SP.FIELD_STAGES.items() if stage > SP.PRETRAIN} == set(LATER_VALUES)
 
 
-def test_fields_the_table_puts_in_later_stages_do_not_change_the_earlier_ones(demo_shards):
+@pytest.mark.parametrize("recipe", ["paper", "two_stage"])
+def test_fields_the_table_puts_in_later_stages_do_not_change_the_earlier_ones(demo_shards, recipe):
     """The engine, run: stage 1 trained with every later-stage field changed gives the same weights, and so do
-    stages 1-2 with every fine-tuning field changed."""
+    stages 1-2 with every fine-tuning field changed, in either recipe (two_stage's runs predict with the AC
+    head, the one its slice stage trains, so a run of the slice stage alone is valid)."""
     shards = demo_shards[0]
     train_ids, val_ids = split_series(shards, 0.25, 0)
     train_set, val_set = SeriesDataset(shards, train_ids), SeriesDataset(shards, val_ids)
@@ -74,6 +76,8 @@ def test_fields_the_table_puts_in_later_stages_do_not_change_the_earlier_ones(de
             "data.val_fraction": 0.25,
             "data.max_slices": 6,
             "train.max_epochs": [1, 1, 0],
+            "train.recipe": recipe,
+            "model.prediction": "ac" if recipe == "two_stage" else "mc+ac",
         }
     )
 
@@ -115,6 +119,11 @@ def test_what_the_built_in_spaces_share():
         "strategy.p1",
         "strategy.p2",
     )
+    # Searching the recipe: what stage 1 trains differs between trials, so nothing is shared.
+    recipes = _searched("recipes")
+    assert set(recipes) == {*default, "train.recipe"}
+    share = SP.plan_sharing(recipes, caps, "auto")
+    assert (share.stages, share.deferred) == (0, ()) and "train.recipe" in share.reason
     # A searched field that cannot change under a run (the model's shape) falls back to exact sharing.
     fixed = SP.plan_sharing(["model.feature_dim", "loss.alpha"], caps, "auto")
     assert (fixed.stages, fixed.deferred) == (0, ()) and "model.feature_dim" in fixed.reason

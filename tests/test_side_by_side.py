@@ -32,7 +32,7 @@ def test_two_smoke_searches_at_once_each_with_its_own_local_ray_both_finish(tmp_
                 "--num-samples",
                 "1",
                 "--epochs",
-                "1,0,0",
+                "0,0,1",
                 "--share-stages",
                 "off",
                 "--storage",
@@ -56,6 +56,6 @@ def test_two_smoke_searches_at_once_each_with_its_own_local_ray_both_finish(tmp_
         experiment = tmp_path / name / "search"
         table = pd.read_csv(experiment / "trials.csv")
         assert len(table) == 1 and (table["status"] == "OK").all() and table["finished"].all()
-        assert (table["epochs"] == 1).all()  # the caps 1,0,0
+        assert (table["epochs"] == 1).all()  # the caps 0,0,1
         for checkpoint in table["checkpoint"]:  # each search's checkpoints lie in its own experiment
             assert checkpoint.startswith(str(experiment)) and Path(checkpoint).is_file()
