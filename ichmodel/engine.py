@@ -139,10 +139,8 @@ def epoch_batches(run: RunContext) -> EpochBatches:
 
 
 def feature_cache(run: RunContext) -> FeatureCache:
-    """The backbone features of every training series, this rank's validation series and the transfer
-    pool, computed once (the first time a stage on the frozen backbone asks). Computing them leaves the
-    random state as it was (their loaders draw worker seeds), so a run resumed on a frozen-backbone stage,
-    which computes them again, draws what the uninterrupted run drew."""
+    """The frozen backbone's features of the training and this rank's validation series and the transfer
+    pool, computed once, leaving the random state as it was (a resumed run computes them again)."""
     if run.features is None:
         with torch.random.fork_rng(devices=[]):
             run.features = _compute_features(run)
