@@ -276,14 +276,20 @@ def json_safe(value):
     return value
 
 
+#: The variants that ``--sequence-epochs`` acts on; the others' recorded runs serve whatever it is.
+SEQUENCE_VARIANTS = ("recipe_two_stage", "default")
+
+
 def _recorded(path: str | None, world: dict) -> dict[tuple[str, int], dict]:
     """``{(variant, seed): result}`` of the runs ``path`` (JSON lines, ``--results``) holds for this data world
-    and budget: a run recorded there (by this or another process) is not run again, and enters the table."""
+    and budget: a run recorded there (by this or another process) is not run again, and enters the table.
+    ``sequence_epochs`` must match only for :data:`SEQUENCE_VARIANTS` (the others never read it)."""
     done: dict[tuple[str, int], dict] = {}
     if path and Path(path).exists():
         for line in Path(path).read_text().splitlines():
             row = json.loads(line)
-            if all(row.get(k) == v for k, v in world.items()):
+            keys = world if row.get("variant") in SEQUENCE_VARIANTS else world.keys() - {"sequence_epochs"}
+            if all(row.get(k) == world[k] for k in keys):
                 result = {k: (float("nan") if v is None else v) for k, v in row["result"].items()}
                 for part in ("per_class", "auc"):
                     result[part] = {c: (float("nan") if v is None else v) for c, v in result[part].items()}

@@ -23,6 +23,10 @@ from ray_jobs.storage import absolute, check_job_paths, join, storage_env
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "runs" / "demo_data"  # ichmodel.demo_data.ensure_demo_data(DEMO_ROOT) for the jobs
 TRAIN_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+#: How often a Train run's controller polls its workers (Ray's default 2 s): a finished run is seen in several
+#: polls, so 2 s left each run ~5 s of idling after its last epoch (the demo makes 5 runs, a search one per
+#: trial); 0.5 s leaves ~1 s. A poll is one small RPC per worker.
+TRAIN_POLL_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -55,6 +59,7 @@ def init_ray(num_cpus: int | None = None):
             "PYTHONPATH": _pythonpath(),
             # Train's workers may wait for the autoscaler to boot a GPU node, which takes minutes, not 60 s.
             TRAIN_START_TIMEOUT: os.environ.get(TRAIN_START_TIMEOUT, "900"),
+            TRAIN_POLL_INTERVAL: os.environ.get(TRAIN_POLL_INTERVAL, "0.5"),
             **storage_env(),  # an S3-compatible endpoint set for the driver (AWS_ENDPOINT_URL) reaches the workers
         }
     }
