@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from pathlib import Path
 
@@ -31,14 +32,29 @@ def ensure_demo_data(
     """
     root = Path(root)
     raw, train_shards, test_shards = root / "Blood_data", root / "shards" / "train", root / "shards" / "test"
-    if (train_shards / MANIFEST_NAME).is_file() and (test_shards / MANIFEST_NAME).is_file():
+
+    def done() -> bool:
+        return (train_shards / MANIFEST_NAME).is_file() and (test_shards / MANIFEST_NAME).is_file()
+
+    if done():
         return train_shards, test_shards
-    logger.info(
-        "generating demo data: %d + %d synthetic series at %d px in %s", patients, test_patients, size, raw
-    )
-    if not (raw / "train.csv").is_file():
-        synth.write_dlcv_dataset(raw, patients, (12, 20), size, seed, test_patients, difficulty)
-    options = PreprocessOptions(size=size)
-    preprocess(read_dlcv(raw / "train", raw / "train.csv"), train_shards, options)
-    preprocess(read_dlcv(raw / "test"), test_shards, options)
+    root.mkdir(parents=True, exist_ok=True)
+    # Two jobs started at once on the same demo folder (a search and a train run, two test processes): one
+    # generates, the other waits for it here and then finds the shards made.
+    with open(root / ".generating.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done():
+            return train_shards, test_shards
+        logger.info(
+            "generating demo data: %d + %d synthetic series at %d px in %s",
+            patients,
+            test_patients,
+            size,
+            raw,
+        )
+        if not (raw / "train.csv").is_file():
+            synth.write_dlcv_dataset(raw, patients, (12, 20), size, seed, test_patients, difficulty)
+        options = PreprocessOptions(size=size)
+        preprocess(read_dlcv(raw / "train", raw / "train.csv"), train_shards, options)
+        preprocess(read_dlcv(raw / "test"), test_shards, options)
     return train_shards, test_shards

@@ -41,6 +41,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from ichmodel.stages import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharin
 from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
+    TRAIN_POLL_INTERVAL,
     ConfigArgs,
     add_config_arguments,
     build_config,
@@ -256,6 +258,10 @@ def train_trial_fn(
     if fail_at_epoch is not None:
         loop_config.update(fail_at_epoch=fail_at_epoch, fail_marker=f"{storage}/.failed-once-{trial_id}")
         max_failures = 0
+    # A trial's Train run keeps Ray's 2 s worker poll (the jobs' 0.5 s, TRAIN_POLL_INTERVAL, ends a run ~1 s
+    # after its last report), and the trial returns only once Tune took every report: see
+    # wait_until_tune_took_the_reports.
+    os.environ[TRAIN_POLL_INTERVAL] = TRIAL_POLL_INTERVAL_S  # passed on to the run's controller by Train
     trainer = build_trainer(
         loop_config,
         name=run_name,
@@ -265,8 +271,42 @@ def train_trial_fn(
         **scaling,
     )
     result = trainer.fit()
+    wait_until_tune_took_the_reports()
     if result.error:
         raise result.error
+
+
+#: The worker poll of a trial's Train run (Ray's default).
+TRIAL_POLL_INTERVAL_S = "2"
+
+
+def wait_until_tune_took_the_reports(timeout_s: float = 120.0, settle_s: float = 1.0) -> None:
+    """Block the trial function until Tune's main thread has taken the Train run's last report.
+
+    Ray 2.60's function trainable deadlocks otherwise: ``TuneReportCallback`` hands each report to the trial's
+    main thread through a one-slot queue, and a function that returns puts its own closing report into the
+    main thread's one-slot result queue; when that comes first, the main thread blocks forever putting the
+    run's last report there (seen: a trial RUNNING for ever with 0 CPUs, its Train run long finished, in a
+    test pass on 2 busy cores). Both queues empty for ``settle_s`` means the main thread has passed it on.
+    Returns at once outside a Tune trial; gives up after ``timeout_s``.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    reports = getattr(session, "_inter_actor_queue", None)
+    results = getattr(session, "result_queue", None)
+    if reports is None or results is None:
+        return
+    deadline, empty_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if reports.empty() and results.empty():
+            empty_since = empty_since or time.monotonic()
+            if time.monotonic() - empty_since >= settle_s:
+                return
+        else:
+            empty_since = None
+        time.sleep(0.05)
+    logger.warning("Tune had not taken the trial's last report after %.0f s; returning anyway", timeout_s)
 
 
 def trial_scaling(options: SearchOptions) -> dict:

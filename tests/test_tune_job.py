@@ -74,6 +74,16 @@ def test_ray_job_submit_runs_the_smoke_search(ray_head, tmp_path):
     assert "take the base config's values in the shared stages" in proc.stdout + proc.stderr
 
 
+def test_a_trial_whose_train_run_ends_while_tune_is_busy_still_completes(ray_head, tmp_path):
+    """A Train run that ends ~1 s after its last report, while Tune's driver is busy for 4 s after each
+    result: without ``wait_until_tune_took_the_reports`` Ray 2.60 deadlocks (the trial stays RUNNING; the
+    same script with ``nowait`` runs into the timeout)."""
+    proc = _ok(
+        ray_head.run([sys.executable, "tests/trial_report_race.py", str(tmp_path), "wait"], timeout=240)
+    )
+    assert "trial ended: 1" in proc.stdout  # both reports reached Tune
+
+
 def _trial_results(experiment: Path) -> dict[str, list[dict]]:
     out = {}
     for result in experiment.glob("*/result.json"):
