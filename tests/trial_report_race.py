@@ -4,6 +4,7 @@ STORAGE wait|nowait``). With ``nowait`` Ray 2.60 deadlocks: the trial stays RUNN
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -22,8 +23,6 @@ def loop() -> None:
 
 
 def trial(config: dict) -> None:
-    import os
-
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # the run ends ~1 s after its last report
     run = RunConfig(
         name=f"run-{config['wait']}", storage_path=config["storage"], callbacks=[TuneReportCallback()]
