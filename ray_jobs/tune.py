@@ -51,7 +51,6 @@ from ichmodel.stages import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharin
 from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
-    TRAIN_POLL_INTERVAL,
     ConfigArgs,
     add_config_arguments,
     build_config,
@@ -258,10 +257,8 @@ def train_trial_fn(
     if fail_at_epoch is not None:
         loop_config.update(fail_at_epoch=fail_at_epoch, fail_marker=f"{storage}/.failed-once-{trial_id}")
         max_failures = 0
-    # A trial's Train run keeps Ray's 2 s worker poll (the jobs' 0.5 s, TRAIN_POLL_INTERVAL, ends a run ~1 s
-    # after its last report), and the trial returns only once Tune took every report: see
-    # wait_until_tune_took_the_reports.
-    os.environ[TRAIN_POLL_INTERVAL] = TRIAL_POLL_INTERVAL_S  # passed on to the run's controller by Train
+    # The trial returns only once Tune took every report of its Train run (which polls its workers every
+    # 0.5 s, ray_jobs.cli.TRAIN_POLL_INTERVAL, and so ends ~1 s after its last report): see wait_until_tune_took_the_reports.
     trainer = build_trainer(
         loop_config,
         name=run_name,
@@ -274,10 +271,6 @@ def train_trial_fn(
     wait_until_tune_took_the_reports()
     if result.error:
         raise result.error
-
-
-#: The worker poll of a trial's Train run (Ray's default).
-TRIAL_POLL_INTERVAL_S = "2"
 
 
 def wait_until_tune_took_the_reports(timeout_s: float = 120.0, settle_s: float = 1.0) -> None:
