@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "ray_jobs" / "preprocess.py"
 
 
+#: What ray.init prints when it starts a local instance.
+RAY_STARTED = "Started a local Ray instance"
+
+
 def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join someone else's cluster
     env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local cluster: do not write ~/.ray/auth_token
@@ -82,6 +86,7 @@ def test_job_exits_non_zero_when_nothing_is_usable(tmp_path):
     )
     assert proc.returncode == 1
     assert "Nothing usable" in proc.stderr and "series: 0, slices: 0, skipped: 2" in proc.stdout
+    assert RAY_STARTED not in proc.stderr + proc.stdout
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_skipped"] == 2
 
 
@@ -94,3 +99,4 @@ def test_job_reports_a_wrong_csv_header(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "'name,ID,ich,ivh,sah,sdh,edh'" in proc.stderr
+    assert RAY_STARTED not in proc.stderr + proc.stdout  # reported before the job's own Ray would start
