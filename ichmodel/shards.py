@@ -40,13 +40,19 @@ def load_manifest(shard_dir: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: naming the folder when there is no manifest.
+        ValueError: naming the file when it is not JSON (e.g. cut short).
     """
+    path = io.join(shard_dir, MANIFEST_NAME)
     try:
-        return json.loads(io.read_text(io.join(shard_dir, MANIFEST_NAME)))
+        text = io.read_text(path)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"No {MANIFEST_NAME} in {shard_dir}; run ray_jobs/preprocess.py first"
         ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}); run ray_jobs/preprocess.py again") from None
 
 
 def open_shard(shard_dir: str | Path, file: str) -> pq.ParquetFile:

@@ -34,6 +34,7 @@ from ray_jobs.cli import (
     ConfigArgs,
     add_config_arguments,
     build_config,
+    data_readable,
     init_ray_for_job,
     setup_logging,
 )
@@ -184,6 +185,8 @@ def train_in(run_dir: str, values: dict) -> int:
             cfg = Config.from_dict(config)
         else:
             cfg = run_config(ConfigArgs.of(values), use_gpu=values["use_gpu"])
+            if not data_readable(values["data"] and cfg.data.shards):  # nothing recorded for a wrong --data
+                return 2
             write_job_record(run_dir, "train", values, cfg.to_dict())
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)

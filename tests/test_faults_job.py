@@ -18,7 +18,7 @@ from ichmodel import io as store
 from ichmodel.checkpoint import load_checkpoint
 from ichmodel.checkpoint_recovery import run_checkpoints, verify_checkpoint
 from ray_jobs.worker import recorded_result
-from tests.conftest import REPO_ROOT, job_args
+from tests.conftest import REPO_ROOT, auth_env, job_args
 from tests.test_s3 import s3  # noqa: F401  (the module's moto server fixture)
 
 pytestmark = pytest.mark.ray
@@ -177,3 +177,24 @@ def test_storage_made_read_only_mid_run_ends_with_one_line_and_keeps_the_checkpo
     kept = run_checkpoints(storage / "ro")
     assert kept and verify_checkpoint(kept[0]) == "size and sha256"
     assert load_checkpoint(kept[0])["global_epoch"] >= 1
+
+
+@pytest.mark.parametrize("job", ["train", "tune"])
+@pytest.mark.parametrize("content", [None, "{not json"])
+def test_data_without_a_readable_manifest_ends_the_job_in_one_line_before_ray(job, content, tmp_path):
+    """``--data`` naming a folder without a (readable) ``manifest.json``: exit 2 with one line naming the
+    folder, before any Ray start and before anything is recorded (a record would refuse the corrected rerun
+    of the same name). Before, the Train workers found it after Ray's start and Train's retries: a traceback
+    30-40 s later."""
+    data = tmp_path / "not-preprocessed"
+    data.mkdir()
+    if content is not None:
+        (data / "manifest.json").write_text(content)
+    env = {k: v for k, v in auth_env().items() if k != "RAY_ADDRESS"}  # the job would start its own Ray
+    proc = subprocess.run(job_args(job, data, tmp_path / "runs", "wrong-data"), cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--data" in lines[0] and str(data) in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert not list((tmp_path / "runs").rglob("job_args.json"))
