@@ -238,9 +238,14 @@ def build_config(
     shards or its epoch caps) → the ``--config`` file → each ``--set`` → ``--epochs`` → ``--data`` (made
     absolute unless it is a URI).
 
+    The config is checked as the Train workers check it before training (:func:`ichmodel.stages.
+    check_prediction_trained`), so a wrong combination ends the job here, not in the workers after Ray's start.
+
     Raises:
         ValueError: naming the field of a bad value or an unknown name (``FileNotFoundError`` for --config).
     """
+    from ichmodel.stages import check_prediction_trained  # noqa: PLC0415
+
     overrides = (dict(GPU_DEFAULTS) if gpu else {}) | dict(defaults or {})
     if config_args.config:
         overrides.update(load_overrides(config_args.config))
@@ -249,21 +254,31 @@ def build_config(
         overrides["train.max_epochs"] = config_args.epochs.split(",")
     if config_args.data is not None:
         overrides["data.shards"] = absolute(config_args.data)
-    return Config().with_overrides(overrides)
+    cfg = Config().with_overrides(overrides)
+    check_prediction_trained(cfg)
+    return cfg
 
 
-def data_readable(data: str | None) -> bool:
+def training_data_ok(data: str | None) -> bool:
     """False, after one line naming the folder, when ``data`` (``--data``'s shards; None: nothing to check)
-    holds no readable ``manifest.json``. Jobs ask before they record anything or start Ray: the Train workers
-    found it only after Ray's start and Train's retries, as a traceback (30-40 s on 2 cores)."""
+    holds no readable ``manifest.json``, or shards without labels (a test folder: training on it "finishes"
+    at F2 0, every label unknown). Jobs ask before they record anything or start Ray: the Train workers
+    found a missing manifest only after Ray's start and Train's retries, as a traceback (30-40 s here)."""
     if data is None:
         return True
     from ichmodel.shards import load_manifest  # noqa: PLC0415  (pyarrow: not for --help)
 
     try:
-        load_manifest(data)
+        manifest = load_manifest(data)
     except (FileNotFoundError, ValueError) as exc:  # ValueError: not JSON
         logging.getLogger("ray_jobs").error("--data: %s", exc)
+        return False
+    if manifest.get("has_labels") is False:
+        logging.getLogger("ray_jobs").error(
+            "--data: %s holds no labels (preprocessed without labels, like a test folder): training needs "
+            "the labelled training shards",
+            data,
+        )
         return False
     return True
 
@@ -272,9 +287,9 @@ def init_ray_for_job(storage: str, data: str | None):
     """:func:`init_ray`, then check ``--storage`` and ``--data`` for a submitted job and a cluster
     (:func:`ray_jobs.storage.check_job_paths`). Returns the ``ray`` module, or ``None`` after logging why not.
 
-    A ``data`` that :func:`data_readable` refuses ends the job here, before Ray starts.
+    A ``data`` that :func:`training_data_ok` refuses ends the job here, before Ray starts.
     """
-    if not data_readable(data):
+    if not training_data_ok(data):
         return None
     ray = init_ray()
     try:  # a submitted job's cwd is temporary; other nodes must see the same folders

@@ -34,9 +34,9 @@ from ray_jobs.cli import (
     ConfigArgs,
     add_config_arguments,
     build_config,
-    data_readable,
     init_ray_for_job,
     setup_logging,
+    training_data_ok,
 )
 from ray_jobs.job_record import (
     options_from,
@@ -185,7 +185,7 @@ def train_in(run_dir: str, values: dict) -> int:
             cfg = Config.from_dict(config)
         else:
             cfg = run_config(ConfigArgs.of(values), use_gpu=values["use_gpu"])
-            if not data_readable(values["data"] and cfg.data.shards):  # nothing recorded for a wrong --data
+            if not training_data_ok(values["data"] and cfg.data.shards):  # nothing recorded for a bad --data
                 return 2
             write_job_record(run_dir, "train", values, cfg.to_dict())
     except (ValueError, FileNotFoundError) as exc:

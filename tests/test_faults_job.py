@@ -179,22 +179,39 @@ def test_storage_made_read_only_mid_run_ends_with_one_line_and_keeps_the_checkpo
     assert load_checkpoint(kept[0])["global_epoch"] >= 1
 
 
-@pytest.mark.parametrize("job", ["train", "tune"])
-@pytest.mark.parametrize("content", [None, "{not json"])
-def test_data_without_a_readable_manifest_ends_the_job_in_one_line_before_ray(job, content, tmp_path):
-    """``--data`` naming a folder without a (readable) ``manifest.json``: exit 2 with one line naming the
-    folder, before any Ray start and before anything is recorded (a record would refuse the corrected rerun
-    of the same name). Before, the Train workers found it after Ray's start and Train's retries: a traceback
-    30-40 s later."""
-    data = tmp_path / "not-preprocessed"
-    data.mkdir()
-    if content is not None:
-        (data / "manifest.json").write_text(content)
-    env = {k: v for k, v in auth_env().items() if k != "RAY_ADDRESS"}  # the job would start its own Ray
-    proc = subprocess.run(job_args(job, data, tmp_path / "runs", "wrong-data"), cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-3000:]
+def _refused_before_ray(job: str, args: list[str], storage: Path) -> str:
+    """Run ``args`` without a cluster address (the job would start its own Ray); assert exit 2, one line on
+    stderr, no traceback, no Ray start and nothing recorded under ``storage``; that line."""
+    env = {k: v for k, v in auth_env().items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, f"{job}: " + proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--data" in lines[0] and str(data) in lines[0], proc.stderr[-3000:]
+    assert len(lines) == 1, f"{job}: " + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr + proc.stdout
-    assert not list((tmp_path / "runs").rglob("job_args.json"))
+    assert not list(storage.rglob("job_args.json"))
+    return lines[0]
+
+
+@pytest.mark.parametrize("job", ["train", "tune"])
+@pytest.mark.parametrize("manifest", [None, "{not json", '{"format": "dlcv", "has_labels": false}'])
+def test_data_that_cannot_train_ends_the_job_in_one_line_before_ray(job, manifest, tmp_path):
+    """``--data`` naming a folder without a (readable) ``manifest.json``, or shards without labels (a test
+    folder): exit 2 with one line naming the folder, before any Ray start and before anything is recorded (a
+    record would refuse the corrected rerun of the same name). Before, the Train workers found a missing
+    manifest after Ray's start and Train's retries (a traceback 30-40 s later), and unlabelled shards
+    trained to a "finished" run at F2 0."""
+    data = tmp_path / "not-training-shards"
+    data.mkdir()
+    if manifest is not None:
+        (data / "manifest.json").write_text(manifest)
+    line = _refused_before_ray(job, job_args(job, data, tmp_path / "runs", "wrong-data"), tmp_path / "runs")
+    assert "--data" in line and str(data) in line
+
+
+@pytest.mark.parametrize("job", ["train", "tune"])
+def test_a_config_no_stage_can_predict_with_ends_the_job_in_one_line_before_ray(job, demo_shards, tmp_path):
+    """``--epochs 1,0,0`` trains only the slice stage, so the default ``model.prediction`` ("mc+ac") would read
+    an untrained MC head: refused in the driver, as the workers refuse it (40 s later, as a traceback)."""
+    args = job_args(job, demo_shards[0], tmp_path / "runs", "slice-only", "--epochs", "1,0,0")
+    line = _refused_before_ray(job, args, tmp_path / "runs")
+    assert 'model.prediction "mc+ac"' in line and "model.prediction=ac" in line
