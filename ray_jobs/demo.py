@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ichmodel.scores import fold_scores, format_scores
 from ray_jobs import ensemble, preprocess, tune
+from ray_jobs.arg_types import positive_int, two_or_more
 from ray_jobs.cli import REPO_ROOT, init_ray, setup_logging
 from ray_jobs.job_record import command_line
 
@@ -46,13 +47,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default=str(REPO_ROOT / "runs" / "demo"), help="where everything goes (default runs/demo)"
     )
-    parser.add_argument("--patients", type=int, default=32, help="training series to generate (default 32)")
-    parser.add_argument("--test-patients", type=int, default=8, help="unlabelled test series (default 8)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    parser.add_argument("--num-samples", type=int, default=2, help="trials of the search (default 2)")
+    parser.add_argument(
+        "--patients", type=positive_int, default=32, help="training series to generate (default 32)"
+    )
+    parser.add_argument(
+        "--test-patients", type=positive_int, default=8, help="unlabelled test series (default 8)"
+    )
+    parser.add_argument("--size", type=positive_int, default=64, help="image side in pixels (default 64)")
+    parser.add_argument(
+        "--num-samples", type=positive_int, default=2, help="trials of the search (default 2)"
+    )
     parser.add_argument("--epochs", default="1,1,2", help="epoch caps of the three stages (default 1,1,2)")
-    parser.add_argument("--top-k", type=int, default=1, help="configurations retrained on folds (default 1)")
-    parser.add_argument("--folds", type=int, default=2, help="folds of the ensemble (default 2)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=1, help="configurations retrained on folds (default 1)"
+    )
+    parser.add_argument("--folds", type=two_or_more, default=2, help="folds of the ensemble (default 2)")
     parser.add_argument(
         "--fold-epochs", default="1,0,1", help="epoch caps of each fold run's three stages (default 1,0,1)"
     )

@@ -63,6 +63,7 @@ from ichmodel.trials import check_file_name, is_failed, read_trials, select_tria
 from ray_jobs import folds as fold_job
 from ray_jobs import storage
 from ray_jobs import tune as tune_job
+from ray_jobs.arg_types import fold_count, non_negative_float, positive_int
 from ray_jobs.cli import (
     REPO_ROOT,
     add_output_arguments,
@@ -97,7 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "table and chosen checkpoints are downloaded into OUT/experiment (required, but for --smoke-test "
         "and --resume)",
     )
-    parser.add_argument("--top-k", type=int, default=3, help="number of best trials to average (default 3)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=3, help="number of best trials to average (default 3)"
+    )
     parser.add_argument(
         "--test", default=None, help="test shards (default: the sibling test/ of the training shards)"
     )
@@ -109,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_output_arguments(parser, "ensemble")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation: also predict left-right "
                         "flipped slices and average (flip; ray_jobs/folds.py --tta also offers reverse)")  # fmt: skip
-    parser.add_argument("--folds", type=int, default=0, help="retrain the top-k configurations on K folds and "
+    parser.add_argument("--folds", type=fold_count, default=0, help="retrain the top-k configurations on K folds and "
                         "choose members, thresholds and calibration out of fold (ray_jobs/folds.py; default 0: off)")  # fmt: skip
     parser.add_argument("--fold-epochs", default=None, metavar="E1,E2,E3",
                         help="with --folds: epoch caps of every fold run (default: each configuration's own)")  # fmt: skip
@@ -117,9 +120,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="with --folds: unlabelled series that put the OOF rows on the fold models' "
                         "average scale before thresholds are tuned (default: the test shards; none: off)")  # fmt: skip
     parser.add_argument(
-        "--gpus-per-model", type=float, default=0.0, help="GPUs per prediction task (default 0: CPU)"
+        "--gpus-per-model",
+        type=non_negative_float,
+        default=0.0,
+        help="GPUs per prediction task (default 0: CPU)",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="series per forward pass (default 4)"
+    )
     parser.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
                         help="without --folds: validation series set aside for the reported score; members and "
                         "thresholds are chosen on the rest (default 0: none, the score is optimistic)")  # fmt: skip

@@ -62,6 +62,7 @@ from ichmodel.config import Config
 from ichmodel.io import atomic_write, atomic_write_text
 from ichmodel.trials import CHECKPOINT_FILE, check_file_name, select_trials
 from ray_jobs import storage
+from ray_jobs.arg_types import positive_int, two_or_more
 from ray_jobs.cli import init_ray, parse_overrides, setup_logging
 from ray_jobs.job_record import options_from
 from ray_jobs.leases import JOB_ERRORS, add_force_argument, hold_folder, job_failed
@@ -80,8 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--experiment", required=True, help="folder of a search (holds trials.csv)")
-    parser.add_argument("--top-k", type=int, default=1, help="configurations to retrain (default 1)")
-    parser.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=1, help="configurations to retrain (default 1)")
+    parser.add_argument("--folds", type=two_or_more, default=5, help="number of folds K (default 5)")
     parser.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split (default 0)")
     parser.add_argument("--out", required=True, help="folder for the predictions and tables")
     parser.add_argument("--storage", default=None, help="where the Train runs live (default OUT/runs)")
@@ -107,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--epochs", default=None, metavar="E1,E2,E3", help="epoch caps of every configuration"
     )
-    parser.add_argument("--num-workers", type=int, default=1, help="DDP workers per run (default 1)")
+    parser.add_argument("--num-workers", type=positive_int, default=1, help="DDP workers per run (default 1)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker and per prediction task")
     parser.add_argument(
         "--tta",
@@ -118,7 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "also predict the series in reversed slice order; every combination is averaged (checked against each "
         "model's training augmentation: reverse needs augment.reverse_prob > 0)",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="series per forward pass (default 4)"
+    )
     add_force_argument(parser)
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"

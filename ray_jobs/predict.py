@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_jobs import storage
+from ray_jobs.arg_types import positive_int
 from ray_jobs.cli import parse_window, setup_logging
 from ray_jobs.job_record import options_from
 
@@ -65,7 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--no-tta turns it off (default: as ensemble.json records it, which may name flip and/or reverse = "
         "reversed slice order; off for --checkpoint)",
     )
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: as trained)")
+    parser.add_argument(
+        "--size", type=positive_int, default=None, help="image side in pixels (default: as trained)"
+    )
     parser.add_argument(
         "--window",
         type=parse_window,
@@ -74,9 +77,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="LEVEL,WIDTH",
         help="CT window in HU, one per channel, repeat the flag (default: as trained)",
     )
-    parser.add_argument("--min-slices", type=int, default=1, help="skip series with fewer slices (default 1)")
+    parser.add_argument(
+        "--min-slices", type=positive_int, default=1, help="skip series with fewer slices (default 1)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--batch-size", type=int, default=4, help="series per forward pass (default 4)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, help="series per forward pass (default 4)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from ichmodel.constants import DEFAULT_WINDOWS
 from ray_jobs import storage
+from ray_jobs.arg_types import positive_int
 from ray_jobs.cli import (
     REPO_ROOT,
     add_output_arguments,
@@ -84,10 +85,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     add_output_arguments(parser, "shards")
     parser.add_argument(
-        "--size", type=int, default=256, help="side of the square output images (default 256)"
+        "--size", type=positive_int, default=256, help="side of the square output images (default 256)"
     )
     parser.add_argument(
-        "--shard-series", type=int, default=16, help="series per shard / Ray task (default 16)"
+        "--shard-series", type=positive_int, default=16, help="series per shard / Ray task (default 16)"
     )
     parser.add_argument(
         "--windows",
@@ -97,8 +98,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="LEVEL,WIDTH",
         help="CT windows in HU, one output channel each (default: 40,80 80,200 600,2800)",
     )
-    parser.add_argument("--min-slices", type=int, default=2, help="skip series with fewer usable slices")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    parser.add_argument(
+        "--min-slices", type=positive_int, default=2, help="skip series with fewer usable slices"
+    )
+    parser.add_argument(
+        "--num-cpus", type=positive_int, default=None, help="CPUs of a local Ray (default: all)"
+    )
     add_force_argument(parser)
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="debug logs; a failure with its traceback"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ichmodel.config import Config
 from ichmodel.demo_data import ensure_demo_data
+from ray_jobs.arg_types import non_negative_int, positive_int
 from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
@@ -74,11 +75,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="continue run --name with its recorded arguments"
     )
-    parser.add_argument("--num-workers", type=int, default=2, help="DDP workers (default 2)")
+    parser.add_argument("--num-workers", type=positive_int, default=2, help="DDP workers (default 2)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast; defaults to 16 "
                         "series per batch and 3 loader workers (--set data.batch_size=... overrides)")  # fmt: skip
     parser.add_argument(
-        "--max-failures", type=int, default=1, help="worker failures retried from the last checkpoint"
+        "--max-failures",
+        type=non_negative_int,
+        default=1,
+        help="worker failures retried from the last checkpoint",
     )
     parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     add_force_argument(parser)

@@ -48,6 +48,7 @@ from pathlib import Path
 from ichmodel.config import Config
 from ichmodel.demo_data import ensure_demo_data
 from ichmodel.stages import SHARE_POLICIES, SharePlan, grace_epochs, plan_sharing
+from ray_jobs.arg_types import non_negative_float, non_negative_int, positive_float, positive_int
 from ray_jobs.cli import (
     DEMO_ROOT,
     REPO_ROOT,
@@ -97,18 +98,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--space", default="default", help="search space: a module of search_spaces/ or a .py file"
     )
-    parser.add_argument("--num-samples", type=int, default=None, help="trials to run (default 4)")
+    parser.add_argument("--num-samples", type=positive_int, default=None, help="trials to run (default 4)")
     parser.add_argument(
         "--max-concurrent",
-        type=int,
+        type=positive_int,
         default=None,
         help="trials at once (default: as many as the cluster's current CPUs/GPUs hold)",
     )
-    parser.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial (default 1)")
-    parser.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per worker; > 0 trains on GPU, with 16 "
-                        "series per batch and 3 loader workers by default (--set overrides)")  # fmt: skip
     parser.add_argument(
-        "--cpus-per-worker", type=float, default=1, help="CPUs per training worker (default 1)"
+        "--workers-per-trial", type=positive_int, default=1, help="DDP workers per trial (default 1)"
+    )
+    parser.add_argument("--gpus-per-trial", type=non_negative_float, default=0,
+                        help="GPUs per worker; > 0 trains on GPU, with 16 series per batch and 3 loader workers "
+                        "by default (--set overrides)")  # fmt: skip
+    parser.add_argument(
+        "--cpus-per-worker", type=positive_float, default=1, help="CPUs per training worker (default 1)"
     )
     parser.add_argument(
         "--storage", default=str(REPO_ROOT / "runs"), help="local folder or s3:// URI (default runs/)"
@@ -117,12 +121,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
     parser.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     parser.add_argument(
-        "--grace-epochs", type=int, default=None, help="ASHA: epochs before a trial can be stopped"
+        "--grace-epochs", type=positive_int, default=None, help="ASHA: epochs before a trial can be stopped"
     )
     parser.add_argument(
         "--optuna-storage", default=None, help="Optuna RDB URL (default: sqlite in the experiment)"
     )
-    parser.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial")
+    parser.add_argument("--max-failures", type=non_negative_int, default=1, help="retries of a failed trial")
     parser.add_argument("--smoke-test", action="store_true", help="2 tiny trials on tiny demo data")
     parser.add_argument(
         "--driver-resource", default=None, help="custom resource a trial driver needs (cluster head)"
@@ -135,7 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "from fine-tuning), exact (only stages no searched parameter reads), off (default auto)",
     )
     parser.add_argument(
-        "--time-budget", type=float, default=None, help="stop the search after this many seconds"
+        "--time-budget", type=positive_float, default=None, help="stop the search after this many seconds"
     )
     parser.add_argument("--fail-at-epoch", type=int, default=None, help=argparse.SUPPRESS)  # test hook
     add_force_argument(parser)
