@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -212,8 +213,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Reads files of every format so far (with or without a record beside them, with or without ``rng``).
     Use :func:`ichmodel.checkpoint_recovery.load_verified_checkpoint` to resume: it checks the file first.
+
+    Raises:
+        ValueError: naming ``path`` when it is no PyTorch file at all (torch's own error is a page of advice
+            about ``weights_only``) or a cut-short or damaged one (torch: ``PytorchStreamReader failed ...``).
     """
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path} is not a PyTorch checkpoint file") from exc
+    except (RuntimeError, EOFError) as exc:
+        if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+            raise
+        cause = str(exc).strip().split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is cut short or damaged ({cause})") from exc
 
 
 # ---------------------------------------------------------------------------------------------- models

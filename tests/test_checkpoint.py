@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +293,21 @@ def s3():
     """``(environment, s3://bucket)`` of a moto S3 server running for this module."""
     with moto_bucket("ich-ckpt") as env:
         yield env, "s3://ich-ckpt"
+
+
+def test_a_file_that_is_no_checkpoint_or_is_cut_short_is_named_in_one_line(tmp_path):
+    """torch.load's own errors are a page of advice about ``weights_only`` (any non-PyTorch file) or a miniz
+    message: :func:`load_checkpoint` names the file and what is wrong with it, as a ``ValueError`` the jobs
+    print in one line (``predict.py --checkpoint notes.txt``)."""
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(text))} is not a PyTorch checkpoint file$"):
+        load_checkpoint(text)
+    whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, whole)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(cut))} is cut short or damaged \(PytorchStreamReader"
+    ):
+        load_checkpoint(cut)
+    assert load_checkpoint(whole)["model"]["w"].shape == (1000,)
