@@ -300,6 +300,28 @@ def init_ray_for_job(storage: str, data: str | None):
     return ray
 
 
+def workers_fit(ray, need: Mapping[str, float], option: str) -> bool:
+    """Whether the workers of one Train run (``need``: ``ScalingConfig.total_resources``) fit the Ray cluster
+    now. When they do not: on the job's own local Ray, which cannot grow, one line naming ``option`` and
+    False (Train would wait for them silently, up to ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 900 s); on a
+    cluster a warning, as its autoscaler may add nodes, and True."""
+    have = ray.cluster_resources()
+    wanted = {key: amount for key, amount in need.items() if amount > 0}
+    if all(have.get(key, 0.0) >= amount for key, amount in wanted.items()):
+        return True
+    needs = ", ".join(f"{amount:g} {key}" for key, amount in wanted.items())
+    has = ", ".join(f"{have.get(key, 0.0):g} {key}" for key in wanted)
+    log = logging.getLogger("ray_jobs")
+    if os.environ.get(LOCAL_RAY_MARKER) == str(os.getpid()):
+        log.error("one Train run needs %s at once; this machine's Ray has %s and cannot grow: lower %s", needs,
+                  has, option)  # fmt: skip
+        return False
+    log.warning(
+        "one Train run needs %s at once; the cluster has %s now: waiting for the autoscaler", needs, has
+    )
+    return True
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """``--name``, ``--storage`` and ``--resume`` of a job whose output folder is ``--out`` or STORAGE/NAME."""
     parser.add_argument("--name", default=None, help=f"{what} folder STORAGE/NAME, instead of --out")

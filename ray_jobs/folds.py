@@ -63,7 +63,7 @@ from ichmodel.io import atomic_write, atomic_write_text
 from ichmodel.trials import CHECKPOINT_FILE, check_file_name, select_trials
 from ray_jobs import storage
 from ray_jobs.arg_types import positive_int, two_or_more
-from ray_jobs.cli import init_ray, parse_overrides, setup_logging
+from ray_jobs.cli import init_ray, parse_overrides, setup_logging, workers_fit
 from ray_jobs.job_record import options_from
 from ray_jobs.leases import JOB_ERRORS, add_force_argument, hold_folder, job_failed
 from ray_jobs.worker import build_trainer, finished_run_report, predict_fn
@@ -367,6 +367,11 @@ def run_fold_job(options: FoldOptions) -> int:
             overrides["data.shards"] = storage.absolute(options.data)
         configs = trial_configs(storage.absolute(options.experiment), options.top_k, overrides)
         ray = init_ray()
+        from ray.train import ScalingConfig
+
+        need = ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu).total_resources
+        if not workers_fit(ray, need, "--num-workers"):
+            return 2
         result = run_folds(ray, configs, options, out)
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)

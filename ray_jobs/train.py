@@ -23,7 +23,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ichmodel.config import Config
@@ -37,7 +39,7 @@ from ray_jobs.cli import (
     build_config,
     init_ray_for_job,
     setup_logging,
-    training_data_ok,
+    workers_fit,
 )
 from ray_jobs.job_record import (
     options_from,
@@ -113,14 +115,23 @@ def run_config(config_args: ConfigArgs, use_gpu: bool = False) -> Config:
     return build_config(config_args, defaults, gpu=use_gpu)
 
 
-def train_run(cfg: Config, run: TrainRun, data: str | None) -> int:
+def train_run(cfg: Config, run: TrainRun, data: str | None, record: Callable[[], None] | None = None) -> int:
     """Fit (or continue) the Train run ``run`` of ``cfg`` on Ray and print its summary; the exit code.
 
     ``data``: ``--data`` as given (checked to be shared by every node of a cluster), None for the demo data.
+    ``record``: writes a new run's ``job_args.json``, called once the checks passed (a run refused for its
+    data or its workers records nothing, so the corrected command may reuse the name).
     """
     ray = init_ray_for_job(run.storage, data and cfg.data.shards)
     if ray is None:
         return 2
+    from ray.train import ScalingConfig
+
+    need = ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu).total_resources
+    if not workers_fit(ray, need, "--num-workers"):
+        return 2
+    if record is not None:
+        record()
     storage = absolute(run.storage)
     loop_config = {"config": cfg.to_dict(), "overrides": {}}
     if run.fail_at_epoch is not None:
@@ -178,7 +189,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def train_in(run_dir: str, values: dict) -> int:
-    """Record (or read back and check) the run's arguments in ``run_dir``, then :func:`train_run`."""
+    """Read back and check the run's arguments in ``run_dir`` (or, for a new run, record them once
+    :func:`train_run` has checked them), then :func:`train_run`."""
+    record = None
     try:
         recorded = read_job_record(run_dir)
         if not values["resume"] and recorded is not None:
@@ -189,13 +202,11 @@ def train_in(run_dir: str, values: dict) -> int:
             cfg = Config.from_dict(config)
         else:
             cfg = run_config(ConfigArgs.of(values), use_gpu=values["use_gpu"])
-            if not training_data_ok(values["data"] and cfg.data.shards):  # nothing recorded for a bad --data
-                return 2
-            write_job_record(run_dir, "train", values, cfg.to_dict())
+            record = partial(write_job_record, run_dir, "train", values, cfg.to_dict())
     except (ValueError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
-    return train_run(cfg, options_from(TrainRun, values), values["data"])
+    return train_run(cfg, options_from(TrainRun, values), values["data"], record)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

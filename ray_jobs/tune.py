@@ -57,6 +57,7 @@ from ray_jobs.cli import (
     build_config,
     init_ray_for_job,
     setup_logging,
+    workers_fit,
 )
 from ray_jobs.job_record import (
     options_from,
@@ -470,16 +471,16 @@ def run_search(options: SearchOptions) -> int:
     ray = init_ray_for_job(options.storage, options.data and cfg.data.shards)
     if ray is None:
         return 2
+    from ray.train import ScalingConfig
+
+    need = ScalingConfig(**trial_scaling(options)).total_resources
+    if not workers_fit(ray, need, "--workers-per-trial, --cpus-per-worker or --gpus-per-trial"):
+        return 2
     max_concurrent = options.max_concurrent
     if max_concurrent is None:
         max_concurrent, fits_now = default_max_concurrent(ray.cluster_resources(), options)
-        if not fits_now:
-            logger.warning(
-                "the cluster has %s now, too little for one trial: waiting for the autoscaler, with up to "
-                "%d trials at once (--max-concurrent sets it)",
-                ray.cluster_resources(),
-                max_concurrent,
-            )
+        if not fits_now:  # workers_fit warned: a cluster whose autoscaler may add nodes
+            logger.info("up to %d trials at once once they fit (--max-concurrent sets it)", max_concurrent)
         else:
             logger.info("up to %d trials at once (what the cluster holds now; --max-concurrent sets it)",
                         max_concurrent)  # fmt: skip

@@ -215,3 +215,18 @@ def test_a_config_no_stage_can_predict_with_ends_the_job_in_one_line_before_ray(
     args = job_args(job, demo_shards[0], tmp_path / "runs", "slice-only", "--epochs", "1,0,0")
     line = _refused_before_ray(job, args, tmp_path / "runs")
     assert 'model.prediction "mc+ac"' in line and "model.prediction=ac" in line
+
+
+@pytest.mark.parametrize(("job", "option"), [("train", "--num-workers"), ("tune", "--workers-per-trial")])
+def test_workers_the_jobs_own_ray_cannot_hold_end_the_job_in_one_line(job, option, demo_shards, tmp_path):
+    """More workers than the job's own local Ray has CPUs: Train waited for them silently, up to its 900 s
+    start timeout. Refused once that Ray is up, naming the option, with nothing recorded. (On a cluster the
+    job only warns: its autoscaler may add nodes.)"""
+    env = {k: v for k, v in auth_env().items() if k != "RAY_ADDRESS"}
+    args = job_args(job, demo_shards[0], tmp_path / "runs", "too-many", option, "1000")
+    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "needs 1000 CPU at once" in errors[0] and f"lower {option}" in errors[0]
+    assert not list((tmp_path / "runs").rglob("job_args.json"))
