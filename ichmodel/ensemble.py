@@ -327,14 +327,20 @@ class EnsembleSpec:
 
         Raises:
             FileNotFoundError: when there is no such file.
-            ValueError: when it lacks a field, has no models or not 5 thresholds.
+            ValueError: naming the file when it is not a JSON object, lacks a field, has no models or not 5
+                thresholds.
         """
         path = Path(path)
         if path.is_dir():
             path = path / ENSEMBLE_SPEC_NAME
         if not path.is_file():
             raise FileNotFoundError(f"No {ENSEMBLE_SPEC_NAME} at {path}; run ray_jobs/ensemble.py first")
-        values = json.loads(path.read_text())
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON ({exc})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} is not an ensemble spec (a JSON object)")
         required = ("models", "thresholds", "size", "windows")
         missing = [k for k in required if k not in values]
         if missing:

@@ -162,6 +162,10 @@ def test_ensemble_spec_round_trip(tmp_path):
         E.EnsembleSpec.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="ray_jobs/ensemble.py"):
         E.EnsembleSpec.load(tmp_path / "missing")
+    for text, what in (("{", "is not JSON"), ("[1, 2]", "is not an ensemble spec")):  # named, for predict.py
+        (tmp_path / "ensemble.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'ensemble.json'))} {what}"):
+            E.EnsembleSpec.load(tmp_path)
 
 
 # ------------------------------------------------------------------ member choice on OOF probabilities
