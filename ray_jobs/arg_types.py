@@ -11,13 +11,15 @@ import argparse
 from collections.abc import Callable
 
 
-def _number(kind: type, low: float, what: str) -> Callable[[str], int | float]:
+def _number(kind: type, low: float, what: str, strict: bool = False) -> Callable[[str], int | float]:
+    """A parser of ``kind`` values ``>= low`` (``> low`` when ``strict``); NaN is refused."""
+
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}. Got {text!r}") from None
-        if value < low or value != value:  # NaN compares False
+        if not (value > low if strict else value >= low):  # NaN compares False
             raise argparse.ArgumentTypeError(f"must be {what}. Got {text!r}")
         return value
 
@@ -33,17 +35,8 @@ non_negative_int = _number(int, 0, "an integer >= 0")
 two_or_more = _number(int, 2, "an integer >= 2")
 #: A number >= 0 (GPUs per task).
 non_negative_float = _number(float, 0.0, "a number >= 0")
-
-
-def positive_float(text: str) -> float:
-    """A number > 0 (CPUs per worker, seconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0. Got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0. Got {text!r}")
-    return value
+#: A number > 0 (CPUs per worker, seconds).
+positive_float = _number(float, 0.0, "a number > 0", strict=True)
 
 
 def fold_count(text: str) -> int:

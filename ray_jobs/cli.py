@@ -300,12 +300,15 @@ def init_ray_for_job(storage: str, data: str | None):
     return ray
 
 
-def workers_fit(ray, need: Mapping[str, float], option: str) -> bool:
-    """Whether the workers of one Train run (``need``: ``ScalingConfig.total_resources``) fit the Ray cluster
+def workers_fit(ray, scaling: Mapping[str, Any], option: str) -> bool:
+    """Whether the workers of one Train run (``scaling``: its ``ScalingConfig`` arguments) fit the Ray cluster
     now. When they do not: on the job's own local Ray, which cannot grow, one line naming ``option`` and
     False (Train would wait for them silently, up to ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 900 s); on a
     cluster a warning, as its autoscaler may add nodes, and True."""
+    from ray.train import ScalingConfig  # noqa: PLC0415
+
     have = ray.cluster_resources()
+    need = ScalingConfig(**scaling).total_resources
     wanted = {key: amount for key, amount in need.items() if amount > 0}
     if all(have.get(key, 0.0) >= amount for key, amount in wanted.items()):
         return True

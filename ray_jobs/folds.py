@@ -367,10 +367,9 @@ def run_fold_job(options: FoldOptions) -> int:
             overrides["data.shards"] = storage.absolute(options.data)
         configs = trial_configs(storage.absolute(options.experiment), options.top_k, overrides)
         ray = init_ray()
-        from ray.train import ScalingConfig
-
-        need = ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu).total_resources
-        if not workers_fit(ray, need, "--num-workers"):
+        if not workers_fit(
+            ray, {"num_workers": options.num_workers, "use_gpu": options.use_gpu}, "--num-workers"
+        ):
             return 2
         result = run_folds(ray, configs, options, out)
     except (ValueError, FileNotFoundError) as exc:

@@ -125,10 +125,7 @@ def train_run(cfg: Config, run: TrainRun, data: str | None, record: Callable[[],
     ray = init_ray_for_job(run.storage, data and cfg.data.shards)
     if ray is None:
         return 2
-    from ray.train import ScalingConfig
-
-    need = ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu).total_resources
-    if not workers_fit(ray, need, "--num-workers"):
+    if not workers_fit(ray, {"num_workers": run.num_workers, "use_gpu": run.use_gpu}, "--num-workers"):
         return 2
     if record is not None:
         record()

@@ -263,7 +263,8 @@ def train_trial_fn(
         loop_config.update(fail_at_epoch=fail_at_epoch, fail_marker=f"{storage}/.failed-once-{trial_id}")
         max_failures = 0
     # The trial returns only once Tune took every report of its Train run (which polls its workers every
-    # 0.5 s, ray_jobs.cli.TRAIN_POLL_INTERVAL, and so ends ~1 s after its last report): see wait_until_tune_took_the_reports.
+    # 0.5 s, ray_jobs.cli.TRAIN_POLL_INTERVAL, and so ends ~1 s after its last report): see
+    # wait_until_tune_took_the_reports.
     trainer = build_trainer(
         loop_config,
         name=run_name,
@@ -471,10 +472,9 @@ def run_search(options: SearchOptions) -> int:
     ray = init_ray_for_job(options.storage, options.data and cfg.data.shards)
     if ray is None:
         return 2
-    from ray.train import ScalingConfig
-
-    need = ScalingConfig(**trial_scaling(options)).total_resources
-    if not workers_fit(ray, need, "--workers-per-trial, --cpus-per-worker or --gpus-per-trial"):
+    if not workers_fit(
+        ray, trial_scaling(options), "--workers-per-trial, --cpus-per-worker or --gpus-per-trial"
+    ):
         return 2
     max_concurrent = options.max_concurrent
     if max_concurrent is None:
