@@ -25,8 +25,9 @@ import torch
 
 from bench.syncs import SyncCounter
 from ichmodel import synth
+from ichmodel.batches import train_batches
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, make_loader, train_batches
+from ichmodel.dataset import SeriesDataset, make_loader
 from ichmodel.engine import (
     StepContext,
     TrainState,

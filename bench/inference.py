@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from ichmodel.augment import normalize
+from ichmodel.batches import eval_batches
 from ichmodel.config import ModelConfig
-from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images
+from ichmodel.dataset import SeriesDataset, make_loader, prepare_images
 from ichmodel.model import build_model
 from ichmodel.predict import predict_batches
 

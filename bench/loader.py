@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
+from ichmodel.batches import train_batches
 from ichmodel.config import Config, DataConfig
-from ichmodel.dataset import SeriesDataset, make_loader, train_batches
+from ichmodel.dataset import SeriesDataset, make_loader
 from ichmodel.engine import (
     Stage,
     StepContext,

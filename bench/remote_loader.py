@@ -1,7 +1,7 @@
 """Loader-only throughput from local disk vs. from S3 with real request latency, and GETs per epoch.
 
-    python bench/remote_loader.py [--patients 48] [--delay-ms 30] [--num-workers 2] [--compare-fsspec]
-                                  [--server-in-process] [--smoke]
+    python bench/remote_loader.py [--patients 48] [--delay-ms 30] [--num-workers 2] [--shuffle-window 4]
+                                  [--compare-fsspec] [--server-in-process] [--smoke]
 
 The same 256 px shards (synthetic, ``series_per_shard`` 4) are served (a) from local disk and (b) from moto's
 S3 server (``ThreadedMotoServer`` on 127.0.0.1) behind :class:`DelayProxy`, a loopback TCP proxy that holds
@@ -12,9 +12,10 @@ process their Python threads would hold the GIL the loader's main thread needs t
 (``--server-in-process`` measures that way). Their CPU time is reported (``server_cpu_s_epoch1``): on a
 2-core machine it comes out of the loader's share, which no real bucket takes.
 
-Each source is read for two epochs through ``SeriesDataset`` + ``make_loader`` over ``EpochBatches`` (the
+Each source is read for two epochs through ``SeriesDataset`` + ``make_loader`` over ``training_batches`` (the
 engine's training loader: decode, collate, pinned memory on a GPU; persistent workers, so epoch 1 includes
-their start), no model. The S3 source goes through the node-local shard cache (``ichmodel.shard_cache``),
+their start), no model; the S3 source in the order the engine reads object storage in (shuffled within
+windows of ``--shuffle-window`` shard files, ``data.shuffle_window``), the local one shuffled all at once. The S3 source goes through the node-local shard cache (``ichmodel.shard_cache``),
 cold at epoch 1. Rounds alternate the sources, in turn first; figures are medians.
 
 Printed: slices/s per epoch and source, time to the first batch, object GETs of shard files per epoch, the
@@ -49,6 +50,8 @@ import threading
 import time
 from collections import Counter
 from typing import Any
+
+from ichmodel.config import DataConfig
 
 #: Longest delay per request the proxy accepts, and its default lifetime: it stops by itself after that.
 MAX_DELAY_S = 1.0
@@ -273,13 +276,17 @@ def make_shards(root: Path, patients: int, size: int, series_per_shard: int) -> 
     return out
 
 
-def read_epochs(dataset, batch: int, num_workers: int, epochs: int, server: Any = None) -> list[dict]:
-    """Read ``epochs`` epochs of ``dataset`` through one persistent ``make_loader`` (the engine's); per epoch:
-    slices/s, seconds, seconds to the first batch, and, with a ``server`` (:class:`S3Server` or
-    :class:`DelayProxy`), its GETs of shard files and its CPU seconds (None where unknown)."""
-    from ichmodel.dataset import EpochBatches, make_loader
+def read_epochs(
+    dataset, batch: int, num_workers: int, epochs: int, server: Any = None, window: int = 0
+) -> list[dict]:
+    """Read ``epochs`` epochs of ``dataset`` through one persistent ``make_loader`` over the engine's training
+    batches (``training_batches``, shuffled within windows of ``window`` shard files when ``dataset`` is in
+    object storage); per epoch: slices/s, seconds, seconds to the first batch, and, with a ``server``
+    (:class:`S3Server` or :class:`DelayProxy`), its GETs of shard files and its CPU seconds (None where
+    unknown)."""
+    from ichmodel.dataset import make_loader, training_batches
 
-    batches = EpochBatches(len(dataset), batch, seed=0)
+    batches = training_batches(dataset, batch, 0, window=window)
     loader = make_loader(dataset, batches, num_workers)
     out = []
     try:
@@ -364,6 +371,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2, help="loader workers of the epoch runs")
     parser.add_argument("--delay-ms", type=float, default=30.0, help="added per HTTP request (max 1000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each reads every source cold")
+    parser.add_argument("--shuffle-window", type=int, default=DataConfig().shuffle_window,
+                        help="shard files per shuffle window of the S3 source (data.shuffle_window; "
+                        "0: one shuffle of all series, as a local folder); default %(default)s")  # fmt: skip
     parser.add_argument("--compare-fsspec", action="store_true", help="also read through fsspec's caches")
     parser.add_argument("--server-in-process", action="store_true",
                         help="moto and the proxy in this process (threads), as before: they share its GIL")  # fmt: skip
@@ -421,7 +431,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if name in errors:
                     continue
                 try:
-                    runs[name].append(read_epochs(build(r), args.batch, args.num_workers, 2, server))
+                    runs[name].append(
+                        read_epochs(build(r), args.batch, args.num_workers, 2, server, args.shuffle_window)
+                    )
                 except Exception as exc:  # fsspec's caches: two workers may read each other's partial file
                     if not name.startswith("fsspec"):
                         raise
@@ -456,6 +468,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "delay_ms": args.delay_ms,
         "num_workers": args.num_workers,
+        "shuffle_window": args.shuffle_window,
         "shard_files": files,
         "remote_epoch1_over_local": med("remote", 0, "slices_per_s") / local1,
         "remote_epoch2_over_local": med("remote", 1, "slices_per_s") / local2,

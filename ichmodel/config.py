@@ -201,11 +201,16 @@ class DataConfig(_Section):
     #: once per node, ``ichmodel.shard_cache``); "" = ``<the node's temp dir>/ichmodel-shard-cache``.
     cache_dir: str = ""
     cache_max_gib: float = 100.0  # the least recently used shard files are deleted above this
+    #: Shard files per shuffle window of a shard folder in object storage (``ichmodel.batches``): each epoch
+    #: shuffles the series within windows of this many files, so the first epoch trains on one window
+    #: while the next downloads (the shard cache downloads 4 files at once); 0 = all series at once. A local
+    #: folder is always shuffled all at once.
+    shuffle_window: int = 4
 
     def validate(self) -> None:
         _check_range(self, "val_fraction", 0, 1, low_open=True, high_open=True)
         _check_positive(self, "batch_size", "cache_max_gib")
-        _check_non_negative(self, "max_slices", "num_workers")
+        _check_non_negative(self, "max_slices", "num_workers", "shuffle_window")
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ A shard folder in object storage (``s3://...``) is read through a node-local cac
 (:mod:`ichmodel.shard_cache`): each file is downloaded once per node, and :func:`make_loader` starts
 downloading the files its batches need, in background threads, while the first batches are read.
 
-Batches are lists of series indices. Training shuffles with ``DistributedSampler`` (:func:`train_batches`,
-which pads so that every rank gets the same number of batches, as DDP needs); validation and prediction
-use :func:`eval_batches`, which never pads: every series is seen exactly once over all ranks.
+Batches are lists of series indices (:mod:`ichmodel.batches`); :func:`training_batches` gives a run's
+training batches of a dataset, shuffled within windows of shard files when they come from object storage.
 See ``docs/architecture.md`` ("Batches").
 """
 
@@ -20,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ichmodel import io
 from ichmodel.augment import to_float
+from ichmodel.batches import EpochBatches
 from ichmodel.constants import NUM_CLASSES
 from ichmodel.shard_cache import Prefetch, RemoteFile, ShardCache, list_remote_shards
 from ichmodel.shards import MANIFEST_NAME, load_manifest, open_shard, series_index
@@ -271,72 +271,24 @@ def series_labels(dataset: SeriesDataset) -> list[np.ndarray]:
     return out
 
 
-def train_batches(
-    num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
-) -> BatchSampler:
-    """Shuffled batches of series indices for one rank in one epoch (``DistributedSampler`` + ``set_epoch``).
-
-    The order depends on ``(seed, epoch)`` only, so all ranks draw the same permutation and take disjoint
-    slices of it. When ``world`` does not divide ``num_items`` the sampler repeats a few series so that
-    every rank gets the same number of batches (DDP needs that); use :func:`eval_batches` where a repeated
-    series would be counted twice.
-
-    Raises:
-        ValueError: when ``batch_size < 1`` or ``rank`` is not in ``[0, world)``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1. Got {batch_size}")
-    # DistributedSampler only takes len() of its dataset; passing rank/world needs no process group.
-    sampler = DistributedSampler(range(num_items), num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return BatchSampler(sampler, batch_size, drop_last=False)
-
-
-class EpochBatches:
-    """The batch sampler of a training loader that lives for a whole run: each epoch (:meth:`set_epoch`,
-    before iterating) gives :func:`train_batches` of that epoch, every index as ``(i, epoch)``.
-
-    The sampler runs in the main process, so with persistent loader workers the epoch still reaches every
-    worker's copy of the dataset through the indices.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.num_items = num_items
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world = world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> BatchSampler:
-        return train_batches(self.num_items, self.batch_size, self.seed, self.epoch, self.rank, self.world)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch = self.epoch
-        for batch in self._batches():
-            yield [(i, epoch) for i in batch]
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-
-def eval_batches(num_items: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Batches of series indices ``rank, rank + world, …`` in order: no padding, each series once overall.
-
-    Ranks may get different numbers of series (and batches); evaluation gathers per-rank results.
-
-    Raises:
-        ValueError: when ``batch_size < 1`` or ``rank`` is not in ``[0, world)``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1. Got {batch_size}")
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}). Got {rank}")
-    mine = list(range(rank, num_items, world))
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+def training_batches(
+    dataset: SeriesDataset,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    *,
+    window: int,
+) -> EpochBatches:
+    """This rank's training batches of ``dataset`` for a whole run (:class:`ichmodel.batches.EpochBatches`):
+    for a shard folder in object storage shuffled within windows of ``window`` shard files (0: all series
+    at once), so the first epoch trains while the cache downloads the next window; a local folder's files
+    need no download, and its series are always shuffled all at once."""
+    files = None
+    if getattr(dataset, "remote", None) is not None and window > 0:
+        numbers: dict[str, int] = {}
+        files = [numbers.setdefault(dataset._index[s][0], len(numbers)) for s in dataset.series_ids]
+    return EpochBatches(len(dataset), batch_size, seed, rank, world, files, window)
 
 
 def make_loader(

@@ -12,7 +12,7 @@ best is compared within a stage only.) At each stage's start every enabled task'
 gradient is logged and put in that epoch's metrics.
 
 Distributed data parallel is used when ``torch.distributed`` is initialised (as Ray Train does): every rank
-trains on its own slice of the series (``DistributedSampler``, padded so ranks take equal steps), validates
+trains on its own slice of the series (:mod:`ichmodel.batches`, padded so ranks take equal steps), validates
 its own unpadded slice of the validation series, and the validation predictions are gathered so that every
 rank takes the same learning-rate and stage decisions.
 
@@ -20,7 +20,7 @@ Layout: :func:`fit` → :func:`run_stage` (optimizer, epochs until the stage end
 on this epoch's batches, validate) → :func:`ichmodel.train_step.train_one_epoch` (steps) and
 :func:`ichmodel.validation.evaluate`. Selection of the best weights (:func:`keep_if_best`) is one function;
 the stage rules live in ``ichmodel.stages``, the diversity-transfer pool in ``ichmodel.strategies``,
-batching in ``ichmodel.dataset``, the evaluation forward in ``ichmodel.predict``, checkpoints in
+batches in ``ichmodel.batches``, the evaluation forward in ``ichmodel.predict``, checkpoints in
 ``ichmodel.checkpoint``.
 """
 
@@ -41,16 +41,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ichmodel.augment import normalize
+from ichmodel.batches import EpochBatches, eval_batches
 from ichmodel.checkpoint import checkpoint_dict
 from ichmodel.config import Config
 from ichmodel.dataset import (
-    EpochBatches,
     SeriesDataset,
     class_prevalence,
-    eval_batches,
     make_loader,
     prepare_images,
     series_labels,
+    training_batches,
 )
 from ichmodel.diagnostics import format_shares, gradient_shares
 from ichmodel.feature_cache import CachedBatches, FeatureCache, cache_pool, cache_series
@@ -127,15 +127,17 @@ def resume_state(net: nn.Module, resume: dict[str, Any] | None) -> tuple[TrainSt
 
 
 def epoch_batches(run: RunContext) -> EpochBatches:
-    """This rank's training batches (:class:`ichmodel.dataset.EpochBatches`, one for the run) set to the
-    current epoch: its order and the series' random crops."""
-    cfg, state = run.cfg, run.state
+    """This rank's training batches (one for the run) set to the epoch: its order and the series' crops."""
     if run.batches is None:
-        run.batches = EpochBatches(
-            len(run.train_set), cfg.data.batch_size, cfg.train.seed, run.rank, run.world
-        )
-    run.batches.set_epoch(state.global_epoch)
+        run.batches = rank_batches(run, run.rank)
+    run.batches.set_epoch(run.state.global_epoch)
     return run.batches
+
+
+def rank_batches(run: RunContext, rank: int) -> EpochBatches:
+    """Training batches of ``rank`` (:func:`ichmodel.dataset.training_batches`, ``data.shuffle_window``)."""
+    data, seed = run.cfg.data, run.cfg.train.seed
+    return training_batches(run.train_set, data.batch_size, seed, rank, run.world, window=data.shuffle_window)
 
 
 def feature_cache(run: RunContext) -> FeatureCache:
@@ -167,12 +169,11 @@ def _compute_features(run: RunContext) -> FeatureCache:
 
 def rank_slice_counts(run: RunContext) -> list[int]:
     """The slices each rank's training batches hold this epoch (after ``data.max_slices`` crops)."""
-    cfg, cap = run.cfg, run.cfg.data.max_slices or None
-    counts = []
+    cap, counts = run.cfg.data.max_slices or 10**9, []
     for rank in range(run.world):
-        batches = EpochBatches(len(run.train_set), cfg.data.batch_size, cfg.train.seed, rank, run.world)
+        batches = rank_batches(run, rank)
         batches.set_epoch(run.state.global_epoch)
-        counts.append(sum(min(run.train_set.num_slices(i), cap or 10**9) for b in batches for i, _ in b))
+        counts.append(sum(min(run.train_set.num_slices(i), cap) for b in batches for i, _ in b))
     return counts
 
 

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from ichmodel.augment import normalize, reverse_padded
+from ichmodel.batches import eval_batches
 from ichmodel.config import AugmentConfig
 from ichmodel.constants import NUM_CLASSES
-from ichmodel.dataset import SeriesDataset, eval_batches, make_loader, prepare_images
+from ichmodel.dataset import SeriesDataset, make_loader, prepare_images
 from ichmodel.model import slice_probs
 from ichmodel.prediction_table import prediction_frame
 

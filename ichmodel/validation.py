@@ -52,7 +52,7 @@ def evaluate(
     """Validation loss parts, micro-F2 at ``threshold`` and at thresholds tuned on these predictions.
 
     The forward is :func:`ichmodel.predict.eval_outputs` (bf16 autocast on CUDA only when ``amp_bf16``).
-    Under DDP each rank evaluates its own series (:func:`ichmodel.dataset.eval_batches`: no series twice)
+    Under DDP each rank evaluates its own series (:func:`ichmodel.batches.eval_batches`: no series twice)
     and the results are gathered, so every rank returns the same numbers. ``probs`` / ``labels``
     (``[N, 5]`` numpy, valid slices only) are in the result too. Thresholds are searched with ties broken
     to the middle and, for a class without a positive here, :func:`ichmodel.metrics.fallback_thresholds` of the training

@@ -10,16 +10,8 @@ from torch.utils.data import DataLoader
 
 from ichmodel import preprocess as pp
 from ichmodel import readers
-from ichmodel.dataset import (
-    EpochBatches,
-    SeriesDataset,
-    collate_series,
-    eval_batches,
-    make_loader,
-    prepare_images,
-    series_labels,
-    train_batches,
-)
+from ichmodel.batches import EpochBatches, eval_batches, train_batches, windowed_order
+from ichmodel.dataset import SeriesDataset, collate_series, make_loader, prepare_images, series_labels
 from ichmodel.splits import split_series
 from tests import datagen
 
@@ -184,9 +176,16 @@ def test_series_labels_match_the_dataset_without_decoding_images(shards):
         np.testing.assert_array_equal(labels[i], ds[i]["labels"].numpy().astype(np.int8))
 
 
+FILES_OF_11 = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3]  # the shard file of each of 11 series
+
+
+@pytest.mark.parametrize("window", [0, 2])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_train_batches_give_every_rank_the_same_number_of_batches(world):
-    per_rank = [list(train_batches(11, 4, seed=1, epoch=0, rank=r, world=world)) for r in range(world)]
+def test_train_batches_give_every_rank_the_same_number_of_batches(world, window):
+    per_rank = [
+        list(train_batches(11, 4, seed=1, epoch=0, rank=r, world=world, files=FILES_OF_11, window=window))
+        for r in range(world)
+    ]
     assert len({len(b) for b in per_rank}) == 1  # DDP steps in lockstep
     seen = [i for batches in per_rank for batch in batches for i in batch]
     assert set(seen) == set(range(11))  # every series is used; the padding repeats a few
@@ -202,6 +201,35 @@ def test_train_batches_reshuffle_per_epoch_and_repeat_per_seed():
     assert sorted(order(0, 1)) == list(range(20))
     with pytest.raises(ValueError, match="Got 0"):
         train_batches(20, 0, 0, 0)
+
+
+def test_a_windowed_order_takes_one_window_of_files_at_a_time():
+    files = [i // 3 for i in range(30)]  # 10 files of 3 series
+    order = windowed_order(files, 4, seed=3)
+    assert sorted(order) == list(range(30))
+    windows = [order[:12], order[12:24], order[24:]]  # 4 + 4 + 2 files
+    seen = [{files[i] for i in window} for window in windows]
+    assert [len(s) for s in seen] == [4, 4, 2] and not (seen[0] & seen[1] or seen[1] & seen[2])
+    assert order[:12] != sorted(order[:12])  # shuffled within the window
+    assert windowed_order(files, 4, 3) == order and windowed_order(files, 4, 4) != order
+    assert {files[i] for i in windowed_order(files, 4, 4)[:12]} != seen[0]  # new windows each draw
+    assert len({files[i] for i in windowed_order(files, 1, 0)[:3]}) == 1
+    with pytest.raises(ValueError, match="Got 0"):
+        windowed_order(files, 0, 0)
+    with pytest.raises(ValueError, match="Got -1"):
+        train_batches(30, 2, 0, 0, files=files, window=-1)
+    with pytest.raises(ValueError, match="Got 29"):
+        train_batches(30, 2, 0, 0, files=files[:29], window=4)
+
+
+def test_ranks_of_a_windowed_epoch_split_each_window_between_them():
+    files = [i // 4 for i in range(32)]  # 8 files of 4 series
+    per_rank = [[i for b in train_batches(32, 2, 0, 1, r, 2, files, 2) for i in b] for r in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(32))
+    order = windowed_order(files, 2, seed=0 + 1)  # seed + epoch, as DistributedSampler draws
+    assert per_rank[0] == order[0::2] and per_rank[1] == order[1::2]
+    first_window = {files[i] for i in order[:8]}
+    assert {files[i] for i in per_rank[0][:4] + per_rank[1][:4]} == first_window  # both start on it
 
 
 @pytest.mark.parametrize("num_items", [7, 1, 0])

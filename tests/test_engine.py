@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from ichmodel import engine, predict
+from ichmodel.batches import eval_batches
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, class_prevalence, eval_batches, make_loader
+from ichmodel.dataset import SeriesDataset, class_prevalence, make_loader
 from ichmodel.engine import fit, state_from_checkpoint
 from ichmodel.losses import build_loss
 from ichmodel.metrics import fallback_thresholds

@@ -26,8 +26,9 @@ import torch
 
 from ichmodel import io, readers, shard_cache
 from ichmodel import preprocess as pp
+from ichmodel.batches import EpochBatches, train_batches
 from ichmodel.config import Config
-from ichmodel.dataset import EpochBatches, SeriesDataset, _prefetch_order, make_loader, series_labels
+from ichmodel.dataset import SeriesDataset, _prefetch_order, make_loader, series_labels, training_batches
 from ichmodel.shard_cache import RemoteFile, ShardCache, list_remote_shards
 from ichmodel.shards import load_manifest
 from tests import datagen
@@ -229,6 +230,27 @@ def test_the_prefetch_order_follows_the_batches_and_the_workers_split_the_thread
     assert sorted(_prefetch_order(dataset, iter([[0]]))) == sorted(dataset.shard_files())
     make_loader(dataset, batches, num_workers=2)
     assert dataset._prefetch_threads == 3  # ceil(5 / 2) per worker
+
+
+def test_training_from_storage_takes_one_window_of_shard_files_at_a_time(s3, tmp_path):
+    """A plain shuffle needs nearly every shard file within the first batches; from object storage the
+    training order takes the files a window at a time, so the prefetch downloads the window first and the
+    next while it trains. A local folder keeps the plain shuffle."""
+    local = write_shards(tmp_path / "many", seed=9, patients=18)  # 6 files of 3 series
+    dataset = SeriesDataset(upload(local, s3, "windows"), cache=ShardCache(tmp_path / "cache"))
+    file_of = {i: dataset._index[s][0] for i, s in enumerate(dataset.series_ids)}
+    batches = training_batches(dataset, 2, seed=0, window=2)
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        order = [i for batch in batches for i, _ in batch]
+        assert sorted(order) == list(range(18))
+        windows = [{file_of[i] for i in order[k : k + 6]} for k in (0, 6, 12)]
+        assert [len(w) for w in windows] == [2, 2, 2] and len(set.union(*windows)) == 6
+        assert _prefetch_order(dataset, batches)[:2] == list(dict.fromkeys(file_of[i] for i in order[:6]))
+    plain = training_batches(SeriesDataset(local), 2, seed=0, window=2)
+    assert [list(b) for b in plain._batches()] == [list(b) for b in train_batches(18, 2, 0, 0)]
+    whole = training_batches(dataset, 2, seed=0, window=0)  # 0: one shuffle of every series
+    assert [list(b) for b in whole._batches()] == [list(b) for b in train_batches(18, 2, 0, 0)]
 
 
 def filesystems_in_child(out) -> None:

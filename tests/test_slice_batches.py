@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ichmodel.augment import normalize, to_float
+from ichmodel.batches import eval_batches
 from ichmodel.config import ModelConfig
-from ichmodel.dataset import SeriesDataset, collate_series, eval_batches
+from ichmodel.dataset import SeriesDataset, collate_series
 from ichmodel.feature_cache import CachedBatches, cache_series
 from ichmodel.model import build_model
 from ichmodel.slice_batches import SliceBatches
@@ -111,7 +112,7 @@ def test_two_stage_recipe_under_ddp_takes_equal_steps_on_ranks_holding_different
     import multiprocessing as mp
     import socket
 
-    from ichmodel.dataset import EpochBatches
+    from ichmodel.batches import EpochBatches
     from ichmodel.splits import split_series
 
     shards = str(demo_shards[0])

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ichmodel.batches import train_batches
 from ichmodel.config import Config
-from ichmodel.dataset import SeriesDataset, make_loader, train_batches
+from ichmodel.dataset import SeriesDataset, make_loader
 from ichmodel.losses import build_loss
 from ichmodel.model import build_model
 from ichmodel.stages import TrainState, stage_plan
