@@ -186,24 +186,6 @@ def test_interrupted_search_resumes_from_its_name_alone_in_a_copy(ray_head, demo
     assert done_trial in spec["trial_ids"] and (out / "submission.csv").is_file(), ensembled.stderr[-3000:]
 
 
-def test_a_failing_trial_is_retried_and_the_search_completes(ray_head, demo_shards, tmp_path):
-    args = job_args("tune", demo_shards[0], tmp_path, "retry", "--num-samples", "1", "--fail-at-epoch", "2",
-                    "--share-stages", "off")  # fmt: skip
-    _ok(ray_head.run(args))
-    assert not (tmp_path / "retry" / "shared").exists()  # off: the trial trained every stage itself
-    markers = list((tmp_path / "retry" / "train_runs").glob(".failed-once-*"))
-    assert len(markers) == 1, "the injected trial failure did not happen"
-    table = pd.read_csv(tmp_path / "retry" / "trials.csv")
-    assert table.loc[0, "status"] == "OK" and bool(table.loc[0, "finished"]) and table.loc[0, "epochs"] == 3
-    (lines,) = _trial_results(tmp_path / "retry").values()
-    # Tune restarts its iteration counter after a retry; our own epoch counter continues from the checkpoint.
-    assert [r["global_epoch"] for r in lines][-1] == 3 and sorted({r["global_epoch"] for r in lines}) == [
-        1,
-        2,
-        3,
-    ]
-
-
 @pytest.mark.parametrize(
     ("space", "message"),
     [
