@@ -32,7 +32,9 @@ only, then applied to test. Every variant gets the same epoch budget. Variants:
 Backbone epochs are equal: every variant's backbone trains for the sum of ``--epochs`` (the sequence heads
 of two_stage and recipe_two_stage train on top, on the frozen backbone).
 
-Prints per-seed held-out micro-F2, a markdown table per setting (mean ± sd, per-class F2 and AUC), and last
+Prints per-seed held-out micro-F2, a markdown table per setting (mean ± sd, per-class F2 and AUC), the
+default's paired differences to two_stage and per_slice (seed by seed: mean and standard error, ``paired``
+in the summary: the issue's margins mean something only where they exceed about two standard errors), and last
 a line ``RESULT {json}`` with ``default_test_f2``, ``two_stage_test_f2``, ``per_slice_test_f2``,
 ``mc_only_test_f2`` and ``min_class_auc`` (the default recipe's lowest held-out class AUC) of the hard setting
 (of the last setting run when hard is not among them), plus ``variants``, ``per_class`` (F2), ``auc`` and
@@ -265,6 +267,36 @@ def summarize(results: dict[str, list[dict]]) -> dict:
     }
 
 
+#: The issue's margins of the default recipe over these variants (issue 27's "Done when").
+MARGINS = {"two_stage": 0.02, "per_slice": 0.05}
+
+
+def paired_differences(done: dict[tuple[str, int], dict]) -> dict[str, dict]:
+    """Held-out micro-F2 of ``default`` minus each variant of :data:`MARGINS`, seed by seed (the same split,
+    the same training seed): ``mean``, ``se`` (its standard error over the seeds; None with one seed),
+    ``seeds`` and ``per_seed``. A margin below ~2 standard errors cannot be told from the seeds' noise."""
+    out = {}
+    for other in MARGINS:
+        seeds = sorted(s for (v, s) in done if v == "default" and (other, s) in done)
+        diffs = [done[("default", s)]["test_f2"] - done[(other, s)]["test_f2"] for s in seeds]
+        if diffs:
+            se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
+            out[other] = {"mean": float(np.mean(diffs)), "se": se, "seeds": seeds, "per_seed": diffs}
+    return out
+
+
+def paired_lines(paired: dict[str, dict]) -> str:
+    lines = []
+    for other, d in paired.items():
+        se = "n/a" if d["se"] is None else f"{d['se']:.3f}"
+        seeds = ", ".join(f"{x:+.3f}" for x in d["per_seed"])
+        lines.append(
+            f"default - {other}: {d['mean']:+.3f} (standard error over {len(d['seeds'])} seed(s) {se}; "
+            f"per seed {seeds}; the issue's margin {MARGINS[other]:+.2f})"
+        )
+    return "\n".join(lines)
+
+
 def json_safe(value):
     """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
     if isinstance(value, dict):
@@ -355,8 +387,15 @@ def run_setting(
         done.update({("default", seed): r for (key, seed), r in list(done.items()) if key == alias})
     for (key, _seed), result in sorted(done.items(), key=lambda item: item[0][1]):
         results.setdefault(key, []).append(result)
-    print(f"\nsetting {setting}\n" + table(results, "+".join(map(str, epochs))) + "\n")
-    summary = summarize(results)
+    paired = paired_differences(done)
+    print(
+        f"\nsetting {setting}\n"
+        + table(results, "+".join(map(str, epochs)))
+        + "\n\n"
+        + paired_lines(paired)
+        + "\n"
+    )
+    summary = summarize(results) | {"paired": paired}
     summary["series"] = {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)}
     return summary
 

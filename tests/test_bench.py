@@ -123,6 +123,13 @@ def test_ablation_smoke_reports_held_out_f2_of_each_variant():
         assert aucs and all(0.0 <= a <= 1.0 for a in aucs)
     assert result["min_class_auc"] == min(a for a in result["auc"]["default"].values() if a is not None)
     assert result["backbone_epochs"] == 2
+    for other in ("two_stage", "per_slice"):  # default minus each, seed by seed (one seed: no standard error)
+        paired = result["paired"][other]
+        assert paired["seeds"] == [0] and paired["se"] is None
+        assert paired["mean"] == pytest.approx(
+            result["default_test_f2"] - result[f"{other}_test_f2"], abs=1e-9
+        )
+        assert f"default - {other}: {paired['mean']:+.3f}" in out
     assert sum(result["series"].values()) == 12 and min(result["series"].values()) >= 1
     assert (
         "| per_slice |" in out and "| two_stage |" in out and "held-out micro-F2" in out and "AUC sah" in out
