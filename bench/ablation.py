@@ -22,7 +22,7 @@ only, then applied to test. Every variant gets the same epoch budget. Variants:
   default ``model.prediction = "mc+ac"``;
 - recipe_two_stage: ``train.recipe = "two_stage"``: the backbone's whole budget in the slice stage (shuffled
   slice batches, BCE), then the paper's stages 2-3 (tasks, masking, diversity transfer) on the frozen
-  backbone for ``--sequence-epochs``;
+  backbone for ``--sequence-epochs`` (default 10+20: the 30 sequence epochs the two_stage baseline gets);
 - default: the variant of ``Config()``'s recipe (paper or recipe_two_stage), the headline; where that variant
   runs too, it is trained once and reported under both names;
 - two_stage: the RSNA winners' design (bench/two_stage.py): the per-slice ResNet18 with BCE on shuffled
@@ -405,8 +405,9 @@ def main() -> int:
     parser.add_argument("--epochs", default="4,4,8", help="stage epoch caps; every variant gets their sum")
     parser.add_argument(
         "--sequence-epochs",
-        default="4,8",
-        help="recipe_two_stage's caps of stages 2-3 (the frozen backbone's; its stage 1 gets all of --epochs)",
+        default="10,20",
+        help="recipe_two_stage's caps of stages 2-3 (the frozen backbone's; its stage 1 gets all of --epochs); "
+        "the default's 30 match the two_stage baseline's 30 sequence epochs",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--patients", type=int, default=128, help="labelled series generated")
