@@ -1,8 +1,9 @@
 """Which series go in which batch: the training order of each epoch and rank, and the evaluation order.
 
-Batches are lists of series indices. Training shuffles with ``DistributedSampler`` (:func:`train_batches`,
-which pads so that every rank gets the same number of batches, as DDP needs); validation and prediction
-use :func:`eval_batches`, which never pads: every series is seen exactly once over all ranks.
+Batches are lists of series indices. Training shuffles and splits the series among ranks as
+``DistributedSampler`` does (:func:`train_batches`, which pads so that every rank gets the same number of
+batches, as DDP needs); validation and prediction use :func:`eval_batches`, which never pads: every series is
+seen exactly once over all ranks.
 
 A shard folder in object storage is read from a node-local cache that fills in the first epoch. A plain
 shuffle would need nearly every shard file within the first few batches, so the first epoch would wait
@@ -18,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler
 
 
 def train_batches(
@@ -30,15 +30,16 @@ def train_batches(
     world: int = 1,
     files: Sequence[int] | None = None,
     window: int = 0,
-) -> list[list[int]] | BatchSampler:
+) -> list[list[int]]:
     """Shuffled batches of series indices for one rank in one epoch.
 
     The order depends on ``(seed, epoch)`` only, so all ranks draw the same permutation and take disjoint
     slices of it. When ``world`` does not divide ``num_items`` a few series are repeated so that every rank
     gets the same number of batches (DDP needs that); use :func:`eval_batches` where a repeated series would
     be counted twice. Without ``files`` (or with ``window`` 0) the permutation is ``DistributedSampler``'s
-    over all series; with ``files`` (the shard file number of each series) and ``window`` > 0 it is
-    :func:`windowed_order`, and the rank's part is taken as ``DistributedSampler`` takes it.
+    (``randperm`` seeded with ``seed + epoch``) over all series; with ``files`` (the shard file number of each
+    series) and ``window`` > 0 it is :func:`windowed_order`. Either way the rank takes its part as
+    ``DistributedSampler(shuffle=True, drop_last=False)`` does, so the plain order is that sampler's exactly.
 
     Raises:
         ValueError: when ``batch_size < 1``, ``rank`` is not in ``[0, world)``, ``window < 0`` or ``files``
@@ -48,18 +49,18 @@ def train_batches(
         raise ValueError(f"batch_size must be >= 1. Got {batch_size}")
     if window < 0:
         raise ValueError(f"window must be >= 0. Got {window}")
-    if files is None or window == 0:
-        # DistributedSampler only takes len() of its dataset; passing rank/world needs no process group.
-        sampler = DistributedSampler(range(num_items), num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        return BatchSampler(sampler, batch_size, drop_last=False)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}). Got {rank}")
-    if len(files) != num_items:
+    if files is None or window == 0:
+        generator = torch.Generator()
+        generator.manual_seed(seed + epoch)
+        order = torch.randperm(num_items, generator=generator).tolist()
+    elif len(files) != num_items:
         raise ValueError(
             f"files must name the shard file of each of the {num_items} series. Got {len(files)}"
         )
-    order = windowed_order(files, window, seed + epoch)
+    else:
+        order = windowed_order(files, window, seed + epoch)
     mine = _rank_part(order, rank, world)
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
@@ -127,7 +128,7 @@ class EpochBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]] | BatchSampler:
+    def _batches(self) -> list[list[int]]:
         return train_batches(
             self.num_items,
             self.batch_size,

@@ -192,6 +192,22 @@ def test_train_batches_give_every_rank_the_same_number_of_batches(world, window)
     assert len(seen) == -(-11 // world) * world
 
 
+@pytest.mark.parametrize(("num_items", "world"), [(11, 1), (11, 3), (2, 4), (20, 2)])
+def test_the_plain_training_order_is_distributed_samplers(num_items, world):
+    """Local shards train in ``DistributedSampler``'s order, padding and split, as they did before the
+    windowed order shared its code path (the README's figures on local data rest on it)."""
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    for rank in range(world):
+        for epoch in (0, 2):
+            sampler = DistributedSampler(
+                range(num_items), num_replicas=world, rank=rank, shuffle=True, seed=7
+            )
+            sampler.set_epoch(epoch)
+            expected = [list(b) for b in BatchSampler(sampler, 3, drop_last=False)]
+            assert train_batches(num_items, 3, 7, epoch, rank, world) == expected
+
+
 def test_train_batches_reshuffle_per_epoch_and_repeat_per_seed():
     def order(seed, epoch):
         return [i for batch in train_batches(20, 3, seed, epoch) for i in batch]
