@@ -18,7 +18,7 @@ from typing import Any
 
 from ichmodel.config import Config, load_overrides
 from ray_jobs.job_record import resume_job_args, write_job_record
-from ray_jobs.storage import absolute, check_job_paths, join, storage_env
+from ray_jobs.storage import absolute, check_job_paths, job_runtime_env, join, storage_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_ROOT = REPO_ROOT / "runs" / "demo_data"  # ichmodel.demo_data.ensure_demo_data(DEMO_ROOT) for the jobs
@@ -48,7 +48,8 @@ def init_ray(num_cpus: int | None = None):
     driver, and ``RAY_ADDRESS`` for what the driver starts afterwards. A local start also starts a watchdog
     (:func:`start_reaper`): Ray's agents outlive a driver killed with ``kill -9``, the watchdog ends them.
     The repository root is put on the workers' ``PYTHONPATH`` so ``ray_jobs`` and ``ichmodel`` import
-    there even without an installed package.
+    there even without an installed package. A variable that a submitted job's own runtime env sets
+    (``ray job submit --runtime-env-json '{"env_vars": ...}'``) is left to it.
     """
     import ray
 
@@ -67,6 +68,10 @@ def init_ray(num_cpus: int | None = None):
     if address:
         if "://" not in address and address != "auto":  # the cleaner (above) finds this cluster, not another
             runtime_env["env_vars"]["RAY_ADDRESS"] = address
+        # A submitted job's own env_vars (--runtime-env-json) already reach its workers, and Ray refuses a
+        # driver's runtime env that names one of them again ("Failed to merge the Job's runtime env").
+        for key in job_runtime_env().get("env_vars") or {}:
+            runtime_env["env_vars"].pop(key, None)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return ray
     # The dashboard serves the state API that Train's placement-group cleaner polls: without it a failed

@@ -14,6 +14,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from ichmodel.io import (  # noqa: F401  (re-exported: the jobs import every file operation from here)
     atomic_write_bytes,
@@ -64,19 +65,25 @@ def fetch(uri: str, local: Path) -> bool:
     return download(uri, local)
 
 
+def job_runtime_env() -> dict[str, Any]:
+    """The runtime env this process was submitted with (``ray job submit --working-dir/--runtime-env-json``),
+    else ``{}``."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return {}
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return runtime_env if isinstance(runtime_env, dict) else {}
+
+
 def job_working_dir() -> Path | None:
     """The temporary working directory of a job sent with ``ray job submit --working-dir``, else None.
 
     Ray runs such a job's driver in a copy of the working dir that it deletes when the job ends.
     """
-    raw = os.environ.get(JOB_CONFIG_ENV)
-    if not raw:
-        return None
-    try:
-        runtime_env = json.loads(raw).get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return None
-    return Path.cwd().resolve() if runtime_env.get("working_dir") else None
+    return Path.cwd().resolve() if job_runtime_env().get("working_dir") else None
 
 
 def check_not_in_job_dir(option: str, location: str | Path | None, job_dir: Path | None = None) -> None:

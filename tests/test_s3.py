@@ -1,4 +1,5 @@
-"""Every job path on object storage: preprocess → tune --smoke-test → ensemble against a local S3 server.
+"""Every job path on object storage: preprocess → tune --smoke-test (submitted with ``ray job submit``) →
+ensemble, against a local S3 server.
 
 The server is moto's (``ThreadedMotoServer`` on 127.0.0.1, a free port), never AWS: the jobs get a dummy key
 and ``AWS_ENDPOINT_URL`` in their environment, which ``ray_jobs.cli.init_ray`` forwards to the workers.
@@ -13,12 +14,14 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 
 from ichmodel import io as store
+from ichmodel.checkpoint_recovery import load_verified_checkpoint
 from ichmodel.dataset import SeriesDataset, series_labels
 from tests import datagen
 from tests.conftest import REPO_ROOT
@@ -92,7 +95,9 @@ def _run(ray_head, env, script: str, *args: str, timeout: float = 300):
     return proc
 
 
-def test_preprocess_tune_and_ensemble_with_every_path_on_s3(ray_head, s3, tmp_path, monkeypatch):
+def test_preprocess_a_submitted_search_and_ensemble_with_every_path_on_s3(
+    ray_head, s3, tmp_path, monkeypatch
+):
     env, bucket, fs = s3
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -111,25 +116,53 @@ def test_preprocess_tune_and_ensemble_with_every_path_on_s3(ray_head, s3, tmp_pa
     assert len(train) == 8 and train[0]["images"].shape[1:] == (3, 32, 32)
     assert sum(int((labels >= 0).all()) for labels in series_labels(train)) == 8
 
+    # The search is submitted as users submit it (``ray job submit --working-dir .``), the bucket's endpoint in
+    # the job's runtime env: the smoke search's two trials, stages 1-2 shared.
     cache = tmp_path / "shard-cache"  # the node-local copies of the bucket's shard files (data.cache_dir)
-    _run(ray_head, env, "tune", "--smoke-test", "--data", f"{bucket}/shards/train", "--set",
-         "data.val_fraction=0.25", "--set", f"data.cache_dir={cache}", "--num-samples", "1", "--storage",
-         f"{bucket}/runs", "--name", "s3", timeout=400)  # fmt: skip
+    submitted = ray_head.run([f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", ray_head.dashboard,
+                              "--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": env}), "--",
+                              "python", "ray_jobs/tune.py", "--smoke-test", "--data", f"{bucket}/shards/train",
+                              "--set", "data.val_fraction=0.25", "--set", f"data.cache_dir={cache}",
+                              "--storage", f"{bucket}/runs", "--name", "s3"], timeout=400)  # fmt: skip
+    said = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0 and "succeeded" in said.lower(), said[-6000:]
+    assert "take the base config's values in the shared stages" in said
     cached = sorted(p.name.split("-", 1)[1] for p in cache.glob("*.parquet"))
     assert cached == ["shard-00000.parquet", "shard-00001.parquet"]  # each file once, whole, under one key
     assert not list(cache.glob("*.tmp"))
-    trials = pd.read_csv(io.StringIO(store.read_text(f"{bucket}/runs/s3/trials.csv")))
-    assert len(trials) == 1 and trials["status"].tolist() == ["OK"]
-    assert trials["checkpoint"][0].startswith(f"{bucket}/runs/s3/") and store.is_file(trials["checkpoint"][0])
-    shared = trials["shared_from"][0]  # stages 1-2 trained once on the bucket, the trial continued from there
-    assert shared.startswith(f"{bucket}/runs/s3/shared/stages2-") and store.is_file(shared)
+    experiment = f"{bucket}/runs/s3"
+    trials = pd.read_csv(io.StringIO(store.read_text(f"{experiment}/trials.csv")), dtype={"trial_id": str})
+    assert len(trials) == 2 and (trials["status"] == "OK").all() and (trials["epochs"] == 3).all()
+    assert trials["model_f2"].is_monotonic_decreasing  # sorted, best first
+    assert {"loss.alpha", "strategy.p1", "loss.gamma_neg"} <= set(trials.columns)
+    for checkpoint in trials["checkpoint"]:
+        assert checkpoint.startswith(f"{experiment}/") and store.is_file(checkpoint)
+    # Stages 1-2 trained once on the bucket, as one Train run; both trials continued from its checkpoint.
+    (shared,) = set(trials["shared_from"])
+    assert shared.startswith(f"{experiment}/shared/stages2-") and store.is_file(shared)
+    assert load_verified_checkpoint(shared)["global_epoch"] == 2 and (trials["shared_epochs"] == 2).all()
+    objects = [i.path.removeprefix(f"{BUCKET}/runs/s3/") for i in fs.get_file_info(
+        pafs.FileSelector(f"{BUCKET}/runs/s3", recursive=True)) if i.type == pafs.FileType.File]  # fmt: skip
+    assert any("/events.out.tfevents." in o for o in objects), "no TensorBoard event files"
+    # On a storage URI the Optuna study is pickled with the searcher's state, not a sqlite file (tune.py).
+    assert "optuna.db" not in objects and any(o.startswith("searcher-state-") for o in objects)
+    assert len({o.split("/")[1] for o in objects if o.startswith("train_runs/train-")}) == 2  # one per trial
+    results = [o for o in objects if o.endswith("/result.json") and o.count("/") == 1]
+    assert len(results) == 2
+    for result in results:  # no trial trained stages 1-2 again
+        lines = [json.loads(x) for x in store.read_text(f"{experiment}/{result}").splitlines() if x.strip()]
+        assert [r["global_epoch"] for r in lines] == [3]
+    record = json.loads(store.read_text(f"{experiment}/shared_stages.json"))
+    assert record["plan"]["stages"] == 2 and "loss.gamma_neg" in record["plan"]["deferred"]
 
     out = tmp_path / "local_out"
     proc = _run(ray_head, env, "ensemble", "--experiment", f"{bucket}/runs/s3", "--top-k", "1", "--test",
                 f"{bucket}/shards/test", "--out", f"{bucket}/sub")  # fmt: skip
     assert not out.exists() and f"copied to {bucket}/sub" in proc.stdout
     spec = json.loads(store.read_text(f"{bucket}/sub/ensemble.json"))
-    assert spec["models"] == [trials["checkpoint"][0]]  # the URI: the spec works from any machine
+    assert spec["models"] == [
+        trials["checkpoint"][0]
+    ]  # the best trial's URI: the spec works from any machine
     submission = pd.read_csv(io.StringIO(store.read_text(f"{bucket}/sub/submission.csv")))
     test_slices = sum(
         s["num_rows"] for s in json.loads(store.read_text(f"{bucket}/shards/test/manifest.json"))["shards"]

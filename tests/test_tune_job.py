@@ -1,4 +1,5 @@
-"""``ray_jobs/tune.py``: submitted as a Ray job, resumed after a kill, retrying a failed trial, bad spaces."""
+"""``ray_jobs/tune.py``: resumed after a kill, a Train run ending while Tune is busy, bad spaces (submitted as a
+Ray job: ``tests/test_s3.py``; a retried trial: ``tests/test_side_by_side.py``)."""
 
 from __future__ import annotations
 
@@ -28,52 +29,6 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_ray_job_submit_runs_the_smoke_search(ray_head, tmp_path):
-    proc = _ok(
-        ray_head.run(
-            [
-                f"{Path(sys.executable).parent}/ray",
-                "job",
-                "submit",
-                "--address",
-                ray_head.dashboard,
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                SCRIPT,
-                "--smoke-test",
-                "--storage",
-                str(tmp_path),
-                "--name",
-                "smoke",
-            ]
-        )
-    )
-    assert "succeeded" in (proc.stdout + proc.stderr).lower()
-    table = pd.read_csv(tmp_path / "smoke" / "trials.csv")
-    assert len(table) == 2 and (table["status"] == "OK").all()
-    assert table["model_f2"].is_monotonic_decreasing  # sorted, best first
-    assert all(Path(p).is_file() for p in table["checkpoint"])
-    assert {"loss.alpha", "strategy.p1", "loss.gamma_neg"} <= set(table.columns)
-    assert list((tmp_path / "smoke").glob("*/events.out.tfevents.*")), "no TensorBoard event files"
-    assert (tmp_path / "smoke" / "optuna.db").is_file()
-    # Shared stages (--share-stages auto, the default): stages 1-2 trained once, as one Train run, and both
-    # trials continued from its checkpoint, training only the fine-tuning epoch themselves.
-    shared = tmp_path / "smoke" / "shared"
-    runs = [p for p in shared.iterdir() if p.is_dir()]
-    assert len(runs) == 1 and len(list((tmp_path / "smoke" / "train_runs").glob("train-*"))) == 2
-    (checkpoint,) = shared.glob("*.pt")
-    assert checkpoint.stem == runs[0].name and load_checkpoint(checkpoint)["global_epoch"] == 2
-    assert set(table["shared_from"]) == {str(checkpoint)} and (table["shared_epochs"] == 2).all()
-    assert (table["epochs"] == 3).all()
-    for lines in _trial_results(tmp_path / "smoke").values():
-        assert [r["global_epoch"] for r in lines] == [3]  # no trial trained stages 1-2 again
-    record = json.loads((tmp_path / "smoke" / "shared_stages.json").read_text())
-    assert record["plan"]["stages"] == 2 and "loss.gamma_neg" in record["plan"]["deferred"]
-    assert "take the base config's values in the shared stages" in proc.stdout + proc.stderr
-
-
 def test_a_trial_whose_train_run_ends_while_tune_is_busy_still_completes(ray_head, tmp_path):
     """A Train run that ends ~1 s after its last report, while Tune's driver is busy for 4 s after each
     result: without ``wait_until_tune_took_the_reports`` Ray 2.60 deadlocks (the trial stays RUNNING; the
@@ -82,14 +37,6 @@ def test_a_trial_whose_train_run_ends_while_tune_is_busy_still_completes(ray_hea
         ray_head.run([sys.executable, "tests/trial_report_race.py", str(tmp_path), "wait"], timeout=240)
     )
     assert "trial ended: 1" in proc.stdout  # both reports reached Tune
-
-
-def _trial_results(experiment: Path) -> dict[str, list[dict]]:
-    out = {}
-    for result in experiment.glob("*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        out[result.parent.name] = lines
-    return out
 
 
 def _finished_train_runs(experiment: Path) -> dict[str, dict]:
