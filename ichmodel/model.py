@@ -23,19 +23,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ichmodel.config import ModelConfig
 from ichmodel.constants import NUM_COUNT_CLASSES
+from ichmodel.resnet import resnet18
 
 if TYPE_CHECKING:
     from ichmodel.strategies import TransferBatch
 
 logger = logging.getLogger(__name__)
 
-#: Pooled feature size of torchvision's ResNet18.
+#: Pooled feature size of ResNet18.
 RESNET18_DIM = 512
 
 
@@ -68,7 +68,7 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        resnet = torchvision.models.resnet18(weights=None)
+        resnet = resnet18()
         if cfg.pretrained_weights is not None:
             state = torch.load(cfg.pretrained_weights, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):

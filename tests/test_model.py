@@ -12,6 +12,7 @@ from ichmodel.losses import MultitaskLoss
 from ichmodel.metrics import binarize, f2_score
 from ichmodel.model import ICHModel, build_model
 from ichmodel.predict import series_probs
+from ichmodel.resnet import resnet18
 from ichmodel.strategies import TransferBatch
 
 KEYS = {
@@ -238,6 +239,28 @@ def test_channels_last_gives_the_same_outputs() -> None:
     assert model._wants_channels_last(images)
     for out in (a, b):
         assert torch.allclose(out["mc_logits"], ref["mc_logits"], atol=1e-4)
+
+
+def test_our_resnet18_is_torchvisions_draw_for_draw_and_gives_its_outputs() -> None:
+    """``ichmodel.resnet`` (no torchvision import at run time) builds torchvision's ResNet18: the same names,
+    the same initial weights from the same seed, the same random numbers left over, the same outputs."""
+    for seed in (0, 11):
+        torch.manual_seed(seed)
+        theirs = torchvision.models.resnet18(weights=None)
+        after_theirs = torch.rand(3)
+        torch.manual_seed(seed)
+        ours = resnet18()
+        after_ours = torch.rand(3)
+        assert torch.equal(after_theirs, after_ours)
+        a, b = theirs.state_dict(), ours.state_dict()
+        assert list(a) == list(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+        x = torch.randn(2, 3, 48, 48)
+        for train in (True, False):
+            theirs.train(train), ours.train(train)
+            # one call each: in training mode a call also updates BatchNorm's running stats
+            want, got = theirs(x), ours(x)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
 def test_pretrained_weights_and_other_channel_counts(tmp_path) -> None:
