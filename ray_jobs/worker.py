@@ -8,6 +8,7 @@ Three layers, as in Ray's Train + Tune examples: :func:`train_fn_per_worker` (on
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -184,11 +185,10 @@ def build_trainer(
     ``storage_path/name``.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from ray_jobs.storage import join
 
-    return TorchTrainer(
+    return _trainer_class()(
         train_fn_per_worker,
         train_loop_config={**loop_config, "run_folder": join(storage_path, name)},
         scaling_config=ray.train.ScalingConfig(
@@ -202,6 +202,26 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+@functools.cache
+def _trainer_class() -> type:
+    """``TorchTrainer`` without Ray Data's callback, which starts a ``DatasetManager`` actor for every Train
+    run even when the run has no Ray Dataset (Ray 2.60); these runs read their shards themselves.
+
+    That actor is one more process importing Ray and Ray Data per run: ~1.2 of the ~11 CPU-seconds a trivial
+    run costs on a 2-core node (``docs/benchmarks.md``). ``tests/test_train_job.py`` checks that a run
+    starts none, so a Ray upgrade that renames the hook fails there.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class TorchTrainerWithoutDatasets(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+
+    return TorchTrainerWithoutDatasets
 
 
 def recorded_result(run_path: str):

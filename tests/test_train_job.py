@@ -112,6 +112,16 @@ def test_killed_run_continues_when_rerun_with_the_same_name(ray_head, demo_shard
     done = finished_run_report(str(tmp_path / "again"))
     assert done is not None and done["finished"] and done["global_epoch"] == 4
     assert Path(done["checkpoint_path"]) == Path(summary["checkpoint"]).parent
+    # Train started its controllers, but not Ray Data's DatasetManager (ray_jobs.worker._trainer_class).
+    assert _actors(ray_head, "TrainController") and not _actors(ray_head, "DatasetManager")
+
+
+def _actors(ray_head, class_name: str) -> list[dict]:
+    """The actors of ``class_name`` the session head has had (alive or dead)."""
+    listed = ray_head.run([f"{Path(sys.executable).parent}/ray", "list", "actors", "--address", ray_head.address,
+                           "--filter", f"class_name={class_name}", "--format", "json", "--limit", "10000"])  # fmt: skip
+    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-3000:]
+    return [] if listed.stdout.strip() == "No resource in the cluster" else json.loads(listed.stdout)
 
 
 def _run_config(args):
