@@ -6,6 +6,7 @@ Light to import (no torch, no Ray at the top): every job's ``--help`` builds its
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import socket
@@ -73,6 +74,7 @@ def init_ray(num_cpus: int | None = None):
         for key in job_runtime_env().get("env_vars") or {}:
             runtime_env["env_vars"].pop(key, None)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        atexit.register(release_placement_groups, ray)  # runs before ray.init's own atexit shutdown
         return ray
     # The dashboard serves the state API that Train's placement-group cleaner polls: without it a failed
     # run's CPU reservation can outlive it and stall the next trial.
@@ -86,6 +88,33 @@ def init_ray(num_cpus: int | None = None):
     # The session folder of this (one-node) instance, from its object store's socket path.
     start_reaper(os.getpid(), str(Path(ray.nodes()[0]["ObjectStoreSocketName"]).parent.parent))
     return ray
+
+
+def release_placement_groups(ray) -> int:
+    """Remove the placement groups this job created that are still held; returns how many (at the driver's
+    exit on a cluster, from :func:`init_ray`).
+
+    A Train run's controller that is killed while it restarts its workers (Tune stops a trial the moment it
+    has the trial's last report; the run's workers die with it, the controller retries) can die between
+    reserving a new placement group and handing it to Train's ``PlacementGroupCleaner``. On a cluster that
+    reservation outlived the job (seen with ``ray job submit``: 1 of the head's 2 CPUs held after the job
+    succeeded, and the next 2-worker run waited for ever). A placement group's id ends with its job's id.
+    """
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        job = ray.get_runtime_context().get_job_id()
+        table = ray.util.placement_group_table()
+    except Exception:  # Ray already shut down or the cluster gone: nothing to release
+        return 0
+    held = [pg for pg, info in table.items() if pg.endswith(job) and info.get("state") != "REMOVED"]
+    for pg in held:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg))))
+    if held:
+        logging.getLogger("ray_jobs").info(
+            "released %d placement group(s) this job's runs left held", len(held)
+        )
+    return len(held)
 
 
 #: In the environment of every process of a Ray that a job started locally: the pid of that job's driver.

@@ -127,6 +127,11 @@ def test_preprocess_a_submitted_search_and_ensemble_with_every_path_on_s3(
     said = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0 and "succeeded" in said.lower(), said[-6000:]
     assert "take the base config's values in the shared stages" in said
+    held = ray_head.run([f"{Path(sys.executable).parent}/ray", "list", "placement-groups", "--address",
+                         ray_head.address, "--filter", "state=CREATED", "--format", "json"])  # fmt: skip
+    assert held.stdout.strip() in ("No resource in the cluster", "[]"), held.stdout[
+        -2000:
+    ]  # nothing left reserved
     cached = sorted(p.name.split("-", 1)[1] for p in cache.glob("*.parquet"))
     assert cached == ["shard-00000.parquet", "shard-00001.parquet"]  # each file once, whole, under one key
     assert not list(cache.glob("*.tmp"))
