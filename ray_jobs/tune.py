@@ -342,10 +342,14 @@ def make_tune_config(options: SearchOptions, cfg: Config, space_fn, grace: int, 
         study_name=options.name,
     )
     total_epochs = sum(cfg.train.max_epochs)
+    # stop_last_trials=False: a trial that reaches max_t ends when its function returns (its Train run wound
+    # down), not by Tune killing it at its last report while the run still shuts its workers down: a controller
+    # killed then retries its workers and can die holding a new placement group (seen: a CPU left reserved).
     scheduler = ExperimentASHA(
         time_attr="global_epoch",
         max_t=max(total_epochs, 1),
         grace_period=max(options.grace_epochs or grace, 1),
+        stop_last_trials=False,
     )
     return tune.TuneConfig(
         search_alg=searcher,
