@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import importlib.util
 import inspect
+import json
 import os
 import random
 import secrets
@@ -130,6 +131,14 @@ class RayHead:
         return subprocess.run(
             args, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout, **kwargs
         )
+
+    def listed(self, resource: str, *filters: str) -> list[dict]:
+        """``ray list RESOURCE --filter F ...`` on this head (alive and dead ones alike), as JSON rows."""
+        args = [f"{VENV_BIN}/ray", "list", resource, "--address", self.address, "--format", "json",
+                "--limit", "10000"]  # fmt: skip
+        proc = self.run([*args, *(part for f in filters for part in ("--filter", f))])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return [] if proc.stdout.strip() == "No resource in the cluster" else json.loads(proc.stdout)
 
 
 def job_parser(script: str) -> argparse.ArgumentParser:

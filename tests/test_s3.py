@@ -90,12 +90,7 @@ def test_large_files_copy_whole_within_the_bucket_and_to_local_disk(s3, monkeypa
 
 def _held_placement_groups(ray_head) -> set[str]:
     """Ids of the placement groups the head holds (state CREATED)."""
-    listed = ray_head.run([f"{Path(sys.executable).parent}/ray", "list", "placement-groups", "--address",
-                           ray_head.address, "--filter", "state=CREATED", "--format", "json"])  # fmt: skip
-    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-3000:]
-    if listed.stdout.strip() == "No resource in the cluster":
-        return set()
-    return {group["placement_group_id"] for group in json.loads(listed.stdout)}
+    return {group["placement_group_id"] for group in ray_head.listed("placement-groups", "state=CREATED")}
 
 
 def _run(ray_head, env, script: str, *args: str, timeout: float = 300):

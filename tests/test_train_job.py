@@ -120,23 +120,21 @@ def test_a_job_on_a_cluster_releases_the_placement_groups_it_still_holds_at_exit
     """``ray_jobs.cli.init_ray`` on a cluster: at the driver's exit, a placement group of its job still held (here
     a detached one, which Ray keeps after the job; in a search, one a killed controller reserved) is removed."""
     script = ("from ray_jobs.cli import init_ray, setup_logging; from ray.util.placement_group import "
-              "placement_group; setup_logging(); ray = init_ray(); pg = placement_group([{'CPU': 1}], lifetime='detached'); ray.get(pg.ready()); "
+              "placement_group; setup_logging(); ray = init_ray(); "
+              "pg = placement_group([{'CPU': 1}], lifetime='detached'); ray.get(pg.ready()); "
               "print('PG', pg.id.hex())")  # fmt: skip
     proc = ray_head.run([sys.executable, "-c", script], timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (pg,) = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PG ")]
     assert "released 1 placement group(s)" in proc.stderr
-    listed = ray_head.run([f"{Path(sys.executable).parent}/ray", "list", "placement-groups", "--address",
-                           ray_head.address, "--filter", f"placement_group_id={pg}", "--format", "json"])  # fmt: skip
-    assert [g["state"] for g in json.loads(listed.stdout)] == ["REMOVED"], listed.stdout[-2000:]
+    assert [g["state"] for g in ray_head.listed("placement-groups", f"placement_group_id={pg}")] == [
+        "REMOVED"
+    ]
 
 
 def _actors(ray_head, class_name: str) -> list[dict]:
     """The actors of ``class_name`` the session head has had (alive or dead)."""
-    listed = ray_head.run([f"{Path(sys.executable).parent}/ray", "list", "actors", "--address", ray_head.address,
-                           "--filter", f"class_name={class_name}", "--format", "json", "--limit", "10000"])  # fmt: skip
-    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-3000:]
-    return [] if listed.stdout.strip() == "No resource in the cluster" else json.loads(listed.stdout)
+    return ray_head.listed("actors", f"class_name={class_name}")
 
 
 def _run_config(args):
