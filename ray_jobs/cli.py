@@ -94,11 +94,12 @@ def release_placement_groups(ray) -> int:
     """Remove the placement groups this job created that are still held; returns how many (at the driver's
     exit on a cluster, from :func:`init_ray`).
 
-    A Train run's controller that is killed while it restarts its workers (Tune stops a trial the moment it
-    has the trial's last report; the run's workers die with it, the controller retries) can die between
-    reserving a new placement group and handing it to Train's ``PlacementGroupCleaner``. On a cluster that
-    reservation outlived the job (seen with ``ray job submit``: 1 of the head's 2 CPUs held after the job
-    succeeded, and the next 2-worker run waited for ever). A placement group's id ends with its job's id.
+    A Train run's controller that is killed while it restarts its workers (Tune stopping its trial: the run's
+    workers die with it, the controller retries) can die between reserving a new placement group and handing
+    it to Train's ``PlacementGroupCleaner``. On a cluster that reservation outlived the job (seen with ``ray
+    job submit``, when ASHA still stopped trials at their last report: 1 of the head's 2 CPUs held after the
+    job succeeded, and the next 2-worker run waited for ever; ``ray_jobs/tune.py`` no longer stops them there,
+    ASHA's rungs still do). A placement group's id ends with its job's id.
     """
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
