@@ -109,6 +109,7 @@ def test_sync_free_step_gives_the_loss_history_of_the_plain_step(setup, nan_at):
     cfg, dataset, batches = setup
     plain = _context(cfg, dataset, lambda m: torch.optim.AdamW(m.parameters(), lr=cfg.train.lr,
                                                                weight_decay=cfg.train.weight_decay), nan_at)  # fmt: skip
+    start = [q.detach().clone() for q in plain.model.parameters()]
     reference = _reference_epoch(plain, make_loader(dataset, batches, 0))
     fused = _context(cfg, dataset, lambda m: make_optimizer(m, cfg), nan_at)
     means, result = _new_epoch(fused, make_loader(dataset, batches, 0))
@@ -128,12 +129,17 @@ def test_sync_free_step_gives_the_loss_history_of_the_plain_step(setup, nan_at):
     for a, b in zip(got, reference, strict=True):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=RTOL, abs=1e-5)
     # The weights end where the plain loop's end. AdamW moves a weight by about lr per step whatever the
-    # gradient's size, so where a gradient is near 0 the two implementations' rounding shows up as a fraction of
-    # one step (1.3e-4 seen on AMD EPYC after 5 steps): allow half a step, far below a missed or extra step.
-    for (name, p), q in zip(fused.model.named_parameters(), plain.model.parameters(), strict=True):
-        torch.testing.assert_close(
-            p.detach(), q.detach(), rtol=0, atol=0.5 * cfg.train.lr, msg=lambda m, name=name: f"{name}: {m}"
-        )
+    # gradient's size, so where a gradient is near 0 the sign of its rounding decides the direction: single
+    # elements differ by up to a step (0.96 lr seen on AMD EPYC after 4 steps), and the difference is best
+    # measured against how far the plain loop moved the weights. Seen on AMD EPYC: 0.03 of the whole
+    # model's movement, at most 0.05 of one tensor's (BatchNorm biases); one step fewer gives 0.22 of the
+    # model's and at least 0.19 of every tensor's; a tensor left out of the update gives 1.
+    apart, moved = 0.0, 0.0
+    for (name, p), q, q0 in zip(fused.model.named_parameters(), plain.model.parameters(), start, strict=True):
+        tensor_apart, tensor_moved = float((p.detach() - q.detach()).norm()), float((q.detach() - q0).norm())
+        assert tensor_apart <= 0.5 * tensor_moved + 1e-7, f"{name}: {tensor_apart:.3g} from the plain loop's"
+        apart, moved = apart + tensor_apart**2, moved + tensor_moved**2
+    assert math.sqrt(apart) <= 0.1 * math.sqrt(moved), (math.sqrt(apart), math.sqrt(moved))
 
 
 def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(setup):
