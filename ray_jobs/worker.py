@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ichmodel.trials import CHECKPOINT_FILE  # in each checkpoint folder Train reports, beside config.json
@@ -38,7 +38,6 @@ def train_fn_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ichmodel.checkpoint import save_checkpoint
     from ichmodel.config import Config
     from ichmodel.dataset import SeriesDataset
     from ichmodel.engine import fit
@@ -80,12 +79,7 @@ def train_fn_per_worker(loop_config: dict) -> None:
         if start_from:
             metrics.update(shared_from=start_from, shared_epochs=loop_config.get("shared_epochs", 0))
         if rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
-                cfg.save(Path(folder) / "config.json")
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-            if loop_config.get("run_folder"):
-                prune_older(loop_config["run_folder"])
+            report_with_checkpoint(metrics, make_checkpoint, cfg, loop_config.get("run_folder"))
         else:
             ray.train.report(metrics, checkpoint=None)
         if fail_at is not None and metrics["global_epoch"] == fail_at and not Path(fail_marker).exists():
@@ -93,6 +87,35 @@ def train_fn_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"injected failure after global epoch {fail_at} (test hook)")
 
     fit(cfg, train_set, val_set, device, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def report_with_checkpoint(
+    metrics: dict, make_checkpoint: Callable[[], dict], cfg, run_folder: str | None, report=None
+) -> None:
+    """Rank 0's report of one epoch: ``make_checkpoint()`` saved with ``cfg`` in a folder that ``report``
+    (default ``ray.train.report``) hands to Train, which copies it into ``run_folder`` as its newest
+    ``checkpoint_*`` folder.
+
+    The run's older checkpoints then lose their optimizer state (:func:`prune_older`): after the report, so
+    that the newest always keeps it; but before the report that ends the run (``metrics["finished"]``),
+    since Train records the run finished at that report, and from then on nothing in its folder may change:
+    a resume or a fold job that finds the run finished reads its files as final, and a driver killed right
+    then must not leave a rewrite half done.
+    """
+    import ray.train
+
+    from ichmodel.checkpoint import save_checkpoint
+
+    report = report or ray.train.report
+    finished = bool(metrics.get("finished"))
+    if run_folder and finished:
+        prune_older(run_folder, keep=0)  # the newest so far becomes the fallback at this report
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(make_checkpoint(), Path(folder) / CHECKPOINT_FILE)
+        cfg.save(Path(folder) / "config.json")
+        report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    if run_folder and not finished:
+        prune_older(run_folder)
 
 
 def newest_intact(checkpoint) -> dict | None:
@@ -112,14 +135,14 @@ def newest_intact(checkpoint) -> dict | None:
     return found[1] if found else None
 
 
-def prune_older(run_folder: str) -> None:
-    """Drop the optimizer state from every checkpoint of the run but the newest (:data:`NUM_TO_KEEP` are
-    kept: the older one is the fallback when the newest is unreadable). Best effort: Train may be deleting
-    the oldest meanwhile; a failure is logged, and the file stays as it was."""
+def prune_older(run_folder: str, keep: int = 1) -> None:
+    """Drop the optimizer state from every checkpoint of the run but the ``keep`` newest (:data:`NUM_TO_KEEP`
+    are kept: the older one is the fallback when the newest is unreadable). Best effort: Train may be
+    deleting the oldest meanwhile; a failure is logged, and the file stays as it was."""
     from ichmodel.checkpoint_recovery import prune_checkpoint, run_checkpoints
 
     try:
-        for location in run_checkpoints(run_folder, CHECKPOINT_FILE)[1:]:
+        for location in run_checkpoints(run_folder, CHECKPOINT_FILE)[keep:]:
             before, after = prune_checkpoint(location)
             if after < before:
                 logging.getLogger("ray_jobs.worker").info(

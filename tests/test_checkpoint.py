@@ -311,3 +311,45 @@ def test_a_file_that_is_no_checkpoint_or_is_cut_short_is_named_in_one_line(tmp_p
     ):
         load_checkpoint(cut)
     assert load_checkpoint(whole)["model"]["w"].shape == (1000,)
+
+
+def test_older_checkpoints_are_pruned_after_a_report_and_before_the_report_that_ends_the_run(tmp_path):
+    """Train records a run finished at its last report; from then on the run's folder must not change (a
+    fold job killed then, resumed, found a finished run's older checkpoint rewritten and a half-written
+    temporary file beside it: the pruning still ran after that report). ``report`` does here what Train
+    does with a report: copy the checkpoint folder into the run as its newest ``checkpoint_*`` folder."""
+    import shutil
+
+    from ray_jobs.worker import report_with_checkpoint
+
+    cfg, model, optimizer = _tiny()
+    run = tmp_path / "run"
+    at_report: list[dict[str, bool]] = []
+    trees: list[dict] = []
+
+    def report(metrics: dict, checkpoint) -> None:
+        at_report.append({p.parent.name: _holds_optimizer(p) for p in run.glob("checkpoint_*/checkpoint.pt")})
+        trees.append(_tree(run))
+        shutil.copytree(checkpoint.path, run / f"checkpoint_2026-01-01_00-00-0{len(at_report)}.000000")
+
+    def make() -> dict:
+        return checkpoint_dict(model, cfg, TrainState(), optimizer=optimizer)
+
+    for epoch, finished in enumerate((False, False, True)):
+        report_with_checkpoint({"global_epoch": epoch, "finished": finished}, make, cfg, str(run), report)
+
+    first, second, third = (f"checkpoint_2026-01-01_00-00-0{i}.000000" for i in (1, 2, 3))
+    assert at_report == [{}, {first: True}, {first: False, second: False}]  # the newest kept it until then
+    after = _tree(run)
+    assert {k: v for k, v in after.items() if not k.startswith(third)} == trees[-1]  # nothing moved after
+    assert _holds_optimizer(run / third / "checkpoint.pt")  # the last keeps what a resume would need
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _holds_optimizer(path: Path) -> bool:
+    return json.loads(path.with_name(path.name + ".json").read_text())["optimizer"]
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip
