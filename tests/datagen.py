@@ -164,3 +164,10 @@ def moto_bucket(bucket: str) -> Iterator[dict[str, str]]:
         yield env
     finally:
         server.stop()
+
+
+def file_tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of every file under ``folder``: compare two to see that nothing
+    in it was written between them."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}  # fmt: skip

@@ -16,7 +16,14 @@ import torch
 import torchvision
 
 from ichmodel import io as store
-from ichmodel.checkpoint import WEIGHT_KEYS, checkpoint_dict, load_checkpoint, load_model, save_checkpoint
+from ichmodel.checkpoint import (
+    WEIGHT_KEYS,
+    checkpoint_dict,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    sidecar_location,
+)
 from ichmodel.checkpoint_recovery import (
     CheckpointCorrupt,
     load_verified_checkpoint,
@@ -30,7 +37,7 @@ from ichmodel.engine import state_from_checkpoint
 from ichmodel.model import build_model
 from ichmodel.rng_state import capture_rng_state, restore_rng_state
 from ichmodel.stages import TrainState
-from tests.datagen import moto_bucket
+from tests.datagen import file_tree, moto_bucket
 
 
 def _cfg(**model) -> Config:
@@ -329,7 +336,7 @@ def test_older_checkpoints_are_pruned_after_a_report_and_before_the_report_that_
 
     def report(metrics: dict, checkpoint) -> None:
         at_report.append({p.parent.name: _holds_optimizer(p) for p in run.glob("checkpoint_*/checkpoint.pt")})
-        trees.append(_tree(run))
+        trees.append(file_tree(run))
         shutil.copytree(checkpoint.path, run / f"checkpoint_2026-01-01_00-00-0{len(at_report)}.000000")
 
     def make() -> dict:
@@ -340,16 +347,11 @@ def test_older_checkpoints_are_pruned_after_a_report_and_before_the_report_that_
 
     first, second, third = (f"checkpoint_2026-01-01_00-00-0{i}.000000" for i in (1, 2, 3))
     assert at_report == [{}, {first: True}, {first: False, second: False}]  # the newest kept it until then
-    after = _tree(run)
+    after = file_tree(run)
     assert {k: v for k, v in after.items() if not k.startswith(third)} == trees[-1]  # nothing moved after
     assert _holds_optimizer(run / third / "checkpoint.pt")  # the last keeps what a resume would need
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
 def _holds_optimizer(path: Path) -> bool:
-    return json.loads(path.with_name(path.name + ".json").read_text())["optimizer"]
-
-
-def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file()}  # fmt: skip
+    return json.loads(Path(sidecar_location(path)).read_text())["optimizer"]

@@ -27,6 +27,7 @@ from ichmodel.shards import load_manifest, series_index
 from ichmodel.splits import check_folds, fold_split, inner_split, make_folds, shard_fold_runs, shard_folds
 from ray_jobs.worker import finished_run_report
 from tests.conftest import REPO_ROOT
+from tests.datagen import file_tree
 
 IDS = [f"s{i:02d}" for i in range(23)]
 POSITIVE = {s: i % 3 == 0 for i, s in enumerate(IDS)}  # 8 positive series
@@ -184,11 +185,6 @@ def _finished_fold_runs(runs: Path) -> dict[str, dict]:
     return {name: report for name, report in reports.items() if report is not None}
 
 
-def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file()}  # fmt: skip
-
-
 @pytest.mark.ray
 def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_retraining(ray_head, tmp_path):
     """``ensemble.py --smoke-test`` (tune's smoke search, then 2 folds of its 2 trials: 4 Train runs),
@@ -214,7 +210,7 @@ def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_re
     assert finished, (
         "no fold run finished before the deadline, or the driver ended: " + log.read_text()[-5000:]
     )
-    trees = {name: _tree(folder / "runs" / name) for name in finished}
+    trees = {name: file_tree(folder / "runs" / name) for name in finished}
     assert not (folder / "fold_ensemble.json").exists()  # killed before the end
 
     resumed = ray_head.run([sys.executable, "ray_jobs/ensemble.py", "--name", "smoke-ensemble", "--storage",
@@ -228,7 +224,7 @@ def test_smoke_ensemble_killed_after_a_fold_run_resumes_from_its_name_without_re
     assert not runs.loc[list(finished), "retrained"].any()
     assert runs["retrained"].sum() <= 4 - len(finished)
     for name in finished:  # a finished run's folder is untouched
-        assert _tree(folder / "runs" / name) == trees[name], name
+        assert file_tree(folder / "runs" / name) == trees[name], name
     assert (
         f"{runs['retrained'].sum()} trained now, {4 - runs['retrained'].sum()} finished before"
         in resumed.stdout

@@ -18,6 +18,7 @@ import pytest
 from ichmodel.checkpoint import load_checkpoint
 from ray_jobs.worker import finished_run_report
 from tests.conftest import job_args
+from tests.datagen import file_tree
 
 pytestmark = pytest.mark.ray
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +48,6 @@ def _finished_train_runs(experiment: Path) -> dict[str, dict]:
         if report is not None:
             runs[run.name.removeprefix("train-")] = report
     return runs
-
-
-def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file()}  # fmt: skip
 
 
 def _table_rows(trials_csv: Path) -> pd.DataFrame:
@@ -95,11 +91,11 @@ def test_interrupted_search_resumes_from_its_name_alone_in_a_copy(ray_head, demo
 
     copy = tmp_path / "moved" / "interrupted"
     shutil.copytree(experiment, copy)
-    original = _tree(experiment)
+    original = file_tree(experiment)
     resumed = _ok(ray_head.run([sys.executable, SCRIPT, "--name", "interrupted", "--storage", str(copy.parent),
                                 "--resume"]))  # fmt: skip
     assert "trials table" in resumed.stdout
-    assert _tree(experiment) == original, "resuming the copy changed the original experiment"
+    assert file_tree(experiment) == original, "resuming the copy changed the original experiment"
     table = pd.read_csv(copy / "trials.csv", dtype={"trial_id": str})
     assert len(table) == 2 and (table["status"] == "OK").all() and table["finished"].all()
     assert (table["epochs"] == 3).all()  # the recorded caps 1,1,1, not the demo's 1,1,2
